@@ -1,0 +1,319 @@
+"""CREMI HDF5 files: read, write (atomically), clefts and partner tables.
+
+The layout follows the CREMI challenge's own reader/writer
+(cremi/cremi_python, `cremi/io/CremiFile.py`):
+
+- `volumes/raw` (uint8), `volumes/labels/neuron_ids` (uint64),
+  `volumes/labels/clefts` (uint64, background 0xFFFFFFFFFFFFFFFF), and any
+  other `volumes/labels/<name>`; each with `resolution` and (CREMI writes it
+  only when non-zero) `offset` attributes, float64 nm, z-y-x.
+- `annotations/ids` (uint64), `annotations/types` (variable-length UTF-8
+  strings `presynaptic_site` / `postsynaptic_site`), `annotations/locations`
+  (float64 nm, z-y-x, relative to the `offset` attribute of the
+  `annotations` group), `annotations/presynaptic_site/partners` ([m, 2]
+  uint64 pre id, post id).
+- the root attribute `file_format` = "0.2".
+
+`CremiVolume.annotations.locations` are in the world frame (annotation offset
+added), the frame of the volumes' `offset`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import h5py
+import numpy as np
+
+from synjax.errors import DataError
+from synjax.io.cremi_volume import (
+    CREMI_BACKGROUND,
+    POSTSYNAPTIC_SITE,
+    PRESYNAPTIC_SITE,
+    Annotations,
+    CremiVolume,
+)
+from synjax.io.file_volumes import list_hdf5_datasets
+from synjax.io.volume_base import SPATIAL_DIMS, as_triple
+
+RAW = "volumes/raw"
+LABELS = "volumes/labels"
+NEURON_IDS, CLEFTS = "neuron_ids", "clefts"
+ANNOTATIONS = "annotations"
+PARTNERS = "annotations/presynaptic_site/partners"
+FILE_FORMAT = "0.2"
+SITE_TYPES = (PRESYNAPTIC_SITE, POSTSYNAPTIC_SITE)
+
+
+def _geometry(dataset: h5py.Dataset, path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    where = f"{path}:{dataset.name}"
+    if "resolution" not in dataset.attrs:
+        raise DataError(f"{where} has no 'resolution' attribute")
+    resolution = as_triple(dataset.attrs["resolution"], "resolution", where)
+    return resolution, as_triple(dataset.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", where)
+
+
+def _read_annotations(file: h5py.File, path: str) -> Annotations | None:
+    if ANNOTATIONS not in file:
+        return None
+    group = file[ANNOTATIONS]
+    for key in ("ids", "types", "locations"):
+        if key not in group:
+            raise DataError(f"{path}: {ANNOTATIONS}/{key} is missing")
+    origin = as_triple(group.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", f"{path}:/annotations")
+    ids = group["ids"][()].astype(np.uint64)
+    locations = group["locations"][()].astype(np.float64).reshape(-1, SPATIAL_DIMS)
+    types = np.array(group["types"].asstr()[()], dtype=object).reshape(-1)
+    if not len(ids) == len(locations) == len(types):
+        raise DataError(
+            f"{path}: annotations have {len(ids)} ids, {len(locations)} locations, "
+            f"{len(types)} types"
+        )
+    partners = np.zeros((0, 2), np.uint64)
+    if PARTNERS in file:
+        partners = file[PARTNERS][()].astype(np.uint64).reshape(-1, 2)
+    return Annotations(ids=ids, locations=locations + origin, types=types, partners=partners)
+
+
+def read_cremi(path: str | os.PathLike, require_raw: bool = True) -> CremiVolume:
+    """Reads a CREMI file entirely into memory, values exactly as stored.
+
+    For regions of large files, use `open_volume("x.h5:/volumes/raw")`.
+
+    Args:
+      path: the HDF5 file.
+      require_raw: whether `volumes/raw` must exist; a submission (labels or
+        annotations only) is read with False, and takes its resolution from
+        its first label volume.
+
+    Returns:
+      The `CremiVolume`; `annotations` is None when the file has none.
+
+    Raises:
+      DataError: missing file, missing raw (the message lists the datasets),
+        missing `resolution`, or labels whose shape, resolution or offset
+        differ from raw's.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"CREMI file not found: {path}")
+    with h5py.File(path, "r") as file:
+        labels_group = file.get(LABELS)
+        labels = {}
+        if isinstance(labels_group, h5py.Group):
+            labels = {k: v for k, v in labels_group.items() if isinstance(v, h5py.Dataset)}
+        volumes = ([file[RAW]] if RAW in file else []) + list(labels.values())
+        if RAW not in file and (require_raw or not volumes):
+            listing = ", ".join(list_hdf5_datasets(file)) or "none"
+            raise DataError(f"{path}: no dataset /{RAW} (datasets: {listing})")
+        reference = volumes[0]
+        resolution, offset = _geometry(reference, path)
+        arrays = {}
+        for name, dataset in labels.items():
+            if dataset.shape != reference.shape:
+                raise DataError(
+                    f"{path}: /{LABELS}/{name} has shape {dataset.shape}, "
+                    f"{reference.name} has {reference.shape}"
+                )
+            if _geometry(dataset, path) != (resolution, offset):
+                raise DataError(
+                    f"{path}: /{LABELS}/{name} resolution/offset {_geometry(dataset, path)} "
+                    f"differ from {reference.name}'s {(resolution, offset)}"
+                )
+            arrays[name] = dataset[()]
+        return CremiVolume(
+            raw=file[RAW][()] if RAW in file else None,
+            resolution=resolution,
+            offset=offset,
+            neuron_ids=arrays.pop(NEURON_IDS, None),
+            clefts=arrays.pop(CLEFTS, None),
+            annotations=_read_annotations(file, path),
+            labels=arrays,
+        )
+
+
+def _check_annotations(annotations: Annotations, path: str) -> None:
+    n = len(annotations.ids)
+    if annotations.locations.shape != (n, SPATIAL_DIMS) or annotations.types.shape != (n,):
+        raise DataError(
+            f"{path}: annotations need [n] ids, [n, 3] locations, [n] types; got "
+            f"{annotations.ids.shape}, {annotations.locations.shape}, {annotations.types.shape}"
+        )
+    if len(np.unique(annotations.ids)) != n:
+        raise DataError(f"{path}: annotation ids are not unique")
+    unknown = sorted(set(annotations.types.tolist()) - set(SITE_TYPES))
+    if unknown:
+        raise DataError(f"{path}: annotation types {unknown} are not {' or '.join(SITE_TYPES)}")
+    partners = np.asarray(annotations.partners).reshape(-1, 2)
+    missing = np.setdiff1d(partners.astype(np.uint64), annotations.ids.astype(np.uint64))
+    if missing.size:
+        raise DataError(f"{path}: partners name annotation ids {missing[:5].tolist()} not present")
+
+
+def _check_volume(volume: CremiVolume, path: str) -> dict[str, np.ndarray]:
+    """Validates a `CremiVolume` for writing; returns its datasets by HDF5 path."""
+    datasets = {} if volume.raw is None else {RAW: np.asarray(volume.raw)}
+    labels = dict(volume.labels)
+    for name, array in ((NEURON_IDS, volume.neuron_ids), (CLEFTS, volume.clefts)):
+        if array is not None:
+            labels[name] = array
+    for name, array in labels.items():
+        array = np.asarray(array)
+        if name in (NEURON_IDS, CLEFTS) and array.dtype != np.uint64:
+            if array.dtype.kind not in "iu" or (array.size and array.min() < 0):
+                raise DataError(f"{path}: {name} must be non-negative integers, got {array.dtype}")
+            array = array.astype(np.uint64)
+        datasets[f"{LABELS}/{name}"] = array
+    if not datasets:
+        raise DataError(f"{path}: nothing to write (no raw and no labels)")
+    shapes = {key: array.shape for key, array in datasets.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != SPATIAL_DIMS:
+        raise DataError(f"{path}: volumes must share one [z, y, x] shape, got {shapes}")
+    for key, array in datasets.items():
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"{path}: {key} has unsupported dtype {array.dtype}")
+    if volume.annotations is not None:
+        _check_annotations(volume.annotations, path)
+    return datasets
+
+
+def _write_annotations(file: h5py.File, annotations: Annotations, offset: np.ndarray) -> None:
+    group = file.create_group(ANNOTATIONS)
+    group.attrs["offset"] = offset
+    group.create_dataset("ids", data=annotations.ids.astype(np.uint64))
+    types = np.asarray(annotations.types, dtype=object)
+    group.create_dataset("types", data=types, dtype=h5py.string_dtype("utf-8"))
+    # Locations are stored relative to the group's offset, as CREMI does.
+    group.create_dataset("locations", data=annotations.locations.astype(np.float64) - offset)
+    partners = np.asarray(annotations.partners, np.uint64).reshape(-1, 2)
+    if len(partners):
+        file.create_dataset(PARTNERS, data=partners)
+
+
+def write_cremi(path: str | os.PathLike, volume: CremiVolume, overwrite: bool = False) -> None:
+    """Writes a CREMI file atomically: a failure leaves any old file untouched.
+
+    The file is written to a temporary file in the same folder and moved over
+    `path` with `os.replace` only once complete. Empty annotations are not
+    written (as in CREMI's writer), so they read back as None.
+
+    Args:
+      path: destination HDF5 file.
+      volume: the content; raw, neuron_ids, clefts and labels must share one
+        shape; neuron_ids and clefts are stored as uint64.
+      overwrite: replace an existing file; otherwise that is an error.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise DataError(f"{path} already exists; pass overwrite=True to replace it")
+    datasets = _check_volume(volume, path)
+    resolution = np.asarray(as_triple(volume.resolution, "resolution", path), np.float64)
+    offset = np.asarray(as_triple(volume.offset, "offset", path), np.float64)
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(
+        dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    os.close(handle)
+    try:
+        with h5py.File(temporary, "w") as file:
+            file.attrs["file_format"] = FILE_FORMAT
+            for key, array in datasets.items():
+                dataset = file.create_dataset(key, data=array, compression="gzip")
+                dataset.attrs["resolution"] = resolution
+                dataset.attrs["offset"] = offset
+            if volume.annotations is not None and len(volume.annotations):
+                _write_annotations(file, volume.annotations, offset)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def cleft_instances(clefts: np.ndarray) -> np.ndarray:
+    """Cleft labels with background 0 instead of CREMI's 0xFFFFFFFFFFFFFFFF.
+
+    A cleft stored with id 0 (legal in CREMI) is given the id one above the
+    largest cleft id, so that it does not merge into the background.
+
+    Args:
+      clefts: [z, y, x] integer cleft ids, background `CREMI_BACKGROUND`.
+
+    Returns:
+      [z, y, x] uint64 cleft ids, background 0.
+    """
+    clefts = np.asarray(clefts).astype(np.uint64, copy=False)
+    background = clefts == CREMI_BACKGROUND
+    out = clefts.copy()
+    zero = clefts == 0
+    if zero.any():
+        foreground = clefts[~background]
+        out[zero] = foreground.max() + np.uint64(1)
+    out[background] = 0
+    return out
+
+
+def segment_ids_at(
+    segmentation: np.ndarray | None,
+    locations: np.ndarray,
+    resolution: tuple[float, ...],
+    offset: tuple[float, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels at world locations: voxel = round((location - offset) / resolution).
+
+    Args:
+      segmentation: [z, y, x] labels, or None (all ids are then 0).
+      locations: [n, 3] nm, z-y-x, world frame.
+      resolution: voxel size in nm.
+      offset: world position of voxel (0, 0, 0) in nm.
+
+    Returns:
+      `(ids, inside)`: [n] uint64 labels (0 outside the volume) and [n] bool,
+      whether the location's voxel lies in the volume.
+    """
+    locations = np.asarray(locations, np.float64).reshape(-1, SPATIAL_DIMS)
+    scaled = (locations - np.asarray(offset)) / np.asarray(resolution)
+    # Halves round up, as CREMI's Python 2 `round` does for positive positions.
+    voxels = np.floor(scaled + 0.5).astype(np.int64)
+    if segmentation is None:
+        return np.zeros(len(voxels), np.uint64), np.zeros(len(voxels), bool)
+    inside = np.all((voxels >= 0) & (voxels < np.asarray(segmentation.shape)), axis=1)
+    ids = np.zeros(len(voxels), np.uint64)
+    hits = voxels[inside]
+    ids[inside] = segmentation[hits[:, 0], hits[:, 1], hits[:, 2]]
+    return ids, inside
+
+
+def partner_table(volume: CremiVolume) -> dict[str, np.ndarray]:
+    """One row per annotated partner pair, with the segments the sites lie in.
+
+    Args:
+      volume: a CREMI volume with annotations (neuron_ids optional).
+
+    Returns:
+      Arrays, one row per partner pair: `pre_id`, `post_id` ([m] uint64
+      annotation ids), `pre_location`, `post_location` ([m, 3] nm, world
+      frame), `pre_segment`, `post_segment` ([m] uint64 `neuron_ids` at those
+      locations; 0 without neuron_ids or outside the volume), and
+      `pre_inside`, `post_inside` ([m] bool).
+    """
+    annotations = volume.annotations if volume.annotations is not None else Annotations.empty()
+    partners = np.asarray(annotations.partners, np.uint64).reshape(-1, 2)
+    ids = np.asarray(annotations.ids, np.uint64)
+    order = np.argsort(ids)
+    table: dict[str, np.ndarray] = {}
+    for side, column in (("pre", 0), ("post", 1)):
+        wanted = partners[:, column]
+        position = np.searchsorted(ids, wanted, sorter=order)
+        rows = order[np.minimum(position, max(len(ids) - 1, 0))] if len(ids) else position
+        if len(wanted) and (not len(ids) or not np.array_equal(ids[rows], wanted)):
+            raise DataError(f"partners name {side} annotation ids that are not annotated")
+        locations = annotations.locations[rows].reshape(-1, SPATIAL_DIMS).astype(np.float64)
+        segments, inside = segment_ids_at(
+            volume.neuron_ids, locations, volume.resolution, volume.offset
+        )
+        table[f"{side}_id"] = wanted
+        table[f"{side}_location"] = locations
+        table[f"{side}_segment"] = segments
+        table[f"{side}_inside"] = inside
+    return table

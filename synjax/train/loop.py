@@ -1,0 +1,254 @@
+"""The training loop: jit-compiled, data-parallel steps with checkpoints and logs.
+
+`train` drives any Linen model with any loss: `batch_fn(step)` gives the
+host batch, one `jax.jit` step (batch sharded on `'data'`, state replicated
+and donated) updates the state, checkpoints make a re-run resume, and metrics
+go to JSONL, TensorBoard and a progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from jax.sharding import Mesh
+
+# A module import (not a name import) so that synjax.data.pipeline, which
+# imports synjax.train.parallel, can be imported first without a cycle.
+from synjax.data import pipeline as data_pipeline
+from synjax.errors import ConfigError
+from synjax.train.checkpoint import Checkpointer
+from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
+from synjax.train.state import TrainState, create_train_state
+
+METRICS_DIR = "metrics"
+TENSORBOARD_DIR = "tensorboard"
+# Prefix of evaluation metrics in the JSONL lines and TensorBoard tags.
+EVAL_PREFIX = "eval/"
+
+LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+BatchFn = Callable[[int], dict[str, np.ndarray]]
+EvalFn = Callable[[Any, int], dict[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """How long and how to train (the `config.train` fields).
+
+    Attributes:
+      steps: total optimizer steps of the run (a resumed run stops here too).
+      batch_size: global batch size over all devices and processes.
+      learning_rate: peak learning rate.
+      optimizer: "adam", "adamw" or "sgd".
+      schedule: "constant", "cosine" or "warmup_cosine".
+      warmup_steps: linear warm-up steps (schedules "constant", "warmup_cosine").
+      weight_decay: decoupled for "adamw", L2 added to gradients otherwise.
+      grad_clip_norm: clip gradients to this global norm; None: no clipping.
+      log_every: steps between metric lines; 0: never.
+      eval_every: steps between `eval_fn` calls; 0: never.
+      checkpoint_every: steps between checkpoints (one is saved at the end too).
+      keep_checkpoints: most recent checkpoints kept.
+      seed: seed of the parameter initialisation.
+      num_devices: local devices to use; None: all.
+    """
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str = "adam"
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip_norm: float | None = None
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_devices: int | None = None
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first field with an unusable value."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size}
+        non_negative = {
+            "log_every": self.log_every,
+            "eval_every": self.eval_every,
+            "warmup_steps": self.warmup_steps,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"config.train.{key}={value}: expected a positive integer")
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"config.train.{key}={value}: expected >= 0")
+        if self.checkpoint_every < 1:
+            raise ConfigError(
+                f"config.train.checkpoint_every={self.checkpoint_every}: expected >= 1"
+            )
+
+
+def make_train_step(
+    loss_fn: LossFn, mesh: Mesh
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """One jit-compiled optimizer step over (state, batch).
+
+    Args:
+      loss_fn: `(outputs, batch) -> (scalar loss, {name: scalar})`, where
+        `outputs = state.apply_fn({"params": params}, batch["input"])` is any
+        pytree.
+      mesh: mesh with axis 'data'.
+
+    Returns:
+      `step(state, batch) -> (new_state, metrics)`: batch sharded on 'data',
+      state replicated and donated, metrics (with "loss" and "grad_norm")
+      replicated scalars.
+    """
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        def loss_of(params):
+            outputs = state.apply_fn({"params": params}, batch["input"])
+            return loss_fn(outputs, batch)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return state.apply_gradients(grads=grads), metrics
+
+    replicated = replicated_sharding(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+class _MetricWriter:
+    """JSONL + TensorBoard writer that only writes on process 0."""
+
+    def __init__(self, workdir: Path, name: str):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / METRICS_DIR / f"{name}.jsonl"
+        self._tb = None
+        if self.enabled:
+            # Imported here: tensorboardX pulls in protobuf, which only the
+            # writing process needs.
+            from tensorboardX import SummaryWriter
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(str(workdir / TENSORBOARD_DIR / name))
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {key: float(np.asarray(value)) for key, value in jax.device_get(dict(metrics)).items()}
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch_fn: BatchFn,
+    settings: TrainSettings,
+    workdir: str | Path,
+    name: str = "model",
+    eval_fn: EvalFn | None = None,
+) -> TrainState:
+    """Trains `model` to `settings.steps`, resuming from `workdir` if possible.
+
+    Args:
+      model: Linen module; `model.apply({"params": p}, batch["input"])`.
+      loss_fn: `(outputs, batch) -> (scalar loss, {name: scalar metric})`.
+      batch_fn: `step -> host batch`, deterministic in `step` so that a resumed
+        run sees the batches an uninterrupted one would; "input" is
+        `[local_batch, z, y, x, channels]`, other keys are targets. On several
+        processes it returns this process's share.
+      settings: run length, optimizer, logging and checkpoint cadence.
+      workdir: run folder: `checkpoints/<name>`, `metrics/<name>.jsonl` and
+        `tensorboard/<name>` are written under it.
+      name: model name (several models can share a workdir).
+      eval_fn: `(params, step) -> {name: value}`, called every `eval_every`
+        steps; logged with the prefix "eval/".
+
+    Returns:
+      The final `TrainState` (replicated over the mesh).
+    """
+    settings.validate()
+    workdir = Path(workdir)
+    mesh = make_mesh(settings.num_devices)
+    is_writer = jax.process_index() == 0
+
+    with Checkpointer(workdir, name, keep=settings.keep_checkpoints) as checkpointer:
+        start = checkpointer.latest_step() or 0
+        first_batch = batch_fn(start)
+        if "input" not in first_batch:
+            raise ConfigError(
+                f"batch_fn({start}) returned keys {sorted(first_batch)}; expected an 'input'"
+            )
+        state = jax.jit(
+            lambda rng: create_train_state(model, first_batch["input"], settings, rng),
+            out_shardings=replicated_sharding(mesh),
+        )(jax.random.key(settings.seed))
+        if start:
+            state = checkpointer.restore(state, start)
+            logging.info("%s: resumed from step %d in %s", name, start, checkpointer.directory)
+        if start >= settings.steps:
+            return state
+
+        train_step = make_train_step(loss_fn, mesh)
+        writer = _MetricWriter(workdir, name)
+        bar = tqdm.tqdm(
+            total=settings.steps, initial=start, desc=name, disable=not is_writer, leave=False
+        )
+        last_time, last_step = time.perf_counter(), start
+        try:
+            for step in range(start, settings.steps):
+                host_batch = first_batch if step == start else batch_fn(step)
+                state, metrics = train_step(state, data_pipeline.to_global_batch(host_batch, mesh))
+                done = step + 1
+                bar.update(1)
+                if settings.log_every and done % settings.log_every == 0:
+                    values = _to_floats(metrics)
+                    now = time.perf_counter()
+                    values["steps_per_sec"] = (done - last_step) / max(now - last_time, 1e-9)
+                    last_time, last_step = now, done
+                    writer.write(done, values)
+                    bar.set_postfix(
+                        loss=f"{values['loss']:.4g}", steps_per_sec=f"{values['steps_per_sec']:.3g}"
+                    )
+                    logging.info(
+                        "%s step %d: loss %.5g, %.3g steps/s",
+                        name,
+                        done,
+                        values["loss"],
+                        values["steps_per_sec"],
+                    )
+                if eval_fn is not None and settings.eval_every and done % settings.eval_every == 0:
+                    results = eval_fn(state.params, done)
+                    writer.write(done, {f"{EVAL_PREFIX}{k}": float(v) for k, v in results.items()})
+                if done % settings.checkpoint_every == 0 or done == settings.steps:
+                    checkpointer.save(state)
+        finally:
+            bar.close()
+            writer.close()
+    return state
