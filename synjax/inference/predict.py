@@ -1,0 +1,211 @@
+"""Slice-wise boundary prediction over whole volumes, and the max ensemble (DeepEM3D).
+
+`predict_slices` slides along z one slice at a time: output slice z comes from
+the `s`-slice stack centred on z (z - s//2 ... z + s//2), reflected at the
+volume's ends (slice -1 reads slice 1). Slices are read from the volume a
+batch at a time, so any object with `.shape` and numpy slicing along z (numpy
+array, h5py dataset, tensorstore-backed `Volume`) works without being loaded
+whole. In yx, each slice is reflect-padded to a multiple of the network's
+pooling factor and, for the 16-fold augmentation, to a square; slices larger
+than `max_tile` are cut into overlapping tiles whose centres are kept (each
+pixel is written by exactly one tile, cut at the middle of each overlap).
+
+`ensemble_max` combines several models' boundary maps by voxel-wise maximum,
+with the paper's option of letting a model contribute only on chosen slices
+(e.g. a model trained for misaligned sections, used only where sections are
+misaligned).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from synjax.errors import ConfigError, DataError
+from synjax.inference.tta import TRANSFORMS, Transform, make_tta_fn
+from synjax.models.deepem3d import TOTAL_STRIDE
+
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_TILE_OVERLAP = 64
+
+
+def reflect_indices(indices: np.ndarray, size: int) -> np.ndarray:
+    """Maps any integer indices into [0, size) by mirror reflection (numpy 'reflect').
+
+    -1 -> 1, size -> size - 2, repeating with period 2 * (size - 1).
+    """
+    indices = np.asarray(indices)
+    if size == 1:
+        return np.zeros_like(indices)
+    period = 2 * (size - 1)
+    m = np.mod(indices, period)
+    return np.where(m < size, m, period - m)
+
+
+def _pad_end(x: np.ndarray, sizes: Sequence[int], axes: Sequence[int]) -> np.ndarray:
+    """Reflect-pads `axes` of `x` at their end up to `sizes`."""
+    pad = [(0, 0)] * x.ndim
+    for a, n in zip(axes, sizes, strict=True):
+        pad[a] = (0, n - x.shape[a])
+    if all(p == (0, 0) for p in pad):
+        return x
+    mode = "reflect" if min(x.shape[a] for a in axes) > 1 else "edge"
+    return np.pad(x, pad, mode=mode)
+
+
+def _tiles(size: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
+    """Tiles of length `tile` covering [0, size): (start, keep_from, keep_to).
+
+    Consecutive tiles overlap by at least `overlap`; the kept ranges
+    partition [0, size), cut at the middle of each overlap.
+    """
+    if size <= tile:
+        return [(0, 0, size)]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    cuts = [0] + [(starts[i] + starts[i - 1] + tile) // 2 for i in range(1, len(starts))]
+    cuts.append(size)
+    return [(s, cuts[i], cuts[i + 1]) for i, s in enumerate(starts)]
+
+
+def _to_float(chunk: np.ndarray) -> np.ndarray:
+    if np.issubdtype(chunk.dtype, np.integer):
+        # Integer EM intensities are scaled to [0, 1] (uint8: / 255).
+        return chunk.astype(np.float32) / np.float32(np.iinfo(chunk.dtype).max)
+    return chunk.astype(np.float32, copy=False)
+
+
+def predict_slices(
+    apply_fn: Callable[[jax.Array], jax.Array],
+    volume,
+    slices: int = 5,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tta: bool = True,
+    progress: bool = True,
+    *,
+    transforms: Sequence[Transform] = TRANSFORMS,
+    pad_multiple: int = TOTAL_STRIDE,
+    max_tile: int | None = None,
+    tile_overlap: int = DEFAULT_TILE_OVERLAP,
+    channel: int = -1,
+    out=None,
+):
+    """Boundary probability of every slice of `volume`.
+
+    Args:
+      apply_fn: `[n, s, y, x, 1] float32 -> [n, y, x, c]` probabilities for the
+        centre slice (e.g. `synjax.models.deepem3d.make_apply_fn`); traceable.
+      volume: `[z, y, x]` array-like with numpy slicing along z; integer
+        intensities are scaled to [0, 1] by their dtype's maximum, floats are
+        used as they are.
+      slices: s, the odd number of slices per stack.
+      batch_size: output slices per call (the last batch is padded to it so
+        one compilation serves all).
+      tta: average over `transforms` (`synjax.inference.tta`).
+      progress: show a tqdm bar, one step per batch of slices.
+      transforms: the TTA transforms (default all 16; with rotations by 90/270
+        degrees each tile is padded to a square).
+      pad_multiple: y and x are reflect-padded to a multiple of this (the
+        network's total pooling factor).
+      max_tile: tile size in y and x (a multiple of `pad_multiple`); slices
+        larger than this are tiled. None: whole slices.
+      tile_overlap: minimum overlap of neighbouring tiles, in pixels.
+      channel: output channel that holds the boundary probability.
+      out: optional `[z, y, x]` float32 destination supporting
+        `out[z0:z1] = array` (e.g. a zarr/tensorstore array), for outputs too
+        big for memory.
+
+    Returns:
+      float32 `[z, y, x]` boundary probability (`out` itself when given).
+    """
+    shape = tuple(volume.shape)
+    if len(shape) != 3:
+        raise DataError(f"predict_slices volume shape {shape}: expected [z, y, x]")
+    if slices < 1 or slices % 2 == 0:
+        raise ConfigError(f"predict_slices slices={slices}: expected an odd number >= 1")
+    if batch_size < 1:
+        raise ConfigError(f"predict_slices batch_size={batch_size}: expected >= 1")
+    if max_tile is not None and (max_tile <= tile_overlap or max_tile % pad_multiple):
+        raise ConfigError(
+            f"predict_slices max_tile={max_tile}: expected a multiple of {pad_multiple} "
+            f"larger than tile_overlap={tile_overlap}"
+        )
+    nz, ny, nx = shape
+    padded = [math.ceil(n / pad_multiple) * pad_multiple for n in (ny, nx)]
+    tile = [min(n, max_tile) if max_tile else n for n in padded]
+    tiles_y, tiles_x = (_tiles(n, t, tile_overlap) for n, t in zip(padded, tile, strict=True))
+    transforms = tuple(transforms)
+    needs_square = tta and any(t.quarter_turns % 2 for t in transforms)
+    model_yx = [max(tile)] * 2 if needs_square else tile
+    fn = make_tta_fn(apply_fn, transforms) if tta else jax.jit(apply_fn)
+
+    result = np.zeros(shape, np.float32) if out is None else out
+    offsets = np.arange(slices) - slices // 2
+    starts = range(0, nz, batch_size)
+    for z0 in tqdm(starts, desc="predict slices", unit="batch", disable=not progress):
+        z1 = min(z0 + batch_size, nz)
+        # Repeat the last slice so that every batch has the compiled shape.
+        zs = np.minimum(np.arange(z0, z0 + batch_size), z1 - 1)
+        src = reflect_indices(zs[:, None] + offsets[None, :], nz)
+        lo, hi = int(src.min()), int(src.max()) + 1
+        chunk = _to_float(np.asarray(volume[lo:hi]))
+        stack = _pad_end(chunk[src - lo], padded, axes=(2, 3))  # [batch, s, Y, X]
+        prob = np.empty((batch_size, ny, nx), np.float32)
+        for y0, ky0, ky1 in tiles_y:
+            for x0, kx0, kx1 in tiles_x:
+                part = stack[:, :, y0 : y0 + tile[0], x0 : x0 + tile[1]]
+                part = _pad_end(part, model_yx, axes=(2, 3))[..., None]
+                pred = np.asarray(fn(part))[..., channel]
+                ky1c, kx1c = min(ky1, ny), min(kx1, nx)
+                if ky0 >= ky1c or kx0 >= kx1c:
+                    continue  # a tile that only holds padding
+                prob[:, ky0:ky1c, kx0:kx1c] = pred[:, ky0 - y0 : ky1c - y0, kx0 - x0 : kx1c - x0]
+        result[z0:z1] = prob[: z1 - z0]
+    return result
+
+
+def ensemble_max(
+    predictions: Sequence[np.ndarray], slice_masks: Sequence[np.ndarray | None] | None = None
+) -> np.ndarray:
+    """Voxel-wise maximum of several models' boundary maps.
+
+    Args:
+      predictions: float `[z, y, x]` volumes of one shape.
+      slice_masks: per model, bool `[z]` marking the slices on which it
+        contributes, or None for all slices (the default for every model).
+
+    Returns:
+      float32 `[z, y, x]`: on each slice, the maximum over the models that
+      contribute there. Every slice needs at least one contributing model.
+    """
+    if not predictions:
+        raise DataError("ensemble_max: expected at least one prediction")
+    if slice_masks is None:
+        slice_masks = [None] * len(predictions)
+    if len(slice_masks) != len(predictions):
+        raise DataError(
+            f"ensemble_max: {len(slice_masks)} slice masks for {len(predictions)} predictions"
+        )
+    shape = np.shape(predictions[0])
+    result = np.full(shape, -np.inf, np.float32)
+    covered = np.zeros(shape[0], bool)
+    for i, (pred, mask) in enumerate(zip(predictions, slice_masks, strict=True)):
+        if np.shape(pred) != shape:
+            raise DataError(
+                f"ensemble_max: prediction {i} shape {np.shape(pred)}, expected {shape}"
+            )
+        mask = np.ones(shape[0], bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != (shape[0],):
+            raise DataError(
+                f"ensemble_max: slice mask {i} shape {mask.shape}, expected ({shape[0]},)"
+            )
+        result[mask] = np.maximum(result[mask], np.asarray(pred)[mask])
+        covered |= mask
+    if not covered.all():
+        missing = np.flatnonzero(~covered)
+        raise DataError(f"ensemble_max: no model contributes on slices {missing.tolist()}")
+    return result

@@ -1,0 +1,178 @@
+"""DeepEM3D-Net: shapes per variant, loss and weights by hand, a training step."""
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from synjax.errors import ConfigError, DataError
+from synjax.models import deepem3d
+from synjax.models.deepem3d import (
+    TOTAL_STRIDE,
+    DeepEM3DNet,
+    DeepEM3DSettings,
+    class_weights_from_labels,
+    crop_to,
+    make_apply_fn,
+    pad_to_multiple,
+    weighted_softmax_ce,
+)
+
+TINY_WIDTH = 1 / 16
+
+
+def _shapes(settings, input_shape):
+    model = DeepEM3DNet(settings)
+    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+    return jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+
+
+@pytest.mark.parametrize("slices", [1, 3, 5])
+def test_output_shape_per_variant(slices):
+    jax.config.update("jax_disable_most_optimizations", True)
+    for width in (1.0, TINY_WIDTH):
+        out = _shapes(DeepEM3DSettings(slices=slices, width=width), (2, slices, 64, 96, 1))
+        assert out.shape == (2, 64, 96, 2)
+        assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("slices", [1, 3, 5])
+def test_early_fusion_reduces_slices_to_one(slices):
+    kz1, kz2 = DeepEM3DSettings(slices=slices).z_kernels
+    # Two valid convs in z: s - (kz1 - 1) - (kz2 - 1) == 1.
+    assert slices - (kz1 - 1) - (kz2 - 1) == 1
+    # Only the first two convs are 3D: every later kernel is 2D (4 dims, HWIO).
+    variables = jax.eval_shape(
+        lambda: DeepEM3DNet(DeepEM3DSettings(slices=slices, width=TINY_WIDTH)).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, slices, 32, 32, 1))
+        )
+    )
+    ndims = [
+        leaf.ndim
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+        if path[-1].key == "kernel"
+    ]
+    assert sorted(ndims, reverse=True)[:3] == [5, 5, 4]
+
+
+def test_bad_inputs_and_settings_raise():
+    model = DeepEM3DNet(DeepEM3DSettings(slices=3, width=TINY_WIDTH))
+    with pytest.raises(DataError, match="multiples of 16"):
+        _shapes(model.settings, (1, 3, 40, 48, 1))
+    with pytest.raises(DataError, match=r"\[batch, 3, y, x, 1\]"):
+        _shapes(model.settings, (1, 5, 32, 32, 1))
+    with pytest.raises(ConfigError, match="slices"):
+        DeepEM3DSettings(slices=4)
+    with pytest.raises(ConfigError, match="odd"):
+        DeepEM3DSettings(dilations=(1, 2))
+
+
+def _deconv_output(factor, rate, size=16):
+    module = deepem3d._PyramidDilatedDeconv(factor, 1, 1, (rate,))
+    x = jnp.ones((1, size, size, 1))
+    variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+    variables = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), variables)
+    # Zero bias: only kernel taps can make an output pixel non-zero.
+    variables["params"]["ConvTranspose_0"]["bias"] = jnp.zeros((1,))
+    return jax.jit(module.apply)(variables, x)
+
+
+@pytest.mark.parametrize("factor,rate", [(2, 3), (4, 5), (8, 3), (16, 5), (16, 1)])
+def test_pyramid_deconv_reaches_every_pixel(factor, rate):
+    # Odd rates with power-of-two strides: every output pixel gets a kernel tap
+    # (input large enough that the dilated kernel fits inside it).
+    out = _deconv_output(factor, rate)
+    assert out.shape == (1, 16 * factor, 16 * factor, 1)
+    assert bool(jnp.all(out > 0))
+
+
+def test_even_dilation_leaves_holes():
+    # Why the settings refuse even rates: stride 2, rate 2 reaches only every other pixel.
+    holes = _deconv_output(2, 2)[0, :, :, 0] == 0
+    assert 0.5 <= float(holes.mean()) < 1.0
+
+
+def test_class_weights_by_hand():
+    labels = np.array([[0, 0, 0, 1]])
+    # freq = (3/4, 1/4); w = 1 / (2 * freq).
+    np.testing.assert_allclose(class_weights_from_labels(labels), [2 / 3, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(class_weights_from_labels(np.zeros(5, int)), [0.5, 0.0])
+
+
+def test_weighted_softmax_ce_by_hand():
+    labels = jnp.array([0, 1, 1])
+    weights = jnp.array([1.0, 3.0])
+    zero = weighted_softmax_ce(jnp.zeros((3, 2)), labels, weights)
+    np.testing.assert_allclose(zero, (1 + 3 + 3) / 3 * np.log(2), rtol=1e-6)
+    logits = jnp.array([[2.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    # -log softmax: row 0 label 0: log(1 + e^-2); row 1 label 1: log(e^2 + 1);
+    # row 2 label 1: log(1 + e^-1).
+    expected = (np.log1p(np.exp(-2)) + 3 * np.log1p(np.exp(2)) + 3 * np.log1p(np.exp(-1))) / 3
+    np.testing.assert_allclose(weighted_softmax_ce(logits, labels, weights), expected, rtol=1e-6)
+    with pytest.raises(DataError, match="class_weights"):
+        weighted_softmax_ce(logits, labels, jnp.ones(3))
+
+
+def test_pad_to_multiple_and_crop():
+    x = np.arange(3, dtype=np.float32).reshape(1, 1, 3, 1, 1) + 1
+    padded, sizes = pad_to_multiple(x, 4)
+    assert padded.shape == (1, 1, 4, 4, 1)
+    np.testing.assert_array_equal(padded[0, 0, :, 0, 0], [1, 2, 3, 2])  # reflect
+    np.testing.assert_array_equal(padded[0, 0, 0, :, 0], [1, 1, 1, 1])  # size 1: repeated
+    np.testing.assert_array_equal(crop_to(padded, sizes), x)
+    same, _ = pad_to_multiple(np.zeros((1, 1, 32, 16, 1)), TOTAL_STRIDE)
+    assert same.shape == (1, 1, 32, 16, 1)
+
+
+def _train_step_lowers_loss(x, labels, slices, steps=4):
+    # Shapes and gradients matter here, not XLA's speed: compile fast.
+    jax.config.update("jax_disable_most_optimizations", True)
+    model = DeepEM3DNet(DeepEM3DSettings(slices=slices, width=TINY_WIDTH, side_features=4))
+    weights = jnp.asarray(class_weights_from_labels(labels))
+    tx = optax.adam(3e-3)
+
+    def loss_fn(params, batch_stats):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        return weighted_softmax_ce(logits, labels, weights), updates["batch_stats"]
+
+    def step(carry, _):
+        params, batch_stats, opt_state = carry
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    @jax.jit
+    def train():
+        # One compiled program (init + all steps) keeps the test's compile time down.
+        variables = model.init(jax.random.PRNGKey(0), x)
+        params, batch_stats = variables["params"], variables["batch_stats"]
+        carry = (params, batch_stats, tx.init(params))
+        (params, batch_stats, _), losses = jax.lax.scan(step, carry, length=steps)
+        prob = make_apply_fn(model, {"params": params, "batch_stats": batch_stats})(x)
+        return losses, prob
+
+    losses, prob = train()
+    losses = np.asarray(losses)
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0], losses
+    # Inference path: probabilities in [0, 1], one per pixel.
+    assert prob.shape == (*x.shape[:1], *x.shape[2:4], 1)
+    assert bool(jnp.all((prob >= 0) & (prob <= 1)))
+
+
+def test_training_step_lowers_weighted_loss_on_real_em(shared_data):
+    slices, size = 3, 32
+    with h5py.File(shared_data / "isbi2012-train.h5", "r") as f:
+        raw = f["volumes/raw"][10 : 10 + slices, 100 : 100 + size, 100 : 100 + size]
+        membranes = f["volumes/labels/membranes"][
+            10 + slices // 2, 100 : 100 + size, 100 : 100 + size
+        ]
+    x = jnp.asarray(raw, jnp.float32)[None, ..., None] / 255.0
+    labels = jnp.asarray(membranes == 1, jnp.int32)[None]
+    assert 0 < int(labels.sum()) < labels.size  # both classes present
+    _train_step_lowers_loss(x, labels, slices)
