@@ -1,0 +1,116 @@
+r"""Demo: synaptic partner detection on synthetic EM, no downloads.
+
+Trains the signed-proximity U-Net and the pruning CNN on one synthetic volume
+and detects partners on another (a different seed), then scores them.
+
+    python -m synjax.main --config=configs/demo.py --workdir=workdir/demo
+    python -m synjax.main --config=configs/demo.py:smoke --workdir=/tmp/smoke
+"""
+
+from ml_collections import config_dict
+
+from synjax import configlib
+
+VARIANTS = ("default", "smoke")
+
+
+def get_config(arg: str | None = None):
+    variant = configlib.variant(arg, VARIANTS, "configs/demo.py")
+    smoke = variant == "smoke"
+    config = configlib.config_dict(
+        {
+            # Which end-to-end job runs (see synjax.pipelines.PIPELINES).
+            "pipeline": "partners",
+            # train, predict, evaluate, or all three in turn.
+            "mode": "all",
+            # Seed of parameter initialisation and patch sampling.
+            "seed": 0,
+            # Call jax.distributed.initialize() first (multi-host runs).
+            "distributed": False,
+            "data": {
+                # "synthetic" (generated here) or "cremi" (files below).
+                "source": "synthetic",
+                # CREMI-layout HDF5 files, used when source == "cremi".
+                "train_path": "",
+                "test_path": "",
+                # Synthetic volumes: shape z-y-x in voxels, voxel size in nm.
+                "shape": (24, 160, 160) if smoke else (32, 384, 384),
+                "resolution": (40.0, 4.0, 4.0),
+                # Seeds of the training and the held-out test volume.
+                "train_seed": 1,
+                "test_seed": 2,
+                # Synapses per synthetic volume and the share with several posts.
+                "n_synapses": 4 if smoke else 24,
+                "polyadic_fraction": 0.5,
+            },
+            # Neuron segmentation that candidates are built on: "groundtruth"
+            # (the volume's neuron_ids) or a path template of a predicted one.
+            "segmentation": {"source": "groundtruth"},
+            "targets": {
+                # Signed proximity f(d) = exp(-d^2/2s^2) (2/(1+exp(-a d)) - 1).
+                "alpha": 5.0,
+                "sigma": 10.0,
+                # Partner voxels within this distance of a cleft are labelled.
+                "radius_nm": 120.0,
+            },
+            "unet": {
+                "depth": 2,
+                "base_features": 4 if smoke else 12,
+                "feature_growth": 2,
+                "pool_factors": ((1, 2, 2), (1, 2, 2)),
+                # Coarsest level in-plane only: z is thin at 40 nm voxels.
+                "conv_kernels": ((3, 3, 3), (3, 3, 3), (1, 3, 3)),
+                "padding": "VALID",
+                # Smallest wanted output of a training patch (z, y, x).
+                "train_output": (2, 24, 24) if smoke else (4, 48, 48),
+                # Output block of block-wise prediction (z, y, x).
+                "predict_output": (24, 160, 160) if smoke else (8, 128, 128),
+            },
+            "train": {
+                "steps": 8 if smoke else 600,
+                "batch_size": 2 if smoke else 4,
+                "learning_rate": 2e-3,
+                "optimizer": "adam",
+                "schedule": "warmup_cosine",
+                "warmup_steps": 2 if smoke else 50,
+                "log_every": 4 if smoke else 50,
+                "checkpoint_every": 8 if smoke else 200,
+                "keep_checkpoints": 2,
+                # Share of patches centred on a synapse (targets are sparse).
+                "positive_fraction": 0.7,
+                # None: all local devices.
+                "num_devices": config_dict.placeholder(int),
+            },
+            "predict": {
+                "batch_size": 1,
+                # "local" or "dask" (needs the `distributed` extra).
+                "executor": "local",
+            },
+            "candidates": {
+                # Site threshold |p| > tau and minimum site/segment overlap (voxels).
+                "tau": 0.3,
+                "omega": 20 if smoke else 100,
+                # Largest gap between a pre and a post site of one candidate.
+                "max_gap_nm": 200.0,
+            },
+            "pruner": {
+                # Window (z, y, x) around a candidate; the paper uses 16x160x160.
+                "window": (8, 32, 32) if smoke else (8, 64, 64),
+                "features": (4, 4, 8, 8, 8) if smoke else (8, 16, 16, 32, 32),
+                "pools": ((1, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)),
+                "dense_features": 16 if smoke else 64,
+                "steps": 6 if smoke else 300,
+                "batch_size": 4 if smoke else 16,
+                "learning_rate": 1e-3,
+                # Candidate within this distance of a true pair can be positive.
+                "label_distance_nm": 400.0,
+            },
+            "evaluation": {
+                # CREMI partner metric: matched pairs lie within this distance.
+                "cremi_distance_nm": 400.0,
+                # Paper criterion: distance that counts as overlapping a synapse.
+                "paper_distance_nm": 400.0,
+            },
+        }
+    )
+    return config

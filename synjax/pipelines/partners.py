@@ -1,0 +1,233 @@
+"""Synaptic partner detection end to end (Parag et al., MICCAI 2018).
+
+train:    signed-proximity targets -> U-Net -> proximity of the training
+          volume -> candidates -> labels -> pruning CNN; the pruner's score
+          threshold is chosen on the training volume (never on the test one).
+predict:  proximity of the test volume (block-wise, resumable zarr) ->
+          candidates on the segmentation -> pruner scores -> synapse table.
+evaluate: CREMI partner metric and the paper's criterion at the chosen
+          threshold, precision-recall over all thresholds, plots.
+
+Workdir outputs: `checkpoints/`, `predictions/*.zarr`, `candidates.csv` (all
+candidates with pruner scores), `synapses.csv` and `synapses.h5` (CREMI
+annotations) of the kept ones, `pruner_threshold.json`, `metrics.json`,
+`precision_recall.png`, `example_slices.png`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+from absl import logging
+
+from synjax.errors import DataError
+from synjax.evaluation import partners as partner_metrics
+from synjax.io import CremiVolume, SynapseTable, write_cremi
+from synjax.pipelines import partner_data, proximity, pruner
+from synjax.pipelines.partner_data import PartnerVolume
+from synjax.postprocess.candidates import Candidates, generate_candidates
+from synjax.postprocess.pruning_windows import label_candidates
+from synjax.report import files, slices
+
+THRESHOLD_FILE = "pruner_threshold.json"
+CANDIDATES_FILE = "candidates.csv"
+
+
+def _segmentation(config, volume: PartnerVolume) -> np.ndarray:
+    """The neuron segmentation candidates are built on."""
+    source = config.segmentation.source
+    if source == "groundtruth":
+        return volume.neuron_ids
+    raise DataError(f"config.segmentation.source={source!r}; expected 'groundtruth'")
+
+
+def _candidates(config, prox: np.ndarray, segmentation: np.ndarray, volume) -> Candidates:
+    c = config.candidates
+    found = generate_candidates(
+        prox, segmentation, volume.resolution, tau=c.tau, omega=c.omega, max_gap_nm=c.max_gap_nm
+    )
+    logging.info("%s volume: %d candidates", volume.name, len(found))
+    return found
+
+
+def _pairs(candidates: Candidates, scores: np.ndarray, volume) -> partner_metrics.PartnerPairs:
+    return partner_metrics.PartnerPairs.from_candidates(
+        candidates, volume.resolution, scores=scores
+    )
+
+
+def _curve(pairs: partner_metrics.PartnerPairs, truth, config):
+    distance = config.evaluation.cremi_distance_nm
+
+    def at(threshold: float):
+        return partner_metrics.cremi_partner_scores(
+            pairs.select(pairs.scores >= threshold), truth, distance
+        )
+
+    # Threshold 0 keeps every candidate: the curve's "no pruning" end.
+    thresholds = np.unique(np.concatenate([[0.0], pairs.scores]))
+    return partner_metrics.precision_recall_curve(pairs.scores, at, thresholds)
+
+
+def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
+    targets = partner_data.proximity_targets(volume, config)
+    params = proximity.train_unet(config, [targets], workdir)
+    prox = proximity.predict_proximity(
+        config,
+        params,
+        volume.raw,
+        workdir / "predictions" / "train_proximity.zarr",
+        volume.resolution,
+    )
+    segmentation = _segmentation(config, volume)
+    candidates = _candidates(config, prox, segmentation, volume)
+    labels = label_candidates(
+        candidates,
+        segmentation,
+        volume.neuron_ids,
+        volume.truth,
+        volume.resolution,
+        config.pruner.label_distance_nm,
+    )
+    if len(candidates) == 0 or labels.all() or not labels.any():
+        # Nothing to tell apart (e.g. a very short run): rank candidates by
+        # their proximity score instead of a pruner, and say so.
+        logging.warning(
+            "Pruner not trained: %d training candidates, %d positive; using proximity scores",
+            len(candidates),
+            int(labels.sum()),
+        )
+        scores, use_pruner = candidates.score, False
+    else:
+        pruner_params = pruner.train_pruner(
+            config, volume.raw, prox, segmentation, candidates, labels, workdir
+        )
+        scores = pruner.score_candidates(
+            config, pruner_params, volume.raw, prox, segmentation, candidates
+        )
+        use_pruner = True
+    threshold, train_fscore = 0.0, 0.0
+    if len(candidates):
+        curve = _curve(_pairs(candidates, scores, volume), volume.truth, config)
+        threshold, train_fscore = curve.best_threshold, curve.best_fscore
+    files.write_json(
+        workdir / THRESHOLD_FILE,
+        {
+            "pruner": use_pruner,
+            "threshold": threshold,
+            "train_fscore": train_fscore,
+            "train_candidates": len(candidates),
+            "train_positive_candidates": int(labels.sum()),
+        },
+    )
+    logging.info("Score threshold %.3f (training F %.3f)", threshold, train_fscore)
+
+
+def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTable:
+    params = proximity.load_unet_params(config, workdir)
+    prox = proximity.predict_proximity(
+        config, params, volume.raw, workdir / "predictions" / "proximity.zarr", volume.resolution
+    )
+    segmentation = _segmentation(config, volume)
+    candidates = _candidates(config, prox, segmentation, volume)
+    choice = files.read_json(workdir / THRESHOLD_FILE)
+    scores = candidates.score
+    if choice["pruner"] and len(candidates):
+        pruner_params = pruner.load_pruner_params(config, workdir)
+        scores = pruner.score_candidates(
+            config, pruner_params, volume.raw, prox, segmentation, candidates
+        )
+    res = np.asarray(volume.resolution)
+    table = SynapseTable.build(
+        candidates.pre_segment,
+        candidates.post_segment,
+        candidates.location,
+        pre_location=candidates.pre_point * res,
+        post_location=candidates.post_point * res,
+        score=scores,
+        size=candidates.pre_overlap + candidates.post_overlap,
+        kind="partner",
+    )
+    table.to_csv(workdir / CANDIDATES_FILE)
+    threshold = choice["threshold"]
+    kept = table.filter_by_score(threshold)
+    kept.to_csv(workdir / "synapses.csv")
+    if len(kept):
+        write_cremi(
+            workdir / "synapses.h5",
+            CremiVolume(raw=None, resolution=volume.resolution, annotations=kept.to_annotations()),
+            overwrite=True,
+        )
+    slices.plot_slices(
+        volume.raw,
+        {"proximity": prox, "clefts (truth)": volume.clefts},
+        workdir / "example_slices.png",
+        slices.pick_slices(volume.raw.shape, weights=(volume.clefts > 0).sum(axis=(1, 2))),
+        title="test volume: predicted signed proximity (red pre, blue post)",
+    )
+    logging.info("Kept %d of %d candidates (score >= %.3f)", len(kept), len(table), threshold)
+    return table
+
+
+def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
+    table = SynapseTable.from_csv(workdir / CANDIDATES_FILE)
+    threshold = files.read_json(workdir / THRESHOLD_FILE)["threshold"]
+    pairs = partner_metrics.PartnerPairs(
+        table.pre_segment, table.post_segment, table.pre_location, table.post_location, table.score
+    )
+    kept = pairs.select(pairs.scores >= threshold)
+    cremi = partner_metrics.cremi_partner_scores(
+        kept, volume.truth, config.evaluation.cremi_distance_nm
+    )
+    paper = partner_metrics.paper_partner_scores(
+        kept, volume.truth, config.evaluation.paper_distance_nm
+    )
+    unpruned = partner_metrics.cremi_partner_scores(
+        pairs, volume.truth, config.evaluation.cremi_distance_nm
+    )
+    curve = _curve(pairs, volume.truth, config)
+    partner_metrics.plot_precision_recall(
+        curve, workdir / "precision_recall.png", "test volume, CREMI partner metric"
+    )
+
+    def scores(s):
+        return {k: getattr(s, k) for k in ("tp", "fp", "fn", "precision", "recall", "fscore")} | {
+            "reversed": s.reversed
+        }
+
+    metrics = {
+        "pruner_threshold": threshold,
+        "cremi_partners": scores(cremi),
+        "paper_criterion": scores(paper),
+        "without_pruning": scores(unpruned),
+        "best_fscore_over_thresholds": curve.best_fscore,
+        "truth_pairs": len(volume.truth),
+        "truth_polyadic_synapses": volume.n_polyadic,
+        "candidates": len(pairs),
+    }
+    files.write_json(workdir / "metrics.json", metrics)
+    logging.info(
+        "Test partners: CREMI F %.3f (P %.3f R %.3f), paper F %.3f, unpruned F %.3f",
+        cremi.fscore,
+        cremi.precision,
+        cremi.recall,
+        paper.fscore,
+        unpruned.fscore,
+    )
+    return metrics
+
+
+def run(config, workdir: pathlib.Path) -> dict:
+    """Runs the partner pipeline's `config.mode` phases in `workdir`."""
+    mode = config.mode
+    metrics: dict = {}
+    if mode in ("train", "all"):
+        _train(config, workdir, partner_data.load_volume(config, "train"))
+    if mode in ("predict", "evaluate", "all"):
+        test = partner_data.load_volume(config, "test")
+        if mode in ("predict", "all"):
+            _predict(config, workdir, test)
+        if mode in ("evaluate", "all"):
+            metrics = _evaluate(config, workdir, test)
+    return metrics

@@ -1,0 +1,148 @@
+"""The signed-proximity U-Net stage: build, train, predict block by block."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from synjax.data.augment import AugmentSettings
+from synjax.data.sampling import PatchSampler
+from synjax.inference.block_grid import BlockGrid
+from synjax.inference.blockwise import predict_blockwise
+from synjax.io import create_volume, open_volume
+from synjax.models.losses import weighted_mse
+from synjax.models.unet3d import UNet3D, UNet3DConfig
+from synjax.train import checkpoint
+from synjax.train.loop import TrainSettings, train
+
+MODEL_NAME = "proximity"
+# uint8 EM is scaled to [0, 1] before the network, as the patch sampler does.
+UINT8_MAX = 255.0
+
+
+def unet_config(config) -> UNet3DConfig:
+    """The U-Net settings of `config.unet`."""
+    u = config.unet
+    return UNet3DConfig(
+        depth=u.depth,
+        base_features=u.base_features,
+        feature_growth=u.feature_growth,
+        pool_factors=tuple(tuple(p) for p in u.pool_factors),
+        conv_kernels=tuple(tuple(k) for k in u.conv_kernels),
+        padding=u.padding,
+        out_channels=1,
+    )
+
+
+def train_settings(train_config, seed: int) -> TrainSettings:
+    """`TrainSettings` from a config's `train`-like block."""
+    t = train_config
+    return TrainSettings(
+        steps=t.steps,
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        optimizer=t.get("optimizer", "adam"),
+        schedule=t.get("schedule", "constant"),
+        warmup_steps=t.get("warmup_steps", 0),
+        log_every=t.get("log_every", 10),
+        checkpoint_every=t.get("checkpoint_every", 100),
+        keep_checkpoints=t.get("keep_checkpoints", 2),
+        seed=seed,
+        num_devices=t.get("num_devices", None),
+    )
+
+
+def _loss(outputs, batch):
+    loss = weighted_mse(outputs, batch["target"], batch["weight"])
+    return loss, {"mse": loss}
+
+
+def train_unet(config, sources: list[dict[str, np.ndarray]], workdir: pathlib.Path):
+    """Trains the proximity U-Net on patches of `sources` (see `proximity_targets`).
+
+    Returns:
+      The trained parameters.
+    """
+    cfg = unet_config(config)
+    input_shape = cfg.valid_input_shape(config.unet.train_output)
+    output_shape = cfg.output_shape(input_shape)
+    logging.info("U-Net training patch: input %s -> output %s", input_shape, output_shape)
+    sampler = PatchSampler(
+        sources,
+        input_shape=input_shape,
+        output_shape=output_shape,
+        input_keys=("raw",),
+        augment=AugmentSettings(),
+        seed=config.seed,
+        positive_key="synaptic",
+        positive_fraction=config.train.positive_fraction,
+    )
+    settings = train_settings(config.train, config.seed)
+    batch_fn = functools.partial(sampler.batch, batch_size=settings.batch_size)
+    state = train(UNet3D(cfg), _loss, batch_fn, settings, workdir, name=MODEL_NAME)
+    return jax.device_get(state.params)
+
+
+def load_unet_params(config, workdir: pathlib.Path):
+    """Parameters of the trained U-Net in `workdir` (for predict-only runs)."""
+    cfg = unet_config(config)
+    sample = np.zeros((1, *cfg.valid_input_shape(config.unet.train_output), 1), np.float32)
+    return checkpoint.restore_params(workdir, MODEL_NAME, UNet3D(cfg), sample)
+
+
+def predict_proximity(
+    config, params, raw: np.ndarray, dest_path: pathlib.Path, resolution
+) -> np.ndarray:
+    """Predicts signed proximity over `raw` block by block into a zarr volume.
+
+    The run is resumable: finished blocks are listed in a manifest next to the
+    output, and a restarted run skips them.
+
+    Args:
+      raw: [z, y, x] uint8 (or any volume with numpy slicing).
+      dest_path: the `.zarr` output.
+
+    Returns:
+      [z, y, x] float32 proximity, read back from the output.
+    """
+    cfg = unet_config(config)
+    block = tuple(min(b, s) for b, s in zip(config.unet.predict_output, raw.shape, strict=True))
+    input_shape = cfg.valid_input_shape(block)
+    output_shape = cfg.output_shape(input_shape)
+    grid = BlockGrid.from_io_shapes(raw.shape, input_shape, output_shape)
+    model = UNet3D(cfg)
+
+    @jax.jit
+    def apply(batch):
+        x = (batch / UINT8_MAX)[..., None]
+        return model.apply({"params": params}, x)[..., 0]
+
+    manifest = dest_path.with_name(dest_path.name + ".blocks.jsonl")
+    if dest_path.exists() and manifest.exists():
+        dest = open_volume(str(dest_path), mode="r+")
+    else:
+        dest = create_volume(
+            str(dest_path),
+            raw.shape,
+            np.float32,
+            resolution=resolution,
+            chunks=output_shape,
+            overwrite=True,
+        )
+        manifest.unlink(missing_ok=True)
+    summary = predict_blockwise(
+        lambda b: np.asarray(apply(jnp.asarray(b))),
+        raw,
+        dest,
+        grid,
+        batch_size=config.predict.batch_size,
+        manifest_path=manifest,
+        executor=config.predict.executor,
+    )
+    logging.info("Proximity %s: %s", dest_path.name, summary)
+    return open_volume(str(dest_path)).read()

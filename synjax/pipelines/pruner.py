@@ -1,0 +1,128 @@
+"""The candidate-pruning stage: train the pruning CNN on labelled candidates
+and score new candidates with it."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from synjax.errors import DataError
+from synjax.models.pruning import PruningCNN, sigmoid_bce
+from synjax.pipelines.proximity import train_settings
+from synjax.postprocess.candidates import Candidates
+from synjax.postprocess.pruning_windows import extract_windows
+from synjax.train import checkpoint
+from synjax.train.loop import train
+
+MODEL_NAME = "pruner"
+NUM_CHANNELS = 4
+# Share of positive windows in a training batch: candidates are mostly negative.
+POSITIVE_SHARE = 0.5
+
+
+def pruning_model(config) -> PruningCNN:
+    p = config.pruner
+    return PruningCNN(
+        features=tuple(p.features),
+        pools=tuple(tuple(w) for w in p.pools),
+        dense_features=p.dense_features,
+    )
+
+
+def _loss(logits, batch):
+    loss = sigmoid_bce(logits, batch["label"])
+    accuracy = jnp.mean((logits > 0) == (batch["label"] > 0.5))
+    return loss, {"bce": loss, "accuracy": accuracy}
+
+
+def train_pruner(
+    config,
+    raw: np.ndarray,
+    proximity: np.ndarray,
+    segmentation: np.ndarray,
+    candidates: Candidates,
+    labels: np.ndarray,
+    workdir: pathlib.Path,
+):
+    """Trains the pruning CNN on augmented windows of labelled candidates.
+
+    Batches hold positives and negatives in equal shares (when both exist),
+    drawn anew every step, so a handful of true synapses is enough to learn.
+
+    Returns:
+      The trained parameters.
+
+    Raises:
+      DataError: there are no candidates to learn from.
+    """
+    if len(candidates) == 0:
+        raise DataError("pruner training: the training volume gave no candidates")
+    positives, negatives = np.flatnonzero(labels), np.flatnonzero(~labels)
+    logging.info(
+        "Pruner training: %d positive, %d negative candidates", len(positives), len(negatives)
+    )
+    settings = train_settings(config.pruner, config.seed)
+    window = tuple(config.pruner.window)
+
+    def batch_fn(step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([config.seed, step, 1])
+        n_pos = (
+            int(round(settings.batch_size * POSITIVE_SHARE))
+            if len(negatives)
+            else settings.batch_size
+        )
+        n_pos = n_pos if len(positives) else 0
+        rows = np.concatenate(
+            [
+                rng.choice(positives, n_pos) if n_pos else np.zeros(0, np.int64),
+                rng.choice(negatives, settings.batch_size - n_pos)
+                if settings.batch_size > n_pos
+                else np.zeros(0, np.int64),
+            ]
+        ).astype(np.int64)
+        windows = extract_windows(
+            raw, proximity, segmentation, candidates.select(rows), window, rng=rng
+        )
+        return {"input": windows, "label": labels[rows].astype(np.float32)}
+
+    state = train(pruning_model(config), _loss, batch_fn, settings, workdir, name=MODEL_NAME)
+    return jax.device_get(state.params)
+
+
+def load_pruner_params(config, workdir: pathlib.Path):
+    """Parameters of the trained pruning CNN in `workdir`."""
+    sample = np.zeros((1, *config.pruner.window, NUM_CHANNELS), np.float32)
+    return checkpoint.restore_params(workdir, MODEL_NAME, pruning_model(config), sample)
+
+
+def score_candidates(
+    config,
+    params,
+    raw: np.ndarray,
+    proximity: np.ndarray,
+    segmentation: np.ndarray,
+    candidates: Candidates,
+) -> np.ndarray:
+    """Pruner probabilities that each candidate is a real pre -> post pair.
+
+    Returns:
+      [n] float64 probabilities in [0, 1].
+    """
+    model = pruning_model(config)
+    apply = jax.jit(lambda x: jax.nn.sigmoid(model.apply({"params": params}, x)))
+    batch = config.pruner.batch_size
+    scores = np.zeros(len(candidates), np.float64)
+    for start in range(0, len(candidates), batch):
+        rows = np.arange(start, min(start + batch, len(candidates)))
+        windows = extract_windows(
+            raw, proximity, segmentation, candidates.select(rows), tuple(config.pruner.window)
+        )
+        # Pad the last batch to one shape so the function compiles once.
+        padded = np.zeros((batch, *windows.shape[1:]), np.float32)
+        padded[: len(rows)] = windows
+        scores[rows] = np.asarray(apply(padded))[: len(rows)]
+    return scores

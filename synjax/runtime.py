@@ -1,0 +1,102 @@
+"""Process set-up for the command line: flag parsing, workdir, distributed init.
+
+Kept apart from `main.py` so that the entry point stays short and these checks
+can be tested without running a pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Sequence
+
+from absl import flags
+from absl import logging as absl_logging
+
+from synjax.errors import ConfigError
+
+_CONFIG_FLAG = re.compile(r"^--config(?:=|$)")
+_OVERRIDE_FLAG = re.compile(r"^--config\.([A-Za-z0-9_.]+)")
+# Libraries whose INFO lines (dozens per checkpoint) drown the progress log.
+_CHATTY_LIBRARIES = ("/orbax/",)
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The file part of `--config=path[:variant]` (or `--config path`)."""
+    for index, arg in enumerate(argv):
+        if _CONFIG_FLAG.match(arg):
+            value = (
+                arg.split("=", 1)[1]
+                if "=" in arg
+                else (argv[index + 1] if index + 1 < len(argv) else "")
+            )
+            return value.split(":", 1)[0]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses absl flags, turning config-file problems into one-line `ConfigError`s.
+
+    Args:
+      argv: the process arguments, program name first.
+
+    Returns:
+      The arguments absl left unparsed.
+
+    Raises:
+      ConfigError: the config file is missing, or an override names a key the
+        config does not have, or gives a value of the wrong type.
+    """
+    path = _config_path(argv[1:])
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(
+            f"--config: config file {path!r} does not exist (expected e.g. configs/demo.py)"
+        )
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as error:
+        raise ConfigError(f"bad flag: {error}") from None
+    except (AttributeError, KeyError) as error:
+        missing = str(error).strip("\"'")
+        culprits = [a for a in argv if _OVERRIDE_FLAG.match(a) and missing in a] or [missing]
+        raise ConfigError(
+            f"unknown config key {missing!r} in {', '.join(culprits)} (not a field of {path})"
+        ) from None
+    return remaining
+
+
+def prepare_workdir(workdir: str) -> pathlib.Path:
+    """Creates the workdir if needed; refuses a path that is a file."""
+    path = pathlib.Path(workdir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"--workdir={workdir} is a file; expected a folder (it is created if absent)"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def initialize_distributed(config) -> None:
+    """Joins a multi-process JAX run when the config asks for one.
+
+    Must run before any device is touched; on one machine it does nothing.
+    """
+    if config.get("distributed", False):
+        import jax
+
+        jax.distributed.initialize()
+
+
+class _QuietLibraries(logging.Filter):
+    """Drops INFO and DEBUG records of `_CHATTY_LIBRARIES`; keeps their warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        chatty = any(part in record.pathname for part in _CHATTY_LIBRARIES)
+        return record.levelno >= logging.WARNING or not chatty
+
+
+def quiet_library_logs() -> None:
+    """Keeps the run's log readable: synjax's progress lines, libraries' warnings."""
+    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
