@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from synjax.errors import ConfigError
+from synjax.models.conv import Conv3D, ConvTranspose3D
 
 # Initial negative slope of PReLU, as in He et al. (2015) and PyTorch.
 PRELU_INIT_SLOPE = 0.25
@@ -57,18 +58,29 @@ class ConvBlock(nn.Module):
       kernel_size: (kz, ky, kx) of both convolutions.
       padding: "VALID" (each conv shrinks every axis by k - 1) or "SAME".
       dtype: computation dtype, None to follow the input.
+      conv_implementation: `conv.Conv3D.implementation` ("auto" folds z into
+        the batch on CPU, where XLA's 3D convolutions are slow).
     """
 
     features: int
     kernel_size: tuple[int, int, int] = (3, 3, 3)
     padding: str = "VALID"
     dtype: Any = None
+    conv_implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """Args: x [batch, z, y, x, c]. Returns [batch, z', y', x', features]."""
-        for _ in range(2):
-            x = nn.Conv(self.features, self.kernel_size, padding=self.padding, dtype=self.dtype)(x)
+        for i in range(2):
+            # Named as nn.Conv would be, so checkpoints of either stay valid.
+            x = Conv3D(
+                self.features,
+                self.kernel_size,
+                padding=self.padding,
+                dtype=self.dtype,
+                implementation=self.conv_implementation,
+                name=f"Conv_{i}",
+            )(x)
             x = PReLU()(x)
         return x
 
@@ -90,6 +102,8 @@ class Upsample(nn.Module):
       resize_kernel: kernel of the convolution in "resize_conv" mode; None
         uses `factors`.
       dtype: computation dtype, None to follow the input.
+      conv_implementation: `conv.Conv3D.implementation` of the convolution
+        ("auto" runs the transposed one as an einsum on CPU).
     """
 
     features: int
@@ -97,19 +111,32 @@ class Upsample(nn.Module):
     mode: str = "transpose"
     resize_kernel: tuple[int, int, int] | None = None
     dtype: Any = None
+    conv_implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """Args: x [batch, z, y, x, c]. Returns [batch, z*fz, y*fy, x*fx, features]."""
         if self.mode == "transpose":
-            x = nn.ConvTranspose(
-                self.features, self.factors, strides=self.factors, padding="VALID", dtype=self.dtype
+            # Named as nn.ConvTranspose would be, so checkpoints stay valid.
+            x = ConvTranspose3D(
+                self.features,
+                self.factors,
+                dtype=self.dtype,
+                implementation=self.conv_implementation,
+                name="ConvTranspose_0",
             )(x)
         elif self.mode == "resize_conv":
             for axis, factor in zip((1, 2, 3), self.factors, strict=True):
                 x = jnp.repeat(x, factor, axis=axis)
             kernel = self.resize_kernel or self.factors
-            x = nn.Conv(self.features, kernel, padding="SAME", dtype=self.dtype)(x)
+            x = Conv3D(
+                self.features,
+                kernel,
+                padding="SAME",
+                dtype=self.dtype,
+                implementation=self.conv_implementation,
+                name="Conv_0",
+            )(x)
         else:
             raise ConfigError(f"upsample mode {self.mode!r}; expected one of {UPSAMPLE_MODES}")
         return PReLU()(x)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from synjax.errors import ConfigError
+from synjax.models.conv import Conv3D
 
 NUM_CONVS = 5
 KERNEL = (3, 3, 3)
@@ -61,7 +62,7 @@ class PruningCNN(nn.Module):
         if x.ndim != 5:
             raise ConfigError(f"PruningCNN input {x.shape}: expected [batch, z, y, x, channels]")
         for i, width in enumerate(self.features):
-            x = nn.Conv(width, KERNEL, padding="SAME", name=f"conv{i}")(x)
+            x = Conv3D(width, KERNEL, padding="SAME", name=f"conv{i}")(x)
             x = nn.relu(x)
             if i < len(self.pools):
                 window = tuple(int(w) for w in self.pools[i])

@@ -1,0 +1,306 @@
+"""3D convolution that runs as 2D convolutions on CPU.
+
+XLA's CPU backend has fast 2D convolutions but slow 3D ones (measured with
+jax 0.10: the gradient of a 1x3x3 `nn.Conv` on [2, 8, 64, 64, 8] takes 5x as
+long as the same work as a 2D conv with z folded into the batch). A
+kz x ky x kx convolution is a ky x kx 2D convolution of the kz z-shifted copies
+of the input, either stacked along channels (one 2D conv, kernel
+[kz, ky, kx, C, F] -> [ky, kx, kz*C, F]) or convolved separately and summed.
+`Conv3D` keeps `nn.Conv`'s parameters (`kernel` [kz, ky, kx, C, F], `bias`
+[F]), so the two are interchangeable in checkpoints; on GPU it calls the
+native 3D convolution (cuDNN's are fast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+from synjax.errors import ConfigError
+
+IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "native")
+PADDINGS = ("SAME", "VALID")
+SPATIAL_DIMS = 3
+# Layouts of lax.conv_general_dilated: channels last, kernel spatial-in-out,
+# as nn.Conv uses.
+_DIMENSION_NUMBERS_2D = ("NHWC", "HWIO", "NHWC")
+_DIMENSION_NUMBERS_3D = ("NDHWC", "DHWIO", "NDHWC")
+
+
+# What "auto" means when set by `auto_implementation`; None picks by backend.
+_auto_override: str | None = None
+
+
+def resolve_implementation(implementation: str) -> str:
+    """Maps "auto" to "folded" on the CPU backend and "native" elsewhere.
+
+    Inside `auto_implementation(name)`, "auto" maps to `name` instead.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    if _auto_override is not None:
+        return _auto_override
+    return "folded" if jax.default_backend() == "cpu" else "native"
+
+
+@contextlib.contextmanager
+def auto_implementation(implementation: str) -> Iterator[None]:
+    """Makes every "auto" `Conv3D` traced inside the block use `implementation`.
+
+    For comparing implementations in whole models (benchmarks, tests) whose
+    modules do not expose the setting. It acts at trace time: a function that
+    `jax.jit` already traced keeps the implementation it was traced with.
+    """
+    global _auto_override
+    if implementation not in IMPLEMENTATIONS or implementation == "auto":
+        raise ConfigError(
+            f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS[1:]}"
+        )
+    previous, _auto_override = _auto_override, implementation
+    try:
+        yield
+    finally:
+        _auto_override = previous
+
+
+def _same_pad(size: int) -> tuple[int, int]:
+    """Low/high padding of lax "SAME" for stride 1 (the extra voxel goes high)."""
+    low = (size - 1) // 2
+    return low, size - 1 - low
+
+
+def _z_slices(x: jnp.ndarray, kz: int, padding: str) -> list[jnp.ndarray]:
+    """The kz z-shifted windows of x that a kz-deep kernel sees.
+
+    Args:
+      x: [batch, z, y, x, c].
+      kz: kernel depth.
+      padding: "SAME" pads z with zeros (as nn.Conv) before shifting.
+
+    Returns:
+      kz arrays [batch, z', y, x, c]; entry dz is the input at z + dz.
+    """
+    if padding == "SAME":
+        x = jnp.pad(x, ((0, 0), _same_pad(kz), (0, 0), (0, 0), (0, 0)))
+    out_z = x.shape[1] - kz + 1
+    if out_z < 1:
+        raise ConfigError(f"input depth {x.shape[1]} is smaller than kernel depth {kz} (VALID)")
+    return [lax.slice_in_dim(x, dz, dz + out_z, axis=1) for dz in range(kz)]
+
+
+def _conv2d(x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any) -> jnp.ndarray:
+    """2D conv of [batch, z, y, x, c] with z folded into batch; kernel [ky, kx, c, f]."""
+    batch, depth = x.shape[:2]
+    y = lax.conv_general_dilated(
+        x.reshape(batch * depth, *x.shape[2:]),
+        kernel,
+        window_strides=(1, 1),
+        padding=padding,
+        dimension_numbers=_DIMENSION_NUMBERS_2D,
+        precision=precision,
+    )
+    return y.reshape(batch, depth, *y.shape[1:])
+
+
+def conv3d_folded(
+    x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any = None
+) -> jnp.ndarray:
+    """3D convolution (stride 1) as one 2D conv over z-shifted copies stacked on channels.
+
+    Args:
+      x: [batch, z, y, x, c].
+      kernel: [kz, ky, kx, c, f].
+      padding: "SAME" or "VALID".
+      precision: passed to `lax.conv_general_dilated`.
+
+    Returns:
+      [batch, z', y', x', f], equal to the 3D cross-correlation of nn.Conv.
+    """
+    kz, ky, kx, c, f = kernel.shape
+    slices = _z_slices(x, kz, padding)
+    stacked = slices[0] if kz == 1 else jnp.concatenate(slices, axis=-1)
+    # Channel index of `stacked` is dz * c + channel, so kz goes before c.
+    kernel_2d = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(ky, kx, kz * c, f)
+    return _conv2d(stacked, kernel_2d, padding, precision)
+
+
+def conv3d_folded_sum(
+    x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any = None
+) -> jnp.ndarray:
+    """3D convolution (stride 1) as the sum of kz 2D convs of z-shifted copies.
+
+    Same arguments and result as `conv3d_folded`; uses kz-fold less memory for
+    the stacked input, at the cost of kz smaller convolutions.
+    """
+    slices = _z_slices(x, kernel.shape[0], padding)
+    terms = [_conv2d(s, kernel[dz], padding, precision) for dz, s in enumerate(slices)]
+    return sum(terms[1:], terms[0])
+
+
+def conv3d_native(
+    x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any = None
+) -> jnp.ndarray:
+    """3D convolution (stride 1) with XLA's own 3D convolution, as nn.Conv."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1,) * SPATIAL_DIMS,
+        padding=padding,
+        dimension_numbers=_DIMENSION_NUMBERS_3D,
+        precision=precision,
+    )
+
+
+_CONV_FNS = {
+    "folded": conv3d_folded,
+    "folded_sum": conv3d_folded_sum,
+    "native": conv3d_native,
+}
+
+
+class Conv3D(nn.Module):
+    """Drop-in `nn.Conv` for 3D volumes (stride 1) that is fast on CPU.
+
+    Parameters are those of `nn.Conv(features, kernel_size)`: `kernel`
+    [kz, ky, kx, in_features, features] and `bias` [features]; the same
+    parameters give the same output (up to float rounding).
+
+    Attributes:
+      features: output channels.
+      kernel_size: (kz, ky, kx).
+      padding: "SAME" (output shape = input shape, zero padding placed as
+        nn.Conv does) or "VALID" (each axis shrinks by k - 1).
+      use_bias: whether to add a learned bias.
+      dtype: computation dtype, None to promote input and parameters.
+      param_dtype: dtype of the parameters.
+      precision: passed to `lax.conv_general_dilated`.
+      kernel_init: kernel initialiser (nn.Conv's default, LeCun normal).
+      bias_init: bias initialiser (zeros, as nn.Conv).
+      implementation: "auto" ("folded" on the CPU backend, "native"
+        elsewhere), "folded" (one 2D conv on z-shifted copies stacked along
+        channels), "folded_sum" (sum of kz 2D convs) or "native" (XLA 3D conv).
+    """
+
+    features: int
+    kernel_size: tuple[int, int, int]
+    padding: str = "SAME"
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.linear.default_kernel_init
+    bias_init: Any = nn.initializers.zeros_init()
+    implementation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Args: x [batch, z, y, x, c]. Returns [batch, z', y', x', features]."""
+        kernel_size = tuple(int(k) for k in self.kernel_size)
+        if len(kernel_size) != SPATIAL_DIMS or min(kernel_size) < 1:
+            raise ConfigError(f"kernel_size={self.kernel_size}; expected three positive integers")
+        padding = self.padding.upper() if isinstance(self.padding, str) else self.padding
+        if padding not in PADDINGS:
+            raise ConfigError(f"padding={self.padding!r}; expected one of {PADDINGS}")
+        if x.ndim != SPATIAL_DIMS + 2:
+            raise ConfigError(f"input shape {x.shape}; expected [batch, z, y, x, channels]")
+        conv = _CONV_FNS[resolve_implementation(self.implementation)]
+
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*kernel_size, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = conv(x, kernel, padding, self.precision)
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+def conv_transpose3d_blocks(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """`nn.ConvTranspose` with kernel = strides, "VALID", as one einsum.
+
+    Each input voxel maps to its own fz x fy x fx output block, so the
+    transposed convolution is a matrix product and a reshape; XLA's CPU 3D
+    transposed convolution is over 10x slower. Flax's ConvTranspose
+    (transpose_kernel=False) applies the kernel flipped in space.
+
+    Args:
+      x: [batch, z, y, x, c].
+      kernel: [fz, fy, fx, c, f].
+
+    Returns:
+      [batch, z*fz, y*fy, x*fx, f].
+    """
+    flipped = kernel[::-1, ::-1, ::-1]
+    y = jnp.einsum("nzyxc,abdcf->nzaybxdf", x, flipped)
+    batch, depth, fz, height, fy, width, fx, features = y.shape
+    return y.reshape(batch, depth * fz, height * fy, width * fx, features)
+
+
+class ConvTranspose3D(nn.Module):
+    """Drop-in `nn.ConvTranspose(features, factors, strides=factors, padding="VALID")`.
+
+    Same parameters (`kernel` [fz, fy, fx, in_features, features], `bias`
+    [features]) and output; "auto"/"folded" run one einsum (fast on CPU),
+    "native" XLA's transposed convolution.
+
+    Attributes:
+      features: output channels.
+      factors: (fz, fy, fx) up-sampling factors (kernel size = strides).
+      use_bias: whether to add a learned bias.
+      dtype: computation dtype, None to promote input and parameters.
+      param_dtype: dtype of the parameters.
+      kernel_init: kernel initialiser (nn.ConvTranspose's default).
+      bias_init: bias initialiser (zeros).
+      implementation: as `Conv3D.implementation` ("folded_sum" = "folded").
+    """
+
+    features: int
+    factors: tuple[int, int, int]
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.linear.default_kernel_init
+    bias_init: Any = nn.initializers.zeros_init()
+    implementation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Args: x [batch, z, y, x, c]. Returns [batch, z*fz, y*fy, x*fx, features]."""
+        factors = tuple(int(f) for f in self.factors)
+        if len(factors) != SPATIAL_DIMS or min(factors) < 1:
+            raise ConfigError(f"factors={self.factors}; expected three positive integers")
+        kernel = self.param(
+            "kernel", self.kernel_init, (*factors, x.shape[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if resolve_implementation(self.implementation) == "native":
+            y = lax.conv_transpose(
+                x, kernel, factors, "VALID", dimension_numbers=_DIMENSION_NUMBERS_3D
+            )
+        else:
+            y = conv_transpose3d_blocks(x, kernel)
+        if bias is not None:
+            y = y + bias
+        return y
