@@ -66,6 +66,8 @@ def get_config(arg: str | None = None):
                 "train_output": (4, 228, 228),
                 # Output block of block-wise prediction.
                 "predict_output": (4, 228, 228),
+                # Only for SAME padding: context read around each block.
+                "predict_context": (0, 0, 0),
             },
             "train": {
                 "steps": 10 if smoke else 100000,
@@ -83,7 +85,7 @@ def get_config(arg: str | None = None):
                 "num_devices": config_dict.placeholder(int),
             },
             "predict": {"batch_size": 1, "executor": "local"},
-            "candidates": {"tau": 0.3, "omega": 100, "max_gap_nm": 200.0},
+            "candidates": {"tau": 0.3, "omega": 100, "max_gap_nm": 200.0, "nms_radius_nm": 400.0},
             "pruner": {
                 # The paper's 16x160x160 window and five 3x3x3 convolutions.
                 "window": (16, 160, 160),

@@ -55,19 +55,22 @@ def get_config(arg: str | None = None):
             },
             "unet": {
                 "depth": 2,
-                "base_features": 4 if smoke else 12,
+                "base_features": 4 if smoke else 8,
                 "feature_growth": 2,
                 "pool_factors": ((1, 2, 2), (1, 2, 2)),
-                # Coarsest level in-plane only: z is thin at 40 nm voxels.
-                "conv_kernels": ((3, 3, 3), (3, 3, 3), (1, 3, 3)),
-                "padding": "VALID",
-                # Smallest wanted output of a training patch (z, y, x).
-                "train_output": (2, 24, 24) if smoke else (4, 48, 48),
+                # Finest level in-plane only: z voxels are 10x thicker than xy.
+                "conv_kernels": ((1, 3, 3), (3, 3, 3), (3, 3, 3)),
+                # "SAME" keeps patches small on a CPU; "VALID" is the paper's.
+                "padding": "SAME",
+                # Wanted output of a training patch (z, y, x).
+                "train_output": (8, 48, 48) if smoke else (8, 64, 64),
                 # Output block of block-wise prediction (z, y, x).
-                "predict_output": (24, 160, 160) if smoke else (8, 128, 128),
+                "predict_output": (24, 160, 160) if smoke else (16, 192, 192),
+                # SAME padding: real context read around each block (z, y, x).
+                "predict_context": (2, 16, 16),
             },
             "train": {
-                "steps": 8 if smoke else 600,
+                "steps": 8 if smoke else 500,
                 "batch_size": 2 if smoke else 4,
                 "learning_rate": 2e-3,
                 "optimizer": "adam",
@@ -92,6 +95,8 @@ def get_config(arg: str | None = None):
                 "omega": 20 if smoke else 100,
                 # Largest gap between a pre and a post site of one candidate.
                 "max_gap_nm": 200.0,
+                # Same-pair candidates closer than this are one synapse: keep the best.
+                "nms_radius_nm": 400.0,
             },
             "pruner": {
                 # Window (z, y, x) around a candidate; the paper uses 16x160x160.

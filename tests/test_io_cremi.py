@@ -180,10 +180,27 @@ def test_read_errors(tmp_path):
     submission = read_cremi(tmp_path / "c.h5", require_raw=False)
     assert submission.raw is None and submission.clefts.shape == SHAPE
     with h5py.File(tmp_path / "c.h5", "a") as file:
-        file["volumes/raw"] = np.zeros((3, 4, 6), np.uint8)
+        file["volumes/raw"] = np.zeros((3, 4, 4), np.uint8)
         file["volumes/raw"].attrs["resolution"] = RESOLUTION
-    with pytest.raises(DataError, match=r"clefts has shape \(3, 4, 5\), /volumes/raw has"):
+    with pytest.raises(DataError, match=r"labels of shape \(3, 4, 5\) .* inside /volumes/raw"):
         read_cremi(tmp_path / "c.h5")
+
+
+def test_padded_raw_is_cropped_to_the_labels(tmp_path):
+    """CREMI's padded samples: a larger raw around labels at an offset."""
+    raw = np.arange(5 * 8 * 9, dtype=np.uint8).reshape(5, 8, 9)
+    resolution = np.array([40.0, 4.0, 4.0])
+    with h5py.File(tmp_path / "padded.h5", "w") as file:
+        file["volumes/raw"] = raw
+        file["volumes/raw"].attrs["resolution"] = resolution
+        file["volumes/raw"].attrs["offset"] = [0.0, 0.0, 0.0]
+        file["volumes/labels/neuron_ids"] = np.ones((3, 4, 5), np.uint64)
+        file["volumes/labels/neuron_ids"].attrs["resolution"] = resolution
+        # One section and two pixels in from raw's corner.
+        file["volumes/labels/neuron_ids"].attrs["offset"] = [40.0, 8.0, 8.0]
+    volume = read_cremi(tmp_path / "padded.h5")
+    np.testing.assert_array_equal(volume.raw, raw[1:4, 2:6, 2:7])
+    assert volume.offset == (40.0, 8.0, 8.0)
 
 
 def test_cleft_instances_by_hand():
@@ -231,3 +248,21 @@ def test_partner_table_rounds_and_flags_outside():
     annotations.partners = np.array([[1, 99]], np.uint64)
     with pytest.raises(DataError, match="post annotation ids that are not annotated"):
         partner_table(volume)
+
+
+def test_annotations_only_file_round_trips(tmp_path):
+    """A CREMI submission holds annotations and no volumes."""
+    annotations = Annotations(
+        ids=np.array([0, 1], np.uint64),
+        locations=np.array([[40.0, 8.0, 8.0], [40.0, 8.0, 24.0]]),
+        types=np.array(["presynaptic_site", "postsynaptic_site"], dtype=object),
+        partners=np.array([[0, 1]], np.uint64),
+    )
+    path = tmp_path / "submission.h5"
+    write_cremi(path, CremiVolume(raw=None, resolution=(40.0, 4.0, 4.0), annotations=annotations))
+    back = read_cremi(path, require_raw=False)
+    assert back.raw is None
+    np.testing.assert_array_equal(back.annotations.partners, [[0, 1]])
+    np.testing.assert_allclose(back.annotations.locations, annotations.locations)
+    with pytest.raises(DataError, match="nothing to write"):
+        write_cremi(tmp_path / "empty.h5", CremiVolume(raw=None, resolution=(1.0, 1.0, 1.0)))

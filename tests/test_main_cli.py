@@ -39,7 +39,7 @@ def test_smoke_variant_runs_the_whole_partner_pipeline(tmp_path: pathlib.Path):
     workdir = tmp_path / "smoke"
     result = _run(f"--config={DEMO}:smoke", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("metrics.json", "candidates.csv", "synapses.csv", "pruner_threshold.json"):
+    for name in ("metrics.json", "detections.csv", "synapses.csv", "pruner_threshold.json"):
         assert (workdir / name).is_file(), name
     assert (workdir / "predictions" / "proximity.zarr").is_dir()
     assert any((workdir / "checkpoints" / "proximity").iterdir())

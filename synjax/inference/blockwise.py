@@ -48,10 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tqdm
 
 from synjax.errors import ConfigError, DataError
 from synjax.inference.block_grid import SPATIAL_DIMS, BlockGrid, read_padded
+from synjax.report.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def _run_dask(
     todo: list[int],
     blocks_per_task: int,
     manifest: BlockManifest | None,
-    bar: tqdm.tqdm,
+    bar: Any,
     client: Any,
 ) -> None:
     """Runs ``todo`` on dask.distributed, recording blocks as tasks finish."""
@@ -346,7 +346,7 @@ def _run_blocks(
     log.info(
         "blockwise: %d blocks, %d already done, %d to do", grid.num_blocks, len(done), len(todo)
     )
-    with tqdm.tqdm(
+    with progress_bar(
         total=grid.num_blocks,
         initial=grid.num_blocks - len(todo),
         disable=not progress,

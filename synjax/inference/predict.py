@@ -23,11 +23,11 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from synjax.errors import ConfigError, DataError
 from synjax.inference.tta import TRANSFORMS, Transform, make_tta_fn
 from synjax.models.deepem3d import TOTAL_STRIDE
+from synjax.report.progress import progress_bar
 
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_TILE_OVERLAP = 64
@@ -146,7 +146,7 @@ def predict_slices(
     result = np.zeros(shape, np.float32) if out is None else out
     offsets = np.arange(slices) - slices // 2
     starts = range(0, nz, batch_size)
-    for z0 in tqdm(starts, desc="predict slices", unit="batch", disable=not progress):
+    for z0 in progress_bar(starts, desc="predict slices", unit="batch", disable=not progress):
         z1 = min(z0 + batch_size, nz)
         # Repeat the last slice so that every batch has the compiled shape.
         zs = np.minimum(np.arange(z0, z0 + batch_size), z1 - 1)

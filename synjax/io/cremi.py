@@ -104,10 +104,23 @@ def read_cremi(path: str | os.PathLike, require_raw: bool = True) -> CremiVolume
         if isinstance(labels_group, h5py.Group):
             labels = {k: v for k, v in labels_group.items() if isinstance(v, h5py.Dataset)}
         volumes = ([file[RAW]] if RAW in file else []) + list(labels.values())
-        if RAW not in file and (require_raw or not volumes):
+        annotations = _read_annotations(file, path)
+        if RAW not in file and (require_raw or not (volumes or annotations)):
             listing = ", ".join(list_hdf5_datasets(file)) or "none"
             raise DataError(f"{path}: no dataset /{RAW} (datasets: {listing})")
-        reference = volumes[0]
+        if not volumes:
+            # A submission file: annotations only, in its own frame.
+            group = file[ANNOTATIONS]
+            where = f"{path}:/{ANNOTATIONS}"
+            resolution = as_triple(
+                group.attrs.get("resolution", (1.0, 1.0, 1.0)), "resolution", where
+            )
+            offset = as_triple(group.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", where)
+            return CremiVolume(
+                raw=None, resolution=resolution, offset=offset, annotations=annotations
+            )
+        # Labels set the frame; a larger (padded) raw is cropped to it.
+        reference = next(iter(labels.values())) if labels else volumes[0]
         resolution, offset = _geometry(reference, path)
         arrays = {}
         for name, dataset in labels.items():
@@ -122,15 +135,52 @@ def read_cremi(path: str | os.PathLike, require_raw: bool = True) -> CremiVolume
                     f"differ from {reference.name}'s {(resolution, offset)}"
                 )
             arrays[name] = dataset[()]
+        raw = (
+            _raw_in_frame(file[RAW], reference.shape, resolution, offset, path)
+            if RAW in file
+            else None
+        )
         return CremiVolume(
-            raw=file[RAW][()] if RAW in file else None,
+            raw=raw,
             resolution=resolution,
             offset=offset,
             neuron_ids=arrays.pop(NEURON_IDS, None),
             clefts=arrays.pop(CLEFTS, None),
-            annotations=_read_annotations(file, path),
+            annotations=annotations,
             labels=arrays,
         )
+
+
+def _raw_in_frame(
+    raw: h5py.Dataset,
+    shape: tuple[int, ...],
+    resolution: tuple[float, ...],
+    offset: tuple[float, ...],
+    path: str,
+) -> np.ndarray:
+    """Raw over the labels' region: the padded CREMI files pad raw around it.
+
+    Raises:
+      DataError: raw's resolution differs, or the labels' region is not a
+        voxel-aligned part of raw.
+    """
+    raw_resolution, raw_offset = _geometry(raw, path)
+    if raw.shape == shape and raw_offset == offset:
+        if raw_resolution != resolution:
+            raise DataError(
+                f"{path}: /{RAW} resolution {raw_resolution} differs from labels' {resolution}"
+            )
+        return raw[()]
+    start = (np.asarray(offset) - np.asarray(raw_offset)) / np.asarray(resolution)
+    stop = start + np.asarray(shape)
+    aligned = np.allclose(start, np.round(start))
+    if raw_resolution != resolution or not aligned or np.any(start < 0) or np.any(stop > raw.shape):
+        raise DataError(
+            f"{path}: labels of shape {shape} at offset {offset} nm do not lie on the voxel grid "
+            f"inside /{RAW} (shape {raw.shape}, offset {raw_offset}, resolution {raw_resolution})"
+        )
+    box = tuple(slice(int(a), int(b)) for a, b in zip(np.round(start), np.round(stop), strict=True))
+    return raw[box]
 
 
 def _check_annotations(annotations: Annotations, path: str) -> None:
@@ -165,10 +215,14 @@ def _check_volume(volume: CremiVolume, path: str) -> dict[str, np.ndarray]:
                 raise DataError(f"{path}: {name} must be non-negative integers, got {array.dtype}")
             array = array.astype(np.uint64)
         datasets[f"{LABELS}/{name}"] = array
-    if not datasets:
-        raise DataError(f"{path}: nothing to write (no raw and no labels)")
+    has_annotations = volume.annotations is not None and len(volume.annotations)
+    if not datasets and not has_annotations:
+        raise DataError(f"{path}: nothing to write (no raw, no labels and no annotations)")
     shapes = {key: array.shape for key, array in datasets.items()}
-    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != SPATIAL_DIMS:
+    # An annotations-only file (a CREMI submission) has no volumes to agree.
+    if datasets and (
+        len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != SPATIAL_DIMS
+    ):
         raise DataError(f"{path}: volumes must share one [z, y, x] shape, got {shapes}")
     for key, array in datasets.items():
         if array.dtype.kind not in "biuf":
@@ -224,6 +278,8 @@ def write_cremi(path: str | os.PathLike, volume: CremiVolume, overwrite: bool = 
                 dataset.attrs["offset"] = offset
             if volume.annotations is not None and len(volume.annotations):
                 _write_annotations(file, volume.annotations, offset)
+                # Annotations-only files keep the frame the locations refer to.
+                file[ANNOTATIONS].attrs["resolution"] = resolution
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

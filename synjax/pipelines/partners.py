@@ -8,10 +8,11 @@ predict:  proximity of the test volume (block-wise, resumable zarr) ->
 evaluate: CREMI partner metric and the paper's criterion at the chosen
           threshold, precision-recall over all thresholds, plots.
 
-Workdir outputs: `checkpoints/`, `predictions/*.zarr`, `candidates.csv` (all
-candidates with pruner scores), `synapses.csv` and `synapses.h5` (CREMI
-annotations) of the kept ones, `pruner_threshold.json`, `metrics.json`,
-`precision_recall.png`, `example_slices.png`.
+Workdir outputs: `checkpoints/`, `predictions/*.zarr`, `detections.csv`
+(candidates left after duplicate suppression, with pruner scores),
+`synapses.csv` and `synapses.h5` (CREMI annotations) of the kept ones,
+`pruner_threshold.json`, `metrics.json`, `precision_recall.png`,
+`example_slices.png`.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from synjax.io import CremiVolume, SynapseTable, write_cremi
 from synjax.pipelines import partner_data, proximity, pruner
 from synjax.pipelines.partner_data import PartnerVolume
 from synjax.postprocess.candidates import Candidates, generate_candidates
+from synjax.postprocess.partner_nms import suppress_duplicates
 from synjax.postprocess.pruning_windows import label_candidates
 from synjax.report import files, slices
 
 THRESHOLD_FILE = "pruner_threshold.json"
-CANDIDATES_FILE = "candidates.csv"
+DETECTIONS_FILE = "detections.csv"
 
 
 def _segmentation(config, volume: PartnerVolume) -> np.ndarray:
@@ -55,6 +57,18 @@ def _pairs(candidates: Candidates, scores: np.ndarray, volume) -> partner_metric
     return partner_metrics.PartnerPairs.from_candidates(
         candidates, volume.resolution, scores=scores
     )
+
+
+def _best_of_duplicates(config, candidates: Candidates, scores: np.ndarray):
+    """Candidates and scores left after NMS of same-pair duplicates."""
+    keep = suppress_duplicates(
+        candidates.pre_segment,
+        candidates.post_segment,
+        candidates.location,
+        scores,
+        config.candidates.nms_radius_nm,
+    )
+    return candidates.select(keep), scores[keep]
 
 
 def _curve(pairs: partner_metrics.PartnerPairs, truth, config):
@@ -107,6 +121,7 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
             config, pruner_params, volume.raw, prox, segmentation, candidates
         )
         use_pruner = True
+    candidates, scores = _best_of_duplicates(config, candidates, scores)
     threshold, train_fscore = 0.0, 0.0
     if len(candidates):
         curve = _curve(_pairs(candidates, scores, volume), volume.truth, config)
@@ -138,6 +153,7 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
         scores = pruner.score_candidates(
             config, pruner_params, volume.raw, prox, segmentation, candidates
         )
+    candidates, scores = _best_of_duplicates(config, candidates, scores)
     res = np.asarray(volume.resolution)
     table = SynapseTable.build(
         candidates.pre_segment,
@@ -149,7 +165,7 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
         size=candidates.pre_overlap + candidates.post_overlap,
         kind="partner",
     )
-    table.to_csv(workdir / CANDIDATES_FILE)
+    table.to_csv(workdir / DETECTIONS_FILE)
     threshold = choice["threshold"]
     kept = table.filter_by_score(threshold)
     kept.to_csv(workdir / "synapses.csv")
@@ -171,7 +187,7 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
 
 
 def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
-    table = SynapseTable.from_csv(workdir / CANDIDATES_FILE)
+    table = SynapseTable.from_csv(workdir / DETECTIONS_FILE)
     threshold = files.read_json(workdir / THRESHOLD_FILE)["threshold"]
     pairs = partner_metrics.PartnerPairs(
         table.pre_segment, table.post_segment, table.pre_location, table.post_location, table.score

@@ -112,15 +112,24 @@ def predict_proximity(
     """
     cfg = unet_config(config)
     block = tuple(min(b, s) for b, s in zip(config.unet.predict_output, raw.shape, strict=True))
-    input_shape = cfg.valid_input_shape(block)
-    output_shape = cfg.output_shape(input_shape)
+    if cfg.padding == "VALID":
+        input_shape = cfg.valid_input_shape(block)
+        output_shape = cfg.output_shape(input_shape)
+        crop = (slice(None),) * 4
+    else:
+        # A same-padded network sees zeros past its input: predict a margin
+        # of real context around each block and keep only the block.
+        margin = tuple(config.unet.predict_context)
+        output_shape = block
+        input_shape = tuple(b + 2 * m for b, m in zip(block, margin, strict=True))
+        crop = (slice(None), *(slice(m, m + b) for m, b in zip(margin, block, strict=True)))
     grid = BlockGrid.from_io_shapes(raw.shape, input_shape, output_shape)
     model = UNet3D(cfg)
 
     @jax.jit
     def apply(batch):
         x = (batch / UINT8_MAX)[..., None]
-        return model.apply({"params": params}, x)[..., 0]
+        return model.apply({"params": params}, x)[..., 0][crop]
 
     manifest = dest_path.with_name(dest_path.name + ".blocks.jsonl")
     if dest_path.exists() and manifest.exists():

@@ -1,0 +1,139 @@
+r"""DeepEM3D neuron segmentation of the FIB-25 medulla volume (10 nm isotropic FIB-SEM).
+
+Trains an ensemble of DeepEM3D-Nets on z < 150 of `fib-medulla-250.h5`
+(../shared/data, found relative to this file), chooses the watershed's sigma
+and h on z in [75, 150) (training data), and segments and scores z >= 150
+against two baselines: the file's machine over-segmentation and a classical
+watershed on inverted raw intensity tuned the same way. Sized to finish in
+under an hour on 2 CPU cores; goal: adapted Rand error <= 0.12 on z >= 150.
+
+    python -m synjax.main --config=configs/fib25.py --workdir=workdir/fib25
+    python -m synjax.main --config=configs/fib25.py:smoke --workdir=/tmp/fib25_smoke
+"""
+
+import pathlib
+
+from synjax import configlib
+
+VARIANTS = ("default", "smoke")
+DATA_FILE = pathlib.Path(__file__).resolve().parent.parent.parent / "shared/data/fib-medulla-250.h5"
+
+
+def get_config(arg: str | None = None):
+    variant = configlib.variant(arg, VARIANTS, "configs/fib25.py")
+    smoke = variant == "smoke"
+    path = str(DATA_FILE)
+    config = configlib.config_dict(
+        {
+            # Which end-to-end job runs (see synjax.pipelines.PIPELINES).
+            "pipeline": "neurons",
+            # train, predict, evaluate, or all three in turn.
+            "mode": "all",
+            # Seed of parameter initialisation and patch sampling (per-model seeds below).
+            "seed": 0,
+            # Call jax.distributed.initialize() first (multi-host runs).
+            "distributed": False,
+            "data": {
+                # Named in the error when a file below is missing.
+                "dataset": "FIB-25 medulla volume (fib-medulla-250.h5)",
+                "published_at": "the project's ../shared/data (FlyEM neuroproof_examples)",
+                # CREMI-layout HDF5 with raw, neuron_ids and oversegmentation.
+                "train_path": path,
+                "test_path": path,
+                # Datasets inside the files.
+                "raw_key": "volumes/raw",
+                "labels_key": "volumes/labels/neuron_ids",
+                "oversegmentation_key": "volumes/labels/oversegmentation",
+                # z ranges [start, stop): training, watershed tuning (inside the
+                # training range), test. None: the whole file.
+                "train_z": (0, 16) if smoke else (0, 150),
+                "tune_z": (8, 16) if smoke else (75, 150),
+                "test_z": (16, 24) if smoke else (150, 250),
+                # yx crop (y0, y1, x0, x1) of every part; None: whole slices.
+                "crop_yx": (0, 48, 0, 48) if smoke else None,
+            },
+            # The ensemble (DeepEM3D's Table 2 style): slices s (1, 3, 5),
+            # boundary kernel (c5, c3, l3), width (x the paper's features),
+            # steps, seed; side_features/blocks/dilations as DeepEM3DSettings.
+            "models": (
+                (
+                    {
+                        "name": "s3_c3",
+                        "slices": 3,
+                        "kernel": "c3",
+                        "width": 1 / 32,
+                        "side_features": 4,
+                        "steps": 2,
+                        "seed": 0,
+                    },
+                )
+                if smoke
+                else (
+                    {
+                        "name": "s5_c3",
+                        "slices": 5,
+                        "kernel": "c3",
+                        "width": 0.125,
+                        "side_features": 16,
+                        "steps": 1500,
+                        "seed": 0,
+                    },
+                    {
+                        "name": "s3_c3",
+                        "slices": 3,
+                        "kernel": "c3",
+                        "width": 0.125,
+                        "side_features": 16,
+                        "steps": 1500,
+                        "seed": 1,
+                    },
+                )
+            ),
+            "train": {
+                # yx size of the training patches (a multiple of 16).
+                "patch_yx": 32 if smoke else 128,
+                "batch_size": 2 if smoke else 4,
+                "learning_rate": 1e-3,
+                "optimizer": "adam",
+                "schedule": "warmup_cosine",
+                "warmup_steps": 1 if smoke else 50,
+                "log_every": 1 if smoke else 100,
+                "checkpoint_every": 2 if smoke else 200,
+                "keep_checkpoints": 2,
+                # Flips, yx rotations, z flip, intensity jitter.
+                "augment": True,
+                # None: all local devices.
+                "num_devices": 1,
+            },
+            "predict": {
+                # Test-time augmentation, over this many of the 16 transforms
+                # (1, 2, 4, 8, 16; 16 = the paper's).
+                "tta": True,
+                "tta_transforms": 2 if smoke else 8,
+                # Output slices per compiled call.
+                "batch_size": 2 if smoke else 4,
+                # tqdm bar per batch of slices.
+                "progress": not smoke,
+                # Tile size for slices larger than this (None: whole slices).
+                "max_tile": None,
+            },
+            "watershed": {
+                # Per-slice ("2d") or 3D Gaussian before the H-minima watershed.
+                "smoothing": "2d",
+                # Grid searched on the tuning part's ensemble boundary map.
+                "sigmas": (1.0,) if smoke else (0.5, 1.0, 2.0),
+                "hs": (0.1, 0.3) if smoke else (0.05, 0.1, 0.2, 0.3),
+            },
+            "baseline": {
+                # Classical watershed on inverted raw, tuned on the tuning part.
+                "smoothing": "2d",
+                "sigmas": (1.0,) if smoke else (1.0, 1.5, 2.5),
+                "hs": (0.2,) if smoke else (0.1, 0.2, 0.3),
+            },
+            "evaluation": {
+                # Test slices shown in example_slices.png.
+                "plot_slices": 3,
+            },
+        }
+    )
+    return config
