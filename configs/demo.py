@@ -5,13 +5,15 @@ and detects partners on another (a different seed), then scores them.
 
     python -m synjax.main --config=configs/demo.py --workdir=workdir/demo
     python -m synjax.main --config=configs/demo.py:smoke --workdir=/tmp/smoke
+    python -m synjax.main --config=configs/demo.py:predicted_segmentation \
+        --workdir=workdir/demo_predicted
 """
 
 from ml_collections import config_dict
 
 from synjax import configlib
 
-VARIANTS = ("default", "smoke")
+VARIANTS = ("default", "smoke", "predicted_segmentation")
 
 
 def get_config(arg: str | None = None):
@@ -43,9 +45,59 @@ def get_config(arg: str | None = None):
                 "n_synapses": 4 if smoke else 24,
                 "polyadic_fraction": 0.5,
             },
-            # Neuron segmentation that candidates are built on: "groundtruth"
-            # (the volume's neuron_ids) or a path template of a predicted one.
-            "segmentation": {"source": "groundtruth"},
+            # Neuron segmentation that candidates are built on: "predicted"
+            # (DeepEM3D + watershed of `neurons`, trained on the training
+            # volume) or "groundtruth" (the volume's own neuron_ids).
+            # The default and `smoke` use the ground truth; the
+            # `predicted_segmentation` variant trains DeepEM3D first.
+            "segmentation": {
+                "source": "predicted" if variant == "predicted_segmentation" else "groundtruth"
+            },
+            # The neuron segmentation (synjax.pipelines.neurons; fields as in
+            # configs/fib25.py), used when segmentation.source == "predicted".
+            "neurons": {
+                "seed": 0,
+                # One DeepEM3D-Net: 3 input slices, 3x3x3 boundary kernel.
+                "models": (
+                    {
+                        "name": "deepem3d_s3",
+                        "slices": 3,
+                        "kernel": "c3",
+                        "width": 1 / 32 if smoke else 0.125,
+                        "side_features": 4 if smoke else 16,
+                        "steps": 4 if smoke else 500,
+                        "seed": 0,
+                    },
+                ),
+                "train": {
+                    "patch_yx": 64 if smoke else 128,
+                    "batch_size": 2 if smoke else 4,
+                    "learning_rate": 1e-3,
+                    "optimizer": "adam",
+                    "schedule": "warmup_cosine",
+                    "warmup_steps": 1 if smoke else 50,
+                    "log_every": 2 if smoke else 100,
+                    "checkpoint_every": 4 if smoke else 500,
+                    "keep_checkpoints": 1,
+                    "augment": True,
+                    "num_devices": config_dict.placeholder(int),
+                },
+                "predict": {
+                    # Test-time augmentation over this many of the 16 transforms.
+                    "tta": not smoke,
+                    "tta_transforms": 4,
+                    "batch_size": 4,
+                    "progress": True,
+                    "max_tile": config_dict.placeholder(int),
+                },
+                "watershed": {
+                    # Anisotropic sections: smooth each slice on its own.
+                    "smoothing": "2d",
+                    # Grid searched on the training volume's boundary map.
+                    "sigmas": (1.0,) if smoke else (1.0, 2.0),
+                    "hs": (0.2,) if smoke else (0.1, 0.2, 0.3),
+                },
+            },
             "targets": {
                 # Signed proximity f(d) = exp(-d^2/2s^2) (2/(1+exp(-a d)) - 1).
                 "alpha": 5.0,

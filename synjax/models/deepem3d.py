@@ -45,6 +45,14 @@ SUPPORTED_SLICES = (1, 3, 5)
 RESIDUAL_SCALE = 0.1
 
 
+# Running statistics follow roughly the last 10 steps. With flax's default of
+# 0.99 the statistics of a short CPU run still carry the large activations of
+# its first steps, and inference (which uses them) collapses: after 500 steps
+# on the synthetic demo the boundary probability was 0.04 +- 0.03 with running
+# statistics against 0.32 +- 0.38 with the batch's own.
+BATCH_NORM_MOMENTUM = 0.9
+
+
 @dataclasses.dataclass(frozen=True)
 class DeepEM3DSettings:
     """Typed settings of `DeepEM3DNet`.
@@ -101,7 +109,7 @@ class _ConvReLU(nn.Module):
 
 
 def _bn_relu(x, train: bool):
-    return nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM)(x))
 
 
 class _InceptionResidual(nn.Module):

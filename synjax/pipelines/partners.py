@@ -22,10 +22,11 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from synjax.errors import DataError
+from synjax.errors import ConfigError
 from synjax.evaluation import partners as partner_metrics
-from synjax.io import CremiVolume, SynapseTable, write_cremi
-from synjax.pipelines import partner_data, proximity, pruner
+from synjax.evaluation.rand_voi import adapted_rand_error
+from synjax.io import CremiVolume, SynapseTable, create_volume, open_volume, write_cremi
+from synjax.pipelines import neurons, partner_data, proximity, pruner
 from synjax.pipelines.partner_data import PartnerVolume
 from synjax.postprocess.candidates import Candidates, generate_candidates
 from synjax.postprocess.partner_nms import suppress_duplicates
@@ -36,12 +37,35 @@ THRESHOLD_FILE = "pruner_threshold.json"
 DETECTIONS_FILE = "detections.csv"
 
 
-def _segmentation(config, volume: PartnerVolume) -> np.ndarray:
-    """The neuron segmentation candidates are built on."""
+def _segmentation(config, workdir: pathlib.Path, volume: PartnerVolume) -> np.ndarray:
+    """The neuron segmentation candidates are built on.
+
+    "groundtruth" is the volume's own neuron_ids; "predicted" is the DeepEM3D
+    ensemble and watershed of `config.neurons`, trained in this workdir on
+    the training volume (see `_train_segmenter`). A predicted segmentation is
+    written to `predictions/<volume>_segmentation.zarr`.
+    """
     source = config.segmentation.source
     if source == "groundtruth":
         return volume.neuron_ids
-    raise DataError(f"config.segmentation.source={source!r}; expected 'groundtruth'")
+    if source == "predicted":
+        seg = neurons.segment_with_trained_models(config.neurons, workdir, volume.raw)
+        path = workdir / "predictions" / f"{volume.name}_segmentation.zarr"
+        out = create_volume(str(path), seg.shape, np.uint64, volume.resolution, overwrite=True)
+        out[...] = seg
+        logging.info(
+            "%s volume: predicted segmentation with %d segments", volume.name, len(np.unique(seg))
+        )
+        return seg
+    raise ConfigError(
+        f"config.segmentation.source={source!r}; expected 'groundtruth' or 'predicted'"
+    )
+
+
+def _train_segmenter(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
+    """Trains the neuron segmentation that "predicted" candidates are built on."""
+    if config.segmentation.source == "predicted":
+        neurons.train_segmenter(config.neurons, workdir, volume.raw, volume.neuron_ids)
 
 
 def _candidates(config, prox: np.ndarray, segmentation: np.ndarray, volume) -> Candidates:
@@ -53,10 +77,27 @@ def _candidates(config, prox: np.ndarray, segmentation: np.ndarray, volume) -> C
     return found
 
 
+def _in_truth_ids(pairs: partner_metrics.PartnerPairs, volume) -> partner_metrics.PartnerPairs:
+    """Pairs whose ids are the ground-truth neurons under their pre and post sites.
+
+    As in the CREMI challenge, a detection is judged by where it points: its
+    own ids belong to the segmentation it was built on (a predicted one need
+    not share the ground truth's ids).
+    """
+    ids = [
+        partner_metrics.segment_ids_at(loc, volume.neuron_ids, volume.resolution)
+        for loc in (pairs.pre_locations, pairs.post_locations)
+    ]
+    return partner_metrics.PartnerPairs(
+        *ids, pairs.pre_locations, pairs.post_locations, pairs.scores
+    )
+
+
 def _pairs(candidates: Candidates, scores: np.ndarray, volume) -> partner_metrics.PartnerPairs:
-    return partner_metrics.PartnerPairs.from_candidates(
+    pairs = partner_metrics.PartnerPairs.from_candidates(
         candidates, volume.resolution, scores=scores
     )
+    return _in_truth_ids(pairs, volume)
 
 
 def _best_of_duplicates(config, candidates: Candidates, scores: np.ndarray):
@@ -94,7 +135,8 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         workdir / "predictions" / "train_proximity.zarr",
         volume.resolution,
     )
-    segmentation = _segmentation(config, volume)
+    _train_segmenter(config, workdir, volume)
+    segmentation = _segmentation(config, workdir, volume)
     candidates = _candidates(config, prox, segmentation, volume)
     labels = label_candidates(
         candidates,
@@ -144,7 +186,7 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
     prox = proximity.predict_proximity(
         config, params, volume.raw, workdir / "predictions" / "proximity.zarr", volume.resolution
     )
-    segmentation = _segmentation(config, volume)
+    segmentation = _segmentation(config, workdir, volume)
     candidates = _candidates(config, prox, segmentation, volume)
     choice = files.read_json(workdir / THRESHOLD_FILE)
     scores = candidates.score
@@ -189,8 +231,15 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
 def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
     table = SynapseTable.from_csv(workdir / DETECTIONS_FILE)
     threshold = files.read_json(workdir / THRESHOLD_FILE)["threshold"]
-    pairs = partner_metrics.PartnerPairs(
-        table.pre_segment, table.post_segment, table.pre_location, table.post_location, table.score
+    pairs = _in_truth_ids(
+        partner_metrics.PartnerPairs(
+            table.pre_segment,
+            table.post_segment,
+            table.pre_location,
+            table.post_location,
+            table.score,
+        ),
+        volume,
     )
     kept = pairs.select(pairs.scores >= threshold)
     cremi = partner_metrics.cremi_partner_scores(
@@ -222,6 +271,14 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
         "truth_polyadic_synapses": volume.n_polyadic,
         "candidates": len(pairs),
     }
+    seg_path = workdir / "predictions" / "test_segmentation.zarr"
+    if config.segmentation.source == "predicted" and seg_path.exists():
+        rand = adapted_rand_error(open_volume(str(seg_path)).read(), volume.neuron_ids)
+        metrics["segmentation_adapted_rand"] = {
+            "error": rand.error,
+            "precision": rand.precision,
+            "recall": rand.recall,
+        }
     files.write_json(workdir / "metrics.json", metrics)
     logging.info(
         "Test partners: CREMI F %.3f (P %.3f R %.3f), paper F %.3f, unpruned F %.3f",

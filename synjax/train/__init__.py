@@ -1,6 +1,6 @@
 """Training: device mesh, train state, checkpoints and the training loop."""
 
-from synjax.train.checkpoint import Checkpointer, latest_step, restore_params
+from synjax.train.checkpoint import Checkpointer, latest_step, restore_params, restore_variables
 from synjax.train.loop import TrainSettings, make_train_step, train
 from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
 from synjax.train.state import TrainState, create_train_state, make_optimizer
@@ -17,5 +17,6 @@ __all__ = [
     "make_train_step",
     "replicated_sharding",
     "restore_params",
+    "restore_variables",
     "train",
 ]

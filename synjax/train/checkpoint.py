@@ -2,8 +2,10 @@
 
 This is the only module that imports orbax. A checkpoint of model `name`
 lives under `workdir/checkpoints/<name>/<step>/` with two items: "params"
-(the model parameters, enough for prediction) and "opt_state" (the optimizer
-state, needed to resume training). The step is the checkpoint's step.
+(the model parameters) and "opt_state" (the optimizer state, needed to resume
+training), and a third, "batch_stats", for models with BatchNorm (their
+running statistics, needed with the params for prediction). The step is the
+checkpoint's step.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax.training.train_state import TrainState
 
 from synjax.errors import ConfigError, DataError
+from synjax.train.state import TrainState
 
 CHECKPOINTS_DIR = "checkpoints"
 PARAMS_ITEM = "params"
 OPT_STATE_ITEM = "opt_state"
-_ITEMS = (PARAMS_ITEM, OPT_STATE_ITEM)
+BATCH_STATS_ITEM = "batch_stats"
+_ITEMS = (PARAMS_ITEM, OPT_STATE_ITEM, BATCH_STATS_ITEM)
 
 
 def checkpoint_dir(workdir: str | Path, name: str) -> Path:
@@ -68,15 +71,13 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    PARAMS_ITEM: ocp.args.StandardSave(state.params),
-                    OPT_STATE_ITEM: ocp.args.StandardSave(state.opt_state),
-                }
-            ),
-        )
+        items = {
+            PARAMS_ITEM: ocp.args.StandardSave(state.params),
+            OPT_STATE_ITEM: ocp.args.StandardSave(state.opt_state),
+        }
+        if getattr(state, "batch_stats", None) is not None:
+            items[BATCH_STATS_ITEM] = ocp.args.StandardSave(state.batch_stats)
+        return self._manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, state: TrainState, step: int | None = None) -> TrainState:
         """Restores the checkpoint at `step` (None: the latest) into `state`'s layout.
@@ -90,38 +91,42 @@ class Checkpointer:
           DataError: there is no such checkpoint, or it does not fit `state`.
         """
         step = self._resolve_step(step)
+        items = {
+            PARAMS_ITEM: ocp.args.StandardRestore(_abstract(state.params)),
+            OPT_STATE_ITEM: ocp.args.StandardRestore(_abstract(state.opt_state)),
+        }
+        has_stats = getattr(state, "batch_stats", None) is not None
+        if has_stats:
+            items[BATCH_STATS_ITEM] = ocp.args.StandardRestore(_abstract(state.batch_stats))
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        PARAMS_ITEM: ocp.args.StandardRestore(_abstract(state.params)),
-                        OPT_STATE_ITEM: ocp.args.StandardRestore(_abstract(state.opt_state)),
-                    }
-                ),
-            )
-        except (ValueError, KeyError, TypeError) as e:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
             raise DataError(
                 f"checkpoint {self.directory}/{step} does not match the model/optimizer: {e}"
             ) from e
         step_array = jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding)
-        return state.replace(
+        state = state.replace(
             step=step_array, params=restored[PARAMS_ITEM], opt_state=restored[OPT_STATE_ITEM]
         )
+        if has_stats:
+            state = state.replace(batch_stats=restored[BATCH_STATS_ITEM])
+        return state
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Restores only the parameters, shaped like `abstract_params`."""
+        return self.restore_items({PARAMS_ITEM: abstract_params}, step)[PARAMS_ITEM]
+
+    def restore_items(self, abstract: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+        """Restores the named items (e.g. "params", "batch_stats"), shaped like `abstract`."""
         step = self._resolve_step(step)
+        args = {item: ocp.args.StandardRestore(tree) for item, tree in abstract.items()}
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract_params)}),
-            )
-        except (ValueError, KeyError, TypeError) as e:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
             raise DataError(
                 f"checkpoint {self.directory}/{step} does not match the model: {e}"
             ) from e
-        return restored[PARAMS_ITEM]
+        return {item: restored[item] for item in abstract}
 
     def _resolve_step(self, step: int | None) -> int:
         steps = self._manager.all_steps()
@@ -166,7 +171,8 @@ def restore_params(
 ) -> Any:
     """Parameters of model `name` from its newest (or given) checkpoint.
 
-    For prediction-only runs: the optimizer state is not read.
+    For prediction-only runs: the optimizer state is not read. Models with
+    BatchNorm also need their statistics: use `restore_variables`.
 
     Args:
       workdir: run folder that holds `checkpoints/<name>`.
@@ -182,15 +188,40 @@ def restore_params(
     Raises:
       DataError: no checkpoint, or it does not fit the model.
     """
+    return restore_variables(workdir, name, model, sample_input, step)[PARAMS_ITEM]
+
+
+def restore_variables(
+    workdir: str | Path,
+    name: str,
+    model: nn.Module,
+    sample_input: np.ndarray,
+    step: int | None = None,
+) -> dict[str, Any]:
+    """Variables of model `name` for `model.apply`: params, and batch stats if it has any.
+
+    Args: as `restore_params`.
+
+    Returns:
+      `{"params": ...}` plus `"batch_stats"` for models whose `init` creates
+      that collection (BatchNorm), on the default device.
+
+    Raises:
+      DataError: no checkpoint, or it does not fit the model.
+    """
     if not checkpoint_dir(workdir, name).is_dir():
         raise DataError(
             f"no checkpoints for model {name!r}: {checkpoint_dir(workdir, name)} is absent"
         )
     x = jax.ShapeDtypeStruct((1, *np.shape(sample_input)[1:]), np.asarray(sample_input).dtype)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes
-    )
+    abstract = {
+        item: jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes[item]
+        )
+        for item in (PARAMS_ITEM, BATCH_STATS_ITEM)
+        if item in shapes
+    }
     with Checkpointer(workdir, name) as checkpointer:
-        return checkpointer.restore_params(abstract, step)
+        return checkpointer.restore_items(abstract, step)

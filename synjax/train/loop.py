@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-import tqdm
 from absl import logging
 from jax.sharding import Mesh
 
@@ -27,6 +26,7 @@ from jax.sharding import Mesh
 # imports synjax.train.parallel, can be imported first without a cycle.
 from synjax.data import pipeline as data_pipeline
 from synjax.errors import ConfigError
+from synjax.report.progress import progress_bar
 from synjax.train.checkpoint import Checkpointer
 from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
 from synjax.train.state import TrainState, create_train_state
@@ -105,7 +105,9 @@ def make_train_step(
     Args:
       loss_fn: `(outputs, batch) -> (scalar loss, {name: scalar})`, where
         `outputs = state.apply_fn({"params": params}, batch["input"])` is any
-        pytree.
+        pytree. A state with `batch_stats` (BatchNorm models) is applied as
+        `apply_fn({"params", "batch_stats"}, input, train=True,
+        mutable=["batch_stats"])` and its statistics are updated too.
       mesh: mesh with axis 'data'.
 
     Returns:
@@ -115,13 +117,27 @@ def make_train_step(
     """
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        def loss_of(params):
-            outputs = state.apply_fn({"params": params}, batch["input"])
-            return loss_fn(outputs, batch)
+        has_stats = state.batch_stats is not None
 
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        def loss_of(params):
+            if not has_stats:
+                outputs = state.apply_fn({"params": params}, batch["input"])
+                loss, metrics = loss_fn(outputs, batch)
+                return loss, (metrics, None)
+            # BatchNorm normalises with this batch's statistics and updates
+            # the running ones that inference (train=False) uses.
+            outputs, updates = state.apply_fn(
+                state.variables(params), batch["input"], train=True, mutable=["batch_stats"]
+            )
+            loss, metrics = loss_fn(outputs, batch)
+            return loss, (metrics, updates["batch_stats"])
+
+        (loss, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return state.apply_gradients(grads=grads), metrics
+        new_state = state.apply_gradients(grads=grads)
+        if has_stats:
+            new_state = new_state.replace(batch_stats=stats)
+        return new_state, metrics
 
     replicated = replicated_sharding(mesh)
     return jax.jit(
@@ -177,7 +193,9 @@ def train(
     """Trains `model` to `settings.steps`, resuming from `workdir` if possible.
 
     Args:
-      model: Linen module; `model.apply({"params": p}, batch["input"])`.
+      model: Linen module; `model.apply({"params": p}, batch["input"])`, or,
+        when its `init` creates "batch_stats" (BatchNorm), called with
+        `train=True` while training; the stats are checkpointed with it.
       loss_fn: `(outputs, batch) -> (scalar loss, {name: scalar metric})`.
       batch_fn: `step -> host batch`, deterministic in `step` so that a resumed
         run sees the batches an uninterrupted one would; "input" is
@@ -217,7 +235,7 @@ def train(
 
         train_step = make_train_step(loss_fn, mesh)
         writer = _MetricWriter(workdir, name)
-        bar = tqdm.tqdm(
+        bar = progress_bar(
             total=settings.steps, initial=start, desc=name, disable=not is_writer, leave=False
         )
         last_time, last_step = time.perf_counter(), start

@@ -1,19 +1,21 @@
 """Train state and optimizer built from `TrainSettings`.
 
 The state is flax's `TrainState` (step, params, opt_state; `apply_fn` and `tx`
-are static), so a train step is one pure function of (state, batch).
+are static) plus `batch_stats`: the running statistics of BatchNorm layers
+(None for models without them), so a train step is one pure function of
+(state, batch).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training.train_state import TrainState
+from flax.training import train_state
 
 from synjax.errors import ConfigError
 
@@ -26,6 +28,25 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 SGD_MOMENTUM = 0.9
 
 __all__ = ["TrainState", "create_train_state", "make_optimizer", "make_schedule"]
+
+
+class TrainState(train_state.TrainState):
+    """flax's `TrainState` with the model's non-trained "batch_stats" collection.
+
+    Attributes:
+      batch_stats: BatchNorm running statistics, updated by each train step
+        (`apply(..., train=True, mutable=["batch_stats"])`) and used at
+        inference (`train=False`); None for models without BatchNorm.
+    """
+
+    batch_stats: Any = None
+
+    def variables(self, params: Any = None) -> dict[str, Any]:
+        """The variables dict for `apply`: params (default `self.params`) and batch stats."""
+        variables = {"params": self.params if params is None else params}
+        if self.batch_stats is not None:
+            variables["batch_stats"] = self.batch_stats
+        return variables
 
 
 def make_schedule(settings: TrainSettings) -> optax.Schedule:
@@ -108,7 +129,9 @@ def create_train_state(
     """Initialises the model's parameters and the optimizer.
 
     Args:
-      model: a Linen module called as `model.apply({"params": p}, x)`.
+      model: a Linen module called as `model.apply({"params": p}, x)`; when
+        its `init` creates a "batch_stats" collection (BatchNorm), the state
+        carries it and the model must accept a `train` keyword.
       sample_input: `[batch, z, y, x, channels]` example input; only its
         shape and dtype matter (one example is enough).
       settings: optimizer, schedule and clipping settings.
@@ -122,5 +145,8 @@ def create_train_state(
     x = jnp.zeros((1, *np.shape(sample_input)[1:]), dtype)
     variables = jax.jit(model.init)(rng, x)
     return TrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=make_optimizer(settings)
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=make_optimizer(settings),
+        batch_stats=variables.get("batch_stats"),
     )

@@ -1,0 +1,220 @@
+"""The DeepEM3D boundary-model stage: build, train and predict an ensemble.
+
+Each entry of `config.models` is one DeepEM3D-Net (its own number of input
+slices s, boundary kernel, width, steps, seed); all share `config.train`.
+A model is trained on `[s, y, x]` patches of the training part's raw with the
+boundary labels of the centre slice as target (class-weighted softmax
+cross-entropy) and checkpointed under `checkpoints/<name>`, so a re-run
+resumes. Prediction runs every model slice by slice (optionally with
+test-time augmentation) and takes the voxel-wise maximum (`ensemble_max`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping
+
+import numpy as np
+from absl import logging
+
+from synjax.data.augment import AugmentSettings
+from synjax.data.sampling import PatchSampler
+from synjax.errors import ConfigError
+from synjax.inference.predict import ensemble_max, predict_slices
+from synjax.inference.tta import TRANSFORMS
+from synjax.models.deepem3d import (
+    TOTAL_STRIDE,
+    DeepEM3DNet,
+    DeepEM3DSettings,
+    class_weights_from_labels,
+    make_apply_fn,
+    weighted_softmax_ce,
+)
+from synjax.targets.boundaries import boundary_labels
+from synjax.train import checkpoint
+from synjax.train.loop import TrainSettings, train
+
+TARGET_KEY = "boundary"
+NUM_CLASSES = 2
+
+
+def _field(model_config: Mapping, key: str, default=None):
+    """A per-model field (entries may be dicts or ConfigDicts)."""
+    value = model_config.get(key, default)
+    if value is None:
+        raise ConfigError(f"config.models entry {dict(model_config)}: missing field {key!r}")
+    return value
+
+
+def model_settings(model_config: Mapping) -> DeepEM3DSettings:
+    """`DeepEM3DSettings` of one `config.models` entry."""
+    return DeepEM3DSettings(
+        slices=int(_field(model_config, "slices")),
+        num_classes=NUM_CLASSES,
+        width=float(_field(model_config, "width")),
+        blocks=tuple(_field(model_config, "blocks", (1, 1, 1))),
+        side_features=int(_field(model_config, "side_features", 16)),
+        dilations=tuple(_field(model_config, "dilations", (1, 3, 5))),
+    )
+
+
+def _train_settings(t, model_config: Mapping, seed: int) -> TrainSettings:
+    """`TrainSettings` from `config.train`, with the model's own steps and seed."""
+    return TrainSettings(
+        steps=int(_field(model_config, "steps")),
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        optimizer=t.optimizer,
+        schedule=t.schedule,
+        warmup_steps=t.warmup_steps,
+        log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints,
+        seed=int(model_config.get("seed", seed)),
+        num_devices=t.num_devices,
+    )
+
+
+def _sample_input(config, model_config: Mapping) -> np.ndarray:
+    patch = config.train.patch_yx
+    return np.zeros((1, int(model_config["slices"]), patch, patch, 1), np.float32)
+
+
+def _loss(class_weights: np.ndarray):
+    def loss(logits, batch):
+        value = weighted_softmax_ce(logits, batch[TARGET_KEY], class_weights)
+        return value, {"weighted_ce": value}
+
+    return loss
+
+
+def _centre_slice_batch(sampler: PatchSampler, step: int, batch_size: int) -> dict:
+    """Sampler batch; the target `[batch, 1, y, x]` becomes the centre slice's `[batch, y, x]`."""
+    batch = sampler.batch(step, batch_size)
+    return {"input": batch["input"], TARGET_KEY: batch[TARGET_KEY][:, 0].astype(np.int32)}
+
+
+def train_models(config, raw: np.ndarray, neuron_ids: np.ndarray, workdir) -> None:
+    """Trains every model of `config.models` on one training volume (resumable).
+
+    Args:
+      raw: `[z, y, x]` uint8 EM of the training part.
+      neuron_ids: `[z, y, x]` dense labels of the same part.
+      workdir: run folder; checkpoints go to `checkpoints/<name>`.
+    """
+    patch = config.train.patch_yx
+    if patch % TOTAL_STRIDE:
+        raise ConfigError(
+            f"config.train.patch_yx={patch}: expected a multiple of {TOTAL_STRIDE} "
+            "(DeepEM3D's pooling factor)"
+        )
+    labels_by_kernel: dict[str, np.ndarray] = {}
+    for model_config in config.models:
+        name, kernel = _field(model_config, "name"), _field(model_config, "kernel")
+        if kernel not in labels_by_kernel:
+            labels_by_kernel[kernel] = boundary_labels(neuron_ids, kernel=kernel)
+        labels = labels_by_kernel[kernel]
+        weights = class_weights_from_labels(labels, NUM_CLASSES)
+        slices = int(model_config["slices"])
+        sampler = PatchSampler(
+            [{"raw": raw, TARGET_KEY: labels}],
+            input_shape=(slices, patch, patch),
+            # The centre slice's labels: centre_crop keeps z (s - 1) // 2.
+            output_shape=(1, patch, patch),
+            input_keys=("raw",),
+            augment=AugmentSettings() if config.train.augment else None,
+            seed=int(model_config.get("seed", config.seed)),
+        )
+        settings = _train_settings(config.train, model_config, config.seed)
+        batch_fn = functools.partial(_centre_slice_batch, sampler, batch_size=settings.batch_size)
+        logging.info(
+            "Model %s: s%d, kernel %s, width %s, %d steps, boundary share %.3f, weights %s",
+            name,
+            slices,
+            kernel,
+            model_config["width"],
+            settings.steps,
+            float(labels.mean()),
+            np.round(weights, 3).tolist(),
+        )
+        start = time.perf_counter()
+        train(
+            DeepEM3DNet(model_settings(model_config)),
+            _loss(weights),
+            batch_fn,
+            settings,
+            workdir,
+            name,
+        )
+        logging.info("Model %s trained in %.0f s", name, time.perf_counter() - start)
+
+
+def tta_transforms(config) -> tuple:
+    """The `config.predict.tta_transforms` of the 16 (1, 2, 4, 8 or 16; evenly picked)."""
+    count = int(config.predict.tta_transforms)
+    if count not in (1, 2, 4, 8, 16):
+        raise ConfigError(f"config.predict.tta_transforms={count}: expected 1, 2, 4, 8 or 16")
+    # TRANSFORMS varies z flip fastest, then rotation, then mirror: a stride of
+    # 2 drops the z flips, 4 also the odd rotations, 8 keeps identity and mirror.
+    return TRANSFORMS[:: len(TRANSFORMS) // count]
+
+
+def load_apply_fns(config, workdir) -> list:
+    """One inference function per model, from its newest checkpoint."""
+    fns = []
+    for model_config in config.models:
+        model = DeepEM3DNet(model_settings(model_config))
+        variables = checkpoint.restore_variables(
+            workdir, model_config["name"], model, _sample_input(config, model_config)
+        )
+        fns.append(make_apply_fn(model, variables))
+    return fns
+
+
+def predict_ensemble(config, workdir, raw, apply_fns: list | None = None) -> np.ndarray:
+    """Boundary probability of `raw` `[z, y, x]`: every model, then their maximum.
+
+    Returns:
+      float32 `[z, y, x]` in [0, 1].
+    """
+    apply_fns = apply_fns or load_apply_fns(config, workdir)
+    p = config.predict
+    predictions, masks = [], []
+    for model_config, fn in zip(config.models, apply_fns, strict=True):
+        start = time.perf_counter()
+        predictions.append(
+            predict_slices(
+                fn,
+                raw,
+                slices=int(model_config["slices"]),
+                batch_size=p.batch_size,
+                tta=p.tta,
+                progress=p.progress,
+                transforms=tta_transforms(config) if p.tta else TRANSFORMS,
+                max_tile=p.get("max_tile"),
+            )
+        )
+        logging.info(
+            "Model %s predicted %d slices in %.0f s (TTA %s)",
+            model_config["name"],
+            raw.shape[0],
+            time.perf_counter() - start,
+            p.tta_transforms if p.tta else "off",
+        )
+        masks.append(_slice_mask(model_config, raw.shape[0]))
+    return ensemble_max(predictions, masks)
+
+
+def _slice_mask(model_config: Mapping, depth: int) -> np.ndarray | None:
+    """bool `[z]` of the slices a model contributes to (`only_slices`), or None for all.
+
+    DeepEM3D adds its 2D model only on misaligned slices, where the 3D models'
+    stacks mix unaligned neighbours.
+    """
+    only = model_config.get("only_slices")
+    if only is None:
+        return None
+    mask = np.zeros(depth, bool)
+    mask[np.asarray(only, int)] = True
+    return mask

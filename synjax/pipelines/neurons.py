@@ -1,0 +1,225 @@
+"""Dense neuron segmentation end to end (DeepEM3D, Zeng, Wu, Ji, Bioinformatics 2017).
+
+train:    boundary labels of the training part -> an ensemble of DeepEM3D-Nets
+          (`boundary_models`); then the ensemble's boundary map of the tuning
+          part (a z range of the training data) picks the watershed's sigma
+          and h by grid search, and so does the classical baseline's (inverted
+          raw intensity); both are saved to `watershed.json`.
+predict:  ensemble boundary map of the test part (TTA, max over models) ->
+          `predictions/boundaries.zarr`; 3D watershed with the saved
+          parameters -> `predictions/segmentation.zarr` (uint64).
+evaluate: adapted Rand error (precision, recall) and VOI (split, merge) of
+          ours and of two baselines (the stored over-segmentation, the tuned
+          classical watershed) on the test part -> `metrics.json`,
+          `example_slices.png`.
+
+The test part is never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import numpy as np
+from absl import logging
+
+from synjax.errors import DataError
+from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_information
+from synjax.io import create_volume, open_volume
+from synjax.pipelines import boundary_models, neuron_data
+from synjax.postprocess.watershed import grid_search, segment
+from synjax.report import files, slices
+
+WATERSHED_FILE = "watershed.json"
+BOUNDARIES = "predictions/boundaries.zarr"
+SEGMENTATION = "predictions/segmentation.zarr"
+OURS, OVERSEG, CLASSICAL = "deepem3d", "oversegmentation", "classical_watershed"
+
+
+def _tune(boundary: np.ndarray, gt: np.ndarray, block) -> dict:
+    """Grid search of (sigma, h) for one boundary map of the tuning part."""
+    start = time.perf_counter()
+    sigma, h, table = grid_search(boundary, gt, block.sigmas, block.hs, smoothing=block.smoothing)
+    best = min(row.score for row in table)
+    logging.info("Watershed tuned: sigma %.2f, h %.3f (tuning ARE %.4f)", sigma, h, best)
+    return {
+        "sigma": sigma,
+        "h": h,
+        "tuning_are": best,
+        "table": [row._asdict() for row in table],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _train(config, workdir: pathlib.Path) -> None:
+    train = neuron_data.load_part(config, "train")
+    if train.neuron_ids is None:
+        raise DataError(
+            f"config.data.train_path={config.data.train_path!r}: no {config.data.labels_key}"
+        )
+    boundary_models.train_models(config, train.raw, train.neuron_ids, workdir)
+    tune = neuron_data.load_part(config, "tune")
+    boundary = boundary_models.predict_ensemble(config, workdir, tune.raw)
+    files.write_json(
+        workdir / WATERSHED_FILE,
+        {
+            OURS: _tune(boundary, tune.neuron_ids, config.watershed),
+            CLASSICAL: _tune(
+                neuron_data.inverted_intensity(tune.raw),
+                tune.neuron_ids,
+                config.baseline,
+            ),
+        },
+    )
+
+
+def _write(path: pathlib.Path, array: np.ndarray, resolution) -> None:
+    dest = create_volume(str(path), array.shape, array.dtype, resolution=resolution, overwrite=True)
+    dest[...] = array
+
+
+def _segment(config, workdir: pathlib.Path, raw: np.ndarray, apply_fns=None):
+    """(uint64 segmentation, float32 boundary map) of `raw`, both `[z, y, x]`."""
+    if not (workdir / WATERSHED_FILE).exists():
+        raise DataError(
+            f"{workdir / WATERSHED_FILE} is absent: run the neuron pipeline's train mode first"
+        )
+    chosen = files.read_json(workdir / WATERSHED_FILE)[OURS]
+    boundary = boundary_models.predict_ensemble(config, workdir, np.asarray(raw), apply_fns)
+    seg = segment(boundary, chosen["sigma"], chosen["h"], smoothing=config.watershed.smoothing)
+    return seg.astype(np.uint64), boundary
+
+
+def segment_with_trained_models(config, workdir, raw: np.ndarray, apply_fns=None) -> np.ndarray:
+    """Neuron segmentation of `raw` with the ensemble and watershed trained in `workdir`.
+
+    For other pipelines (e.g. the partner pipeline's candidate segments).
+
+    Args:
+      config: the neuron pipeline's config (its `models`, `train.patch_yx`,
+        `predict`, `watershed`).
+      workdir: run folder with `checkpoints/<model>` and `watershed.json`.
+      raw: `[z, y, x]` uint8 EM of any size (y, x are padded internally).
+      apply_fns: optional already-loaded model functions
+        (`boundary_models.load_apply_fns`), to load the checkpoints once.
+
+    Returns:
+      uint64 `[z, y, x]` segment ids, 1..n.
+    """
+    return _segment(config, pathlib.Path(workdir), raw, apply_fns)[0]
+
+
+def _predict(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> np.ndarray:
+    start = time.perf_counter()
+    seg, boundary = _segment(config, workdir, test.raw)
+    _write(workdir / BOUNDARIES, boundary, test.resolution)
+    _write(workdir / SEGMENTATION, seg, test.resolution)
+    logging.info(
+        "Test part %s: %d segments in %.0f s",
+        test.raw.shape,
+        len(np.unique(seg)),
+        time.perf_counter() - start,
+    )
+    return seg
+
+
+def _scores(seg: np.ndarray, gt: np.ndarray) -> dict:
+    rand = adapted_rand_error(seg, gt)
+    voi = variation_of_information(seg, gt)
+    return {
+        "adapted_rand_error": rand.error,
+        "rand_precision": rand.precision,
+        "rand_recall": rand.recall,
+        "voi_split": voi.split,
+        "voi_merge": voi.merge,
+        "voi": voi.split + voi.merge,
+        "segments": int(len(np.unique(seg))),
+    }
+
+
+def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> dict:
+    if test.neuron_ids is None:
+        logging.warning("Test part has no %s: nothing to evaluate", config.data.labels_key)
+        return {}
+    seg = open_volume(str(workdir / SEGMENTATION)).read()
+    chosen = files.read_json(workdir / WATERSHED_FILE)
+    classical = chosen[CLASSICAL]
+    baseline = segment(
+        neuron_data.inverted_intensity(test.raw),
+        classical["sigma"],
+        classical["h"],
+        smoothing=config.baseline.smoothing,
+    )
+    results = {OURS: _scores(seg, test.neuron_ids), CLASSICAL: _scores(baseline, test.neuron_ids)}
+    if test.oversegmentation is not None:
+        results[OVERSEG] = _scores(test.oversegmentation, test.neuron_ids)
+    metrics = {
+        **results,
+        "watershed": {k: chosen[k]["sigma"] for k in (OURS, CLASSICAL)}
+        | {f"{k}_h": chosen[k]["h"] for k in (OURS, CLASSICAL)},
+        "test_shape": list(test.raw.shape),
+        "models": [m["name"] for m in config.models],
+        "tta_transforms": config.predict.tta_transforms if config.predict.tta else 1,
+    }
+    files.write_json(workdir / "metrics.json", metrics)
+    slices.plot_slices(
+        test.raw,
+        {
+            "DeepEM3D segmentation": seg,
+            "classical watershed": baseline,
+            "ground truth": test.neuron_ids,
+        },
+        workdir / "example_slices.png",
+        slices.pick_slices(test.raw.shape, count=config.evaluation.plot_slices),
+        title="test part: segmentations",
+    )
+    for name, values in results.items():
+        logging.info(
+            "Test %s: adapted Rand error %.4f (P %.4f R %.4f), VOI split %.4f merge %.4f",
+            name,
+            values["adapted_rand_error"],
+            values["rand_precision"],
+            values["rand_recall"],
+            values["voi_split"],
+            values["voi_merge"],
+        )
+    return metrics
+
+
+def run(config, workdir: pathlib.Path) -> dict:
+    """Runs the neuron pipeline's `config.mode` phases in `workdir`."""
+    workdir = pathlib.Path(workdir)
+    mode = config.mode
+    metrics: dict = {}
+    if mode in ("train", "all"):
+        _train(config, workdir)
+    if mode in ("predict", "evaluate", "all"):
+        test = neuron_data.load_part(config, "test")
+        if mode in ("predict", "all"):
+            _predict(config, workdir, test)
+        if mode in ("evaluate", "all"):
+            metrics = _evaluate(config, workdir, test)
+    return metrics
+
+
+def train_segmenter(config, workdir, raw: np.ndarray, neuron_ids: np.ndarray) -> None:
+    """Trains the ensemble on one volume and tunes its watershed on that volume.
+
+    For pipelines that need a segmentation of volumes of their own (the
+    partner demo), with no separate tuning part: the watershed's sigma and h
+    are picked on the training volume's boundary map, which is cleaner than
+    an unseen volume's, so the choice leans towards fewer seeds than ideal.
+
+    Args:
+      config: the neuron config (its `models`, `train`, `predict`, `watershed`).
+      workdir: run folder; writes `checkpoints/<model>` and `watershed.json`.
+      raw: `[z, y, x]` uint8 EM.
+      neuron_ids: `[z, y, x]` dense ground-truth labels of `raw`.
+    """
+    workdir = pathlib.Path(workdir)
+    boundary_models.train_models(config, raw, neuron_ids, workdir)
+    boundary = boundary_models.predict_ensemble(config, workdir, raw)
+    files.write_json(
+        workdir / WATERSHED_FILE, {OURS: _tune(boundary, neuron_ids, config.watershed)}
+    )
