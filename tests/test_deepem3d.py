@@ -127,11 +127,12 @@ def test_pad_to_multiple_and_crop():
     assert same.shape == (1, 1, 32, 16, 1)
 
 
-def _train_step_lowers_loss(x, labels, slices, steps=4):
-    # Shapes and gradients matter here, not XLA's speed: compile fast.
-    jax.config.update("jax_disable_most_optimizations", True)
-    model = DeepEM3DNet(DeepEM3DSettings(slices=slices, width=TINY_WIDTH, side_features=4))
-    weights = jnp.asarray(class_weights_from_labels(labels))
+def _train_on_batch(model, x, labels, weights, steps):
+    """Adam steps on one fixed batch, in train mode; traceable (wrap in jit).
+
+    Returns:
+      ({"params", "batch_stats"} after training, [steps] losses).
+    """
     tx = optax.adam(3e-3)
 
     def loss_fn(params, batch_stats):
@@ -146,15 +147,23 @@ def _train_step_lowers_loss(x, labels, slices, steps=4):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
+    variables = model.init(jax.random.PRNGKey(0), x)
+    carry = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    (params, batch_stats, _), losses = jax.lax.scan(step, carry, length=steps)
+    return {"params": params, "batch_stats": batch_stats}, losses
+
+
+def _train_step_lowers_loss(x, labels, slices, steps=4):
+    # Shapes and gradients matter here, not XLA's speed: compile fast.
+    jax.config.update("jax_disable_most_optimizations", True)
+    model = DeepEM3DNet(DeepEM3DSettings(slices=slices, width=TINY_WIDTH, side_features=4))
+    weights = jnp.asarray(class_weights_from_labels(labels))
+
     @jax.jit
     def train():
         # One compiled program (init + all steps) keeps the test's compile time down.
-        variables = model.init(jax.random.PRNGKey(0), x)
-        params, batch_stats = variables["params"], variables["batch_stats"]
-        carry = (params, batch_stats, tx.init(params))
-        (params, batch_stats, _), losses = jax.lax.scan(step, carry, length=steps)
-        prob = make_apply_fn(model, {"params": params, "batch_stats": batch_stats})(x)
-        return losses, prob
+        trained, losses = _train_on_batch(model, x, labels, weights, steps)
+        return losses, make_apply_fn(model, trained)(x)
 
     losses, prob = train()
     losses = np.asarray(losses)
@@ -189,26 +198,10 @@ def _eval_vs_batch_statistics_gap(steps: int = 150) -> float:
     x = rng.normal(size=(2, 3, 32, 32, 1)).astype(np.float32)
     labels = (x[:, 1, :, :, 0] > 0.5).astype(np.int32)
     model = DeepEM3DNet(DeepEM3DSettings(slices=3, width=TINY_WIDTH, side_features=4))
-    tx = optax.adam(3e-3)
-
-    def loss_fn(params, batch_stats):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-        )
-        return weighted_softmax_ce(logits, labels, jnp.ones(2)), updates["batch_stats"]
-
-    def step(carry, _):
-        params, batch_stats, opt_state = carry
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
     @jax.jit
     def run():
-        variables = model.init(jax.random.PRNGKey(0), x)
-        carry = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-        (params, batch_stats, _), _ = jax.lax.scan(step, carry, length=steps)
-        trained = {"params": params, "batch_stats": batch_stats}
+        trained, _ = _train_on_batch(model, x, labels, jnp.ones(2), steps)
         p_eval = jax.nn.softmax(model.apply(trained, x, train=False))[..., 1]
         logits, _ = model.apply(trained, x, train=True, mutable=["batch_stats"])
         return jnp.mean(jnp.abs(p_eval - jax.nn.softmax(logits)[..., 1]))
