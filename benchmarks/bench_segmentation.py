@@ -12,6 +12,8 @@ On `fib-medulla-250.h5` (250^3 voxels, 10 nm isotropic) it times
   scaled to [0, 1], sigma 1.5 voxels, h 0.25, split into smoothing, H-minima
   and flooding, and against the alternative flooding of
   `scipy.ndimage.watershed_ift` (and `mahotas.cwatershed` when installed);
+- mean-boundary agglomeration (`synjax.postprocess.agglomeration`) of a
+  shallow watershed (h 0.05) of the same map: region graph and one merge pass;
 - the adapted Rand error and VOI of the shipped over-segmentation against
   `neuron_ids`, ours against scikit-image's;
 
@@ -37,6 +39,7 @@ from skimage.morphology import h_minima
 from skimage.segmentation import watershed
 
 from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_information
+from synjax.postprocess.agglomeration import agglomerate, region_graph
 from synjax.postprocess.watershed import (
     FACE_CONNECTIVITY,
     QUANT_MAX,
@@ -50,6 +53,8 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "bench_segmentation.json"
 SIGMA = 1.5  # voxels
 H = 0.25  # fraction of the [0, 1] range
 TEST_Z_START = 150  # the test part is z >= 150
+SHALLOW_H = 0.05  # over-segmenting watershed that agglomeration starts from
+AGGLOMERATION_THRESHOLD = 0.5  # mean boundary value below which regions merge
 
 
 def _best_time(fn, repeats: int):
@@ -114,6 +119,24 @@ def bench_watershed(image: np.ndarray, gt: np.ndarray, repeats: int) -> dict:
     }
 
 
+def bench_agglomeration(image: np.ndarray, repeats: int) -> dict:
+    """Times the region graph and one merge pass on a shallow watershed of `image`."""
+    over = segment(image, SIGMA, SHALLOW_H)
+    rag, t_graph = _best_time(lambda: region_graph(over, image), repeats)
+    merged, t_merge = _best_time(
+        lambda: agglomerate(over, image, AGGLOMERATION_THRESHOLD, rag), repeats
+    )
+    return {
+        "h": SHALLOW_H,
+        "threshold": AGGLOMERATION_THRESHOLD,
+        "regions": int(rag.number_of_nodes()),
+        "contacts": int(rag.number_of_edges()),
+        "regions_after": int(len(np.unique(merged))),
+        "graph_seconds": t_graph,
+        "merge_seconds": t_merge,
+    }
+
+
 def bench_metrics(seg: np.ndarray, gt: np.ndarray, repeats: int) -> dict:
     """Times our metrics and scikit-image's on the same pair of volumes."""
     ours_are, t_ours_are = _best_time(lambda: adapted_rand_error(seg, gt), repeats)
@@ -167,6 +190,7 @@ def main() -> None:
         "h": H,
         "metrics": bench_metrics(overseg, gt, args.repeats),
         "watershed": bench_watershed(image, gt, args.repeats),
+        "agglomeration": bench_agglomeration(image, args.repeats),
         "are_test_part": score_test_part(image, gt, overseg),
     }
 
@@ -182,6 +206,11 @@ def main() -> None:
         label = f"flood {name} (ARE z>=150 {row['are_test_part']:.3f})"
         print(f"{label:<58}{row['seconds']:>10.3f}")
     print(f"{'watershed: segment() total':<58}{w['segment_total_seconds']:>10.3f}")
+    a = results["agglomeration"]
+    graph_label = f"agglomeration: region graph ({a['regions']} regions, {a['contacts']} contacts)"
+    print(f"{graph_label:<58}{a['graph_seconds']:>10.3f}")
+    merge_label = f"agglomeration: merge at {a['threshold']} (-> {a['regions_after']} regions)"
+    print(f"{merge_label:<58}{a['merge_seconds']:>10.3f}")
     print(f"\n{'adapted Rand error on z >= 150':<58}{'error':>10}")
     for name, error in results["are_test_part"].items():
         print(f"{name:<58}{error:>10.4f}")

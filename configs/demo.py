@@ -12,6 +12,7 @@ and detects partners on another (a different seed), then scores them.
 from ml_collections import config_dict
 
 from synjax import configlib
+from synjax.postprocess.agglomeration import THRESHOLD_GRID
 
 VARIANTS = ("default", "smoke", "predicted_segmentation")
 
@@ -89,13 +90,17 @@ def get_config(arg: str | None = None):
                     "batch_size": 4,
                     "progress": True,
                     "max_tile": config_dict.placeholder(int),
+                    # Slicing axes (anisotropic sections: z only).
+                    "orientations": ("z",),
                 },
                 "watershed": {
                     # Anisotropic sections: smooth each slice on its own.
                     "smoothing": "2d",
                     # Grid searched on the training volume's boundary map.
                     "sigmas": (1.0,) if smoke else (1.0, 2.0),
-                    "hs": (0.2,) if smoke else (0.1, 0.2, 0.3),
+                    "hs": (0.2,) if smoke else (0.02, 0.05, 0.1, 0.2, 0.3),
+                    # Mean-boundary agglomeration thresholds (empty: watershed alone).
+                    "thresholds": (0.5,) if smoke else THRESHOLD_GRID,
                 },
             },
             "targets": {

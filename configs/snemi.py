@@ -21,6 +21,7 @@ the paper adds on misaligned slices; set its `only_slices` to those z indices
 """
 
 from synjax import configlib
+from synjax.postprocess.agglomeration import THRESHOLD_GRID
 
 VARIANTS = ("default", "smoke")
 DATASET = "SNEMI3D"
@@ -71,8 +72,10 @@ def get_config(arg: str | None = None):
                 # SNEMI3D ships no machine over-segmentation; absent -> skipped.
                 "oversegmentation_key": "volumes/labels/oversegmentation",
                 # z ranges [start, stop) of the training file (None: all) and of
-                # the tuning part used to choose the watershed's sigma and h.
-                "train_z": None,
+                # the tuning part used to choose the watershed's sigma, h and
+                # agglomeration threshold: held out of network training, so
+                # that they are chosen on a map as uncertain as the test's.
+                "train_z": (0, 80),
                 "tune_z": (80, 100),
                 "test_z": None,
                 # yx crop (y0, y1, x0, x1); None: whole 1024 x 1024 slices.
@@ -109,12 +112,17 @@ def get_config(arg: str | None = None):
                 "progress": not smoke,
                 # 1024^2 slices in 512^2 tiles (with overlap) to bound memory.
                 "max_tile": None if smoke else 512,
+                # Slicing axes (anisotropic sections: z only).
+                "orientations": ("z",),
             },
             "watershed": {
                 # Per-slice Gaussian (anisotropic data) before the H-minima watershed.
                 "smoothing": "2d",
                 "sigmas": (1.0,) if smoke else (1.0, 2.0, 3.0),
-                "hs": (0.2,) if smoke else (0.05, 0.1, 0.2, 0.3),
+                "hs": (0.2,) if smoke else (0.02, 0.05, 0.1, 0.2, 0.3),
+                # Mean-boundary agglomeration thresholds tried on every
+                # watershed of the grid (empty: watershed alone, as in the paper).
+                "thresholds": (0.5,) if smoke else THRESHOLD_GRID,
             },
             "baseline": {
                 # Classical watershed on inverted raw, tuned on the tuning part.

@@ -52,6 +52,22 @@ def test_smoke_variant_runs_the_whole_partner_pipeline(tmp_path: pathlib.Path):
     assert cremi["tp"] + cremi["fn"] == metrics["truth_pairs"]
 
 
+def test_smoke_variant_on_a_predicted_segmentation(tmp_path: pathlib.Path):
+    # Candidates on a DeepEM3D segmentation (watershed + agglomeration) trained
+    # in the same run, in place of the ground truth.
+    workdir = tmp_path / "predicted"
+    result = _run(
+        f"--config={DEMO}:smoke", "--config.segmentation.source=predicted", f"--workdir={workdir}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    chosen = json.loads((workdir / "watershed.json").read_text())["deepem3d"]
+    assert chosen["threshold"] == 0.5
+    for volume in ("train", "test"):
+        assert (workdir / "predictions" / f"{volume}_segmentation.zarr").is_dir(), volume
+    assert any((workdir / "checkpoints").iterdir())
+    assert json.loads((workdir / "metrics.json").read_text())["truth_pairs"] > 0
+
+
 def test_missing_config_file_is_one_line(tmp_path):
     result = _run("--config=configs/no_such_config.py", f"--workdir={tmp_path}")
     assert result.returncode != 0

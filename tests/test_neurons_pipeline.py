@@ -53,7 +53,7 @@ def test_fib25_smoke_end_to_end(smoke_run):
     assert seg.dtype == np.uint64 and seg.max() >= 1
 
     written = neurons.files.read_json(workdir / "metrics.json")
-    for method in (neurons.OURS, neurons.OVERSEG, neurons.CLASSICAL):
+    for method in (neurons.OURS, neurons.OURS_WATERSHED_ONLY, neurons.OVERSEG, neurons.CLASSICAL):
         scores = written[method]
         assert 0.0 <= scores["adapted_rand_error"] <= 1.0
         assert scores["voi"] == pytest.approx(scores["voi_split"] + scores["voi_merge"])
@@ -61,6 +61,11 @@ def test_fib25_smoke_end_to_end(smoke_run):
     assert (workdir / "example_slices.png").stat().st_size > 0
     chosen = neurons.files.read_json(workdir / neurons.WATERSHED_FILE)
     assert chosen[neurons.OURS]["sigma"] in config.watershed.sigmas
+    assert chosen[neurons.OURS]["threshold"] in config.watershed.thresholds
+    # Agglomeration only merges: never more segments than the watershed it starts from.
+    over = open_volume(str(workdir / neurons.WATERSHED_ONLY)).read()
+    assert written[neurons.OURS]["segments"] <= written[neurons.OURS_WATERSHED_ONLY]["segments"]
+    assert over.shape == seg.shape
     assert chosen[neurons.CLASSICAL]["h"] in config.baseline.hs
     assert latest_step(workdir, config.models[0]["name"]) == config.models[0]["steps"]
 

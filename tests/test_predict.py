@@ -8,7 +8,12 @@ import pytest
 
 from synjax.errors import ConfigError, DataError
 from synjax.inference import predict
-from synjax.inference.predict import ensemble_max, predict_slices, reflect_indices
+from synjax.inference.predict import (
+    ensemble_max,
+    predict_orientations,
+    predict_slices,
+    reflect_indices,
+)
 from synjax.inference.tta import TRANSFORMS_NO_TRANSPOSE
 from synjax.models.deepem3d import DeepEM3DNet, DeepEM3DSettings, make_apply_fn
 
@@ -158,3 +163,29 @@ def test_deepem3d_on_real_em_stack(shared_data):
     got = predict_slices(make_apply_fn(model, variables), crop, 3, batch_size=4, progress=False)
     assert got.shape == (4, 40, 40)
     assert np.all((got >= 0) & (got <= 1)) and np.isfinite(got).all()
+
+
+def _first_axis_index(volume: np.ndarray) -> np.ndarray:
+    """A 'slice-wise predictor' whose output on slice i is i everywhere."""
+    index = np.arange(volume.shape[0], dtype=np.float32)
+    return np.broadcast_to(index[:, None, None], volume.shape).copy()
+
+
+def test_orientations_map_back_and_take_the_maximum():
+    shape = (2, 3, 4)
+    volume = np.zeros(shape, np.float32)
+    z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    # Along z alone the predictor sees z-slices: the z index.
+    np.testing.assert_array_equal(predict_orientations(_first_axis_index, volume), z)
+    # Along y (x) it slices y (x): mapped back, the y (x) index.
+    np.testing.assert_array_equal(predict_orientations(_first_axis_index, volume, ("y",)), y)
+    np.testing.assert_array_equal(predict_orientations(_first_axis_index, volume, ("x",)), x)
+    both = predict_orientations(_first_axis_index, volume, ("z", "y", "x"))
+    np.testing.assert_array_equal(both, np.maximum(np.maximum(z, y), x))
+    assert both.dtype == np.float32 and both.shape == shape
+
+
+@pytest.mark.parametrize("orientations", [(), ("w",), ("z", "z")])
+def test_bad_orientations(orientations):
+    with pytest.raises(ConfigError, match="orientations"):
+        predict_orientations(_first_axis_index, np.zeros((2, 2, 2)), orientations)

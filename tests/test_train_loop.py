@@ -5,6 +5,7 @@ import struct
 
 import flax.linen as nn
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -160,3 +161,26 @@ def test_bad_optimizer_settings(kwargs, message):
 def test_bad_train_settings(tmp_path):
     with pytest.raises(ConfigError, match="config.train.steps=0"):
         train(TinyClassifier(), classification_loss, batch_fn, _settings(steps=0), tmp_path)
+
+
+def test_train_settings_from_config_block():
+    block = ml_collections.ConfigDict(
+        {
+            "steps": 30,
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+            "schedule": "warmup_cosine",
+            "warmup_steps": 5,
+            # Fields of other stages are ignored.
+            "patch_yx": 128,
+            "augment": True,
+        }
+    )
+    settings = TrainSettings.from_config(block, seed=7)
+    assert (settings.steps, settings.batch_size, settings.seed) == (30, 4, 7)
+    assert (settings.schedule, settings.warmup_steps) == ("warmup_cosine", 5)
+    # Absent fields keep the dataclass defaults.
+    assert settings.optimizer == TrainSettings.optimizer == "adam"
+    assert settings.checkpoint_every == TrainSettings.checkpoint_every
+    # A per-model step count overrides the block's.
+    assert TrainSettings.from_config(block, seed=0, steps=12).steps == 12

@@ -14,6 +14,11 @@ pixel is written by exactly one tile, cut at the middle of each overlap).
 with the paper's option of letting a model contribute only on chosen slices
 (e.g. a model trained for misaligned sections, used only where sections are
 misaligned).
+
+`predict_orientations` runs a slice-wise predictor along other axes too, for
+isotropic volumes (FIB-SEM), and keeps the voxel-wise maximum: a membrane
+nearly parallel to the z-slices is a smear in a yx slice but a sharp line in
+a zx or zy slice, so the slices cut across it find it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from synjax.report.progress import progress_bar
 
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_TILE_OVERLAP = 64
+# Slicing axis -> axis permutation that brings it first; each swaps two axes,
+# so it is its own inverse.
+ORIENTATIONS = {"z": (0, 1, 2), "y": (1, 0, 2), "x": (2, 1, 0)}
 
 
 def reflect_indices(indices: np.ndarray, size: int) -> np.ndarray:
@@ -209,3 +217,38 @@ def ensemble_max(
         missing = np.flatnonzero(~covered)
         raise DataError(f"ensemble_max: no model contributes on slices {missing.tolist()}")
     return result
+
+
+def predict_orientations(
+    predict_fn: Callable[[np.ndarray], np.ndarray],
+    volume: np.ndarray,
+    orientations: Sequence[str] = ("z",),
+) -> np.ndarray:
+    """Voxel-wise maximum of a slice-wise predictor run along several axes.
+
+    Args:
+      predict_fn: maps a `[d0, d1, d2]` volume to a map of the same shape,
+        slicing along its first axis (e.g. `predict_slices` of a model).
+      volume: `[z, y, x]` array.
+      orientations: slicing axes among "z", "y", "x" ("z" alone: plain
+        `predict_fn(volume)`).
+
+    Returns:
+      float32 `[z, y, x]`, the maximum over the orientations, each mapped back.
+
+    Raises:
+      ConfigError: for an unknown or repeated orientation, or none.
+    """
+    unknown = [name for name in orientations if name not in ORIENTATIONS]
+    if not orientations or unknown or len(set(orientations)) != len(orientations):
+        raise ConfigError(
+            f"orientations={tuple(orientations)}: expected distinct axes among "
+            f"{tuple(ORIENTATIONS)}, at least one"
+        )
+    volume = np.asarray(volume)
+    result = None
+    for name in orientations:
+        perm = ORIENTATIONS[name]
+        pred = np.transpose(predict_fn(np.ascontiguousarray(np.transpose(volume, perm))), perm)
+        result = pred if result is None else np.maximum(result, pred)
+    return np.asarray(result, np.float32)

@@ -21,7 +21,7 @@ from absl import logging
 from synjax.data.augment import AugmentSettings
 from synjax.data.sampling import PatchSampler
 from synjax.errors import ConfigError
-from synjax.inference.predict import ensemble_max, predict_slices
+from synjax.inference.predict import ensemble_max, predict_orientations, predict_slices
 from synjax.inference.tta import TRANSFORMS
 from synjax.models.deepem3d import (
     TOTAL_STRIDE,
@@ -56,23 +56,6 @@ def model_settings(model_config: Mapping) -> DeepEM3DSettings:
         blocks=tuple(_field(model_config, "blocks", (1, 1, 1))),
         side_features=int(_field(model_config, "side_features", 16)),
         dilations=tuple(_field(model_config, "dilations", (1, 3, 5))),
-    )
-
-
-def _train_settings(t, model_config: Mapping, seed: int) -> TrainSettings:
-    """`TrainSettings` from `config.train`, with the model's own steps and seed."""
-    return TrainSettings(
-        steps=int(_field(model_config, "steps")),
-        batch_size=t.batch_size,
-        learning_rate=t.learning_rate,
-        optimizer=t.optimizer,
-        schedule=t.schedule,
-        warmup_steps=t.warmup_steps,
-        log_every=t.log_every,
-        checkpoint_every=t.checkpoint_every,
-        keep_checkpoints=t.keep_checkpoints,
-        seed=int(model_config.get("seed", seed)),
-        num_devices=t.num_devices,
     )
 
 
@@ -126,7 +109,11 @@ def train_models(config, raw: np.ndarray, neuron_ids: np.ndarray, workdir) -> No
             augment=AugmentSettings() if config.train.augment else None,
             seed=int(model_config.get("seed", config.seed)),
         )
-        settings = _train_settings(config.train, model_config, config.seed)
+        settings = TrainSettings.from_config(
+            config.train,
+            seed=int(model_config.get("seed", config.seed)),
+            steps=int(_field(model_config, "steps")),
+        )
         batch_fn = functools.partial(_centre_slice_batch, sampler, batch_size=settings.batch_size)
         logging.info(
             "Model %s: s%d, kernel %s, width %s, %d steps, boundary share %.3f, weights %s",
@@ -175,30 +162,34 @@ def load_apply_fns(config, workdir) -> list:
 def predict_ensemble(config, workdir, raw, apply_fns: list | None = None) -> np.ndarray:
     """Boundary probability of `raw` `[z, y, x]`: every model, then their maximum.
 
+    Each model slices along `config.predict.orientations` (default z only)
+    and keeps its maximum over them before the ensemble maximum.
+
     Returns:
       float32 `[z, y, x]` in [0, 1].
     """
     apply_fns = apply_fns or load_apply_fns(config, workdir)
     p = config.predict
+    orientations = tuple(p.get("orientations") or ("z",))
     predictions, masks = [], []
     for model_config, fn in zip(config.models, apply_fns, strict=True):
         start = time.perf_counter()
-        predictions.append(
-            predict_slices(
-                fn,
-                raw,
-                slices=int(model_config["slices"]),
-                batch_size=p.batch_size,
-                tta=p.tta,
-                progress=p.progress,
-                transforms=tta_transforms(config) if p.tta else TRANSFORMS,
-                max_tile=p.get("max_tile"),
-            )
+        slice_wise = functools.partial(
+            predict_slices,
+            fn,
+            slices=int(model_config["slices"]),
+            batch_size=p.batch_size,
+            tta=p.tta,
+            progress=p.progress,
+            transforms=tta_transforms(config) if p.tta else TRANSFORMS,
+            max_tile=p.get("max_tile"),
         )
+        predictions.append(predict_orientations(slice_wise, raw, orientations))
         logging.info(
-            "Model %s predicted %d slices in %.0f s (TTA %s)",
+            "Model %s predicted %s along %s in %.0f s (TTA %s)",
             model_config["name"],
-            raw.shape[0],
+            raw.shape,
+            "/".join(orientations),
             time.perf_counter() - start,
             p.tta_transforms if p.tta else "off",
         )

@@ -67,8 +67,8 @@ def _read(path: str, dataset: str, window) -> np.ndarray | None:
 def load_part(config, part: str) -> NeuronVolume:
     """Reads part `part` ("train", "tune" or "test") named by `config.data`.
 
-    "tune" is a z range of the training file: the watershed's sigma and h are
-    chosen there, never on the test part.
+    "tune" is a z range of the training file: the watershed's sigma and h and
+    the agglomeration threshold are chosen there, never on the test part.
     """
     if part not in PARTS:
         raise ConfigError(f"neuron data part {part!r}: expected one of {PARTS}")

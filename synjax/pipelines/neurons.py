@@ -3,11 +3,14 @@
 train:    boundary labels of the training part -> an ensemble of DeepEM3D-Nets
           (`boundary_models`); then the ensemble's boundary map of the tuning
           part (a z range of the training data) picks the watershed's sigma
-          and h by grid search, and so does the classical baseline's (inverted
-          raw intensity); both are saved to `watershed.json`.
+          and h, and the threshold of the mean-boundary agglomeration that
+          follows it, by grid search; the classical baseline (inverted raw
+          intensity, watershed only) picks its sigma and h the same way; both
+          are saved to `watershed.json`.
 predict:  ensemble boundary map of the test part (TTA, max over models) ->
-          `predictions/boundaries.zarr`; 3D watershed with the saved
-          parameters -> `predictions/segmentation.zarr` (uint64).
+          `predictions/boundaries.zarr`; 3D watershed and agglomeration with
+          the saved parameters -> `predictions/segmentation.zarr` (uint64;
+          the watershed before agglomeration: `predictions/watershed.zarr`).
 evaluate: adapted Rand error (precision, recall) and VOI (split, merge) of
           ours and of two baselines (the stored over-segmentation, the tuned
           classical watershed) on the test part -> `metrics.json`,
@@ -28,25 +31,39 @@ from synjax.errors import DataError
 from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_information
 from synjax.io import create_volume, open_volume
 from synjax.pipelines import boundary_models, neuron_data
+from synjax.postprocess.agglomeration import agglomerate
 from synjax.postprocess.watershed import grid_search, segment
 from synjax.report import files, slices
 
 WATERSHED_FILE = "watershed.json"
 BOUNDARIES = "predictions/boundaries.zarr"
 SEGMENTATION = "predictions/segmentation.zarr"
+WATERSHED_ONLY = "predictions/watershed.zarr"
 OURS, OVERSEG, CLASSICAL = "deepem3d", "oversegmentation", "classical_watershed"
+# Our watershed before agglomeration, scored too so the report shows what merging adds.
+OURS_WATERSHED_ONLY = "deepem3d_watershed_only"
 
 
 def _tune(boundary: np.ndarray, gt: np.ndarray, block) -> dict:
-    """Grid search of (sigma, h) for one boundary map of the tuning part."""
+    """Grid search of (sigma, h[, agglomeration threshold]) on one tuning-part map."""
     start = time.perf_counter()
-    sigma, h, table = grid_search(boundary, gt, block.sigmas, block.hs, smoothing=block.smoothing)
-    best = min(row.score for row in table)
-    logging.info("Watershed tuned: sigma %.2f, h %.3f (tuning ARE %.4f)", sigma, h, best)
+    thresholds = tuple(block.get("thresholds") or ())
+    _, _, table = grid_search(
+        boundary, gt, block.sigmas, block.hs, thresholds=thresholds, smoothing=block.smoothing
+    )
+    best = min(table, key=lambda row: row.score)
+    logging.info(
+        "Watershed tuned: sigma %.2f, h %.3f, agglomeration threshold %s (tuning ARE %.4f)",
+        best.sigma,
+        best.h,
+        best.threshold,
+        best.score,
+    )
     return {
-        "sigma": sigma,
-        "h": h,
-        "tuning_are": best,
+        "sigma": best.sigma,
+        "h": best.h,
+        "threshold": best.threshold,
+        "tuning_are": best.score,
         "table": [row._asdict() for row in table],
         "seconds": time.perf_counter() - start,
     }
@@ -80,15 +97,32 @@ def _write(path: pathlib.Path, array: np.ndarray, resolution) -> None:
 
 
 def _segment(config, workdir: pathlib.Path, raw: np.ndarray, apply_fns=None):
-    """(uint64 segmentation, float32 boundary map) of `raw`, both `[z, y, x]`."""
+    """Segmentation of `raw` with the trained ensemble and tuned watershed.
+
+    Returns:
+      `(segmentation, watershed_only, boundary)`: uint64 `[z, y, x]` after
+      agglomeration, uint64 before it (the same array when the tuned
+      threshold is None), float32 boundary map.
+    """
     if not (workdir / WATERSHED_FILE).exists():
         raise DataError(
             f"{workdir / WATERSHED_FILE} is absent: run the neuron pipeline's train mode first"
         )
     chosen = files.read_json(workdir / WATERSHED_FILE)[OURS]
     boundary = boundary_models.predict_ensemble(config, workdir, np.asarray(raw), apply_fns)
-    seg = segment(boundary, chosen["sigma"], chosen["h"], smoothing=config.watershed.smoothing)
-    return seg.astype(np.uint64), boundary
+    return (*_segment_boundary(config, boundary, chosen), boundary)
+
+
+def _segment_boundary(config, boundary: np.ndarray, chosen: dict) -> tuple:
+    """(agglomerated, watershed-only) uint64 segmentations of a boundary map.
+
+    `chosen` is a tuning result (`_tune`): sigma, h and threshold (None: no
+    agglomeration, both are the same array).
+    """
+    over = segment(boundary, chosen["sigma"], chosen["h"], smoothing=config.watershed.smoothing)
+    threshold = chosen.get("threshold")
+    seg = over if threshold is None else agglomerate(over, boundary, threshold)
+    return seg.astype(np.uint64), over.astype(np.uint64)
 
 
 def segment_with_trained_models(config, workdir, raw: np.ndarray, apply_fns=None) -> np.ndarray:
@@ -112,8 +146,9 @@ def segment_with_trained_models(config, workdir, raw: np.ndarray, apply_fns=None
 
 def _predict(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> np.ndarray:
     start = time.perf_counter()
-    seg, boundary = _segment(config, workdir, test.raw)
+    seg, over, boundary = _segment(config, workdir, test.raw)
     _write(workdir / BOUNDARIES, boundary, test.resolution)
+    _write(workdir / WATERSHED_ONLY, over, test.resolution)
     _write(workdir / SEGMENTATION, seg, test.resolution)
     logging.info(
         "Test part %s: %d segments in %.0f s",
@@ -143,6 +178,7 @@ def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> 
         logging.warning("Test part has no %s: nothing to evaluate", config.data.labels_key)
         return {}
     seg = open_volume(str(workdir / SEGMENTATION)).read()
+    over = open_volume(str(workdir / WATERSHED_ONLY)).read()
     chosen = files.read_json(workdir / WATERSHED_FILE)
     classical = chosen[CLASSICAL]
     baseline = segment(
@@ -151,13 +187,18 @@ def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> 
         classical["h"],
         smoothing=config.baseline.smoothing,
     )
-    results = {OURS: _scores(seg, test.neuron_ids), CLASSICAL: _scores(baseline, test.neuron_ids)}
+    results = {
+        OURS: _scores(seg, test.neuron_ids),
+        OURS_WATERSHED_ONLY: _scores(over, test.neuron_ids),
+        CLASSICAL: _scores(baseline, test.neuron_ids),
+    }
     if test.oversegmentation is not None:
         results[OVERSEG] = _scores(test.oversegmentation, test.neuron_ids)
     metrics = {
         **results,
         "watershed": {k: chosen[k]["sigma"] for k in (OURS, CLASSICAL)}
-        | {f"{k}_h": chosen[k]["h"] for k in (OURS, CLASSICAL)},
+        | {f"{k}_h": chosen[k]["h"] for k in (OURS, CLASSICAL)}
+        | {f"{OURS}_threshold": chosen[OURS].get("threshold")},
         "test_shape": list(test.raw.shape),
         "models": [m["name"] for m in config.models],
         "tta_transforms": config.predict.tta_transforms if config.predict.tta else 1,
@@ -203,23 +244,28 @@ def run(config, workdir: pathlib.Path) -> dict:
     return metrics
 
 
-def train_segmenter(config, workdir, raw: np.ndarray, neuron_ids: np.ndarray) -> None:
+def train_segmenter(config, workdir, raw: np.ndarray, neuron_ids: np.ndarray) -> np.ndarray:
     """Trains the ensemble on one volume and tunes its watershed on that volume.
 
     For pipelines that need a segmentation of volumes of their own (the
     partner demo), with no separate tuning part: the watershed's sigma and h
-    are picked on the training volume's boundary map, which is cleaner than
-    an unseen volume's, so the choice leans towards fewer seeds than ideal.
+    (and agglomeration threshold, if `config.watershed.thresholds`) are
+    picked on the training volume's boundary map, which is cleaner than an
+    unseen volume's, so the choice leans towards fewer seeds than ideal.
 
     Args:
       config: the neuron config (its `models`, `train`, `predict`, `watershed`).
       workdir: run folder; writes `checkpoints/<model>` and `watershed.json`.
       raw: `[z, y, x]` uint8 EM.
       neuron_ids: `[z, y, x]` dense ground-truth labels of `raw`.
+
+    Returns:
+      uint64 `[z, y, x]` segmentation of `raw` with the tuned parameters (the
+      boundary map is predicted once, for tuning and for this).
     """
     workdir = pathlib.Path(workdir)
     boundary_models.train_models(config, raw, neuron_ids, workdir)
     boundary = boundary_models.predict_ensemble(config, workdir, raw)
-    files.write_json(
-        workdir / WATERSHED_FILE, {OURS: _tune(boundary, neuron_ids, config.watershed)}
-    )
+    chosen = _tune(boundary, neuron_ids, config.watershed)
+    files.write_json(workdir / WATERSHED_FILE, {OURS: chosen})
+    return _segment_boundary(config, boundary, chosen)[0]

@@ -37,19 +37,24 @@ THRESHOLD_FILE = "pruner_threshold.json"
 DETECTIONS_FILE = "detections.csv"
 
 
-def _segmentation(config, workdir: pathlib.Path, volume: PartnerVolume) -> np.ndarray:
+def _segmentation(
+    config, workdir: pathlib.Path, volume: PartnerVolume, predicted: np.ndarray | None = None
+) -> np.ndarray:
     """The neuron segmentation candidates are built on.
 
     "groundtruth" is the volume's own neuron_ids; "predicted" is the DeepEM3D
     ensemble and watershed of `config.neurons`, trained in this workdir on
-    the training volume (see `_train_segmenter`). A predicted segmentation is
+    the training volume (see `_train_segmenter`), or `predicted` when given
+    (the training volume's, made while tuning). A predicted segmentation is
     written to `predictions/<volume>_segmentation.zarr`.
     """
     source = config.segmentation.source
     if source == "groundtruth":
         return volume.neuron_ids
     if source == "predicted":
-        seg = neurons.segment_with_trained_models(config.neurons, workdir, volume.raw)
+        seg = predicted
+        if seg is None:
+            seg = neurons.segment_with_trained_models(config.neurons, workdir, volume.raw)
         path = workdir / "predictions" / f"{volume.name}_segmentation.zarr"
         out = create_volume(str(path), seg.shape, np.uint64, volume.resolution, overwrite=True)
         out[...] = seg
@@ -62,10 +67,15 @@ def _segmentation(config, workdir: pathlib.Path, volume: PartnerVolume) -> np.nd
     )
 
 
-def _train_segmenter(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
-    """Trains the neuron segmentation that "predicted" candidates are built on."""
-    if config.segmentation.source == "predicted":
-        neurons.train_segmenter(config.neurons, workdir, volume.raw, volume.neuron_ids)
+def _train_segmenter(config, workdir: pathlib.Path, volume: PartnerVolume) -> np.ndarray | None:
+    """Trains the neuron segmentation that "predicted" candidates are built on.
+
+    Returns:
+      The training volume's predicted segmentation, or None for "groundtruth".
+    """
+    if config.segmentation.source != "predicted":
+        return None
+    return neurons.train_segmenter(config.neurons, workdir, volume.raw, volume.neuron_ids)
 
 
 def _candidates(config, prox: np.ndarray, segmentation: np.ndarray, volume) -> Candidates:
@@ -135,8 +145,8 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         workdir / "predictions" / "train_proximity.zarr",
         volume.resolution,
     )
-    _train_segmenter(config, workdir, volume)
-    segmentation = _segmentation(config, workdir, volume)
+    predicted = _train_segmenter(config, workdir, volume)
+    segmentation = _segmentation(config, workdir, volume, predicted)
     candidates = _candidates(config, prox, segmentation, volume)
     labels = label_candidates(
         candidates,

@@ -39,24 +39,6 @@ def unet_config(config) -> UNet3DConfig:
     )
 
 
-def train_settings(train_config, seed: int) -> TrainSettings:
-    """`TrainSettings` from a config's `train`-like block."""
-    t = train_config
-    return TrainSettings(
-        steps=t.steps,
-        batch_size=t.batch_size,
-        learning_rate=t.learning_rate,
-        optimizer=t.get("optimizer", "adam"),
-        schedule=t.get("schedule", "constant"),
-        warmup_steps=t.get("warmup_steps", 0),
-        log_every=t.get("log_every", 10),
-        checkpoint_every=t.get("checkpoint_every", 100),
-        keep_checkpoints=t.get("keep_checkpoints", 2),
-        seed=seed,
-        num_devices=t.get("num_devices", None),
-    )
-
-
 def _loss(outputs, batch):
     loss = weighted_mse(outputs, batch["target"], batch["weight"])
     return loss, {"mse": loss}
@@ -82,7 +64,7 @@ def train_unet(config, sources: list[dict[str, np.ndarray]], workdir: pathlib.Pa
         positive_key="synaptic",
         positive_fraction=config.train.positive_fraction,
     )
-    settings = train_settings(config.train, config.seed)
+    settings = TrainSettings.from_config(config.train, config.seed)
     batch_fn = functools.partial(sampler.batch, batch_size=settings.batch_size)
     state = train(UNet3D(cfg), _loss, batch_fn, settings, workdir, name=MODEL_NAME)
     return jax.device_get(state.params)

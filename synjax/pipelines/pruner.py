@@ -12,11 +12,10 @@ from absl import logging
 
 from synjax.errors import DataError
 from synjax.models.pruning import PruningCNN, sigmoid_bce
-from synjax.pipelines.proximity import train_settings
 from synjax.postprocess.candidates import Candidates
 from synjax.postprocess.pruning_windows import extract_windows
 from synjax.train import checkpoint
-from synjax.train.loop import train
+from synjax.train.loop import TrainSettings, train
 
 MODEL_NAME = "pruner"
 NUM_CHANNELS = 4
@@ -65,7 +64,7 @@ def train_pruner(
     logging.info(
         "Pruner training: %d positive, %d negative candidates", len(positives), len(negatives)
     )
-    settings = train_settings(config.pruner, config.seed)
+    settings = TrainSettings.from_config(config.pruner, config.seed)
     window = tuple(config.pruner.window)
 
     def batch_fn(step: int) -> dict[str, np.ndarray]:

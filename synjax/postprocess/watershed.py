@@ -23,8 +23,10 @@ far worse segmentation); ``mahotas.cwatershed`` 26.1 s, error 0.141. None is bot
 and as good, so scikit-image's watershed is used. The H-minima transform
 (15.5 s there) costs as much as the flooding.
 
-`grid_search` picks (sigma, h) on training volumes by a segmentation metric,
-smoothing once per sigma and reusing it for every h.
+`grid_search` picks (sigma, h), and optionally the threshold of a following
+mean-boundary agglomeration (`synjax.postprocess.agglomeration`), on training
+volumes by a segmentation metric, smoothing once per sigma, flooding once per
+(sigma, h) and building one region graph for all thresholds.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from skimage.segmentation import watershed
 
 from synjax.errors import ConfigError, DataError
 from synjax.evaluation.rand_voi import adapted_rand_error
+from synjax.postprocess.agglomeration import agglomerate, region_graph
 
 Smoothing = Literal["2d", "3d"]
 
@@ -55,6 +58,8 @@ class GridResult(NamedTuple):
     sigma: float
     h: float
     score: float
+    # Agglomeration threshold, None when the search has none.
+    threshold: float | None = None
 
 
 def smooth_and_quantise(
@@ -190,9 +195,10 @@ def grid_search(
     sigmas: Sequence[float],
     hs: Sequence[float],
     metric: Callable = adapted_rand_error,
+    thresholds: Sequence[float] | None = None,
     **segment_kwargs,
 ) -> tuple[float, float, list[GridResult]]:
-    """Finds the (sigma, h) whose watershed scores best on training volumes.
+    """Finds the (sigma, h[, threshold]) whose segmentation scores best on training volumes.
 
     Args:
         inputs: One boundary map `[z, y, x]` or a sequence of them.
@@ -201,12 +207,18 @@ def grid_search(
         hs: H-minima depths to try for every sigma.
         metric: `metric(seg, gt)` -> error (lower is better) or a tuple whose
             first item is the error; the score is its mean over the volumes.
+        thresholds: Optional agglomeration thresholds to try on every
+            watershed (`agglomeration.agglomerate` with the unsmoothed input
+            as boundary map, which must then lie in [0, 1]); None or empty:
+            the watershed alone.
         **segment_kwargs: `smoothing`, `mask`, `background_threshold`, `rescale`
             as in `segment` (the same for every volume).
 
     Returns:
-        `(best_sigma, best_h, table)`; table has one `GridResult` per pair in
-        the order tried. Ties go to the pair tried first.
+        `(best_sigma, best_h, table)`; table has one `GridResult` per
+        combination in the order tried (its `threshold` field is the
+        agglomeration threshold, None without one); the best row is
+        `min(table, key=score)`. Ties go to the combination tried first.
 
     Raises:
         ConfigError: if sigmas or hs is empty.
@@ -225,10 +237,19 @@ def grid_search(
     for sigma in sigmas:
         levels = [smooth_and_quantise(x, sigma, smoothing, mask, rescale) for x in inputs]
         for h in hs:
-            scores = [
-                _score(metric, watershed_from_quantised(q, h, mask, **segment_kwargs), g)
-                for q, g in zip(levels, gt, strict=True)
-            ]
-            table.append(GridResult(float(sigma), float(h), float(np.mean(scores))))
+            segs = [watershed_from_quantised(q, h, mask, **segment_kwargs) for q in levels]
+            if not thresholds:
+                score = np.mean([_score(metric, s, g) for s, g in zip(segs, gt, strict=True)])
+                table.append(GridResult(float(sigma), float(h), float(score)))
+                continue
+            graphs = [region_graph(s, x) for s, x in zip(segs, inputs, strict=True)]
+            for threshold in thresholds:
+                score = np.mean(
+                    [
+                        _score(metric, agglomerate(s, x, threshold, rag), g)
+                        for s, x, rag, g in zip(segs, inputs, graphs, gt, strict=True)
+                    ]
+                )
+                table.append(GridResult(float(sigma), float(h), float(score), float(threshold)))
     best = min(table, key=lambda row: row.score)
     return best.sigma, best.h, table

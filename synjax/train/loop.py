@@ -77,6 +77,20 @@ class TrainSettings:
     seed: int = 0
     num_devices: int | None = None
 
+    @classmethod
+    def from_config(cls, block, seed: int, steps: int | None = None) -> TrainSettings:
+        """Settings from a config's `train`-like block (absent fields: the defaults).
+
+        Args:
+          block: ConfigDict or mapping with `batch_size`, `learning_rate`, and
+            `steps` unless given, plus any other field of this class.
+          seed: parameter-initialisation seed.
+          steps: overrides `block.steps` (e.g. a per-model step count).
+        """
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("steps", "seed")]
+        fields = {name: block[name] for name in names if name in block}
+        return cls(steps=int(block["steps"] if steps is None else steps), seed=seed, **fields)
+
     def validate(self) -> None:
         """Raises ConfigError naming the first field with an unusable value."""
         positive = {"steps": self.steps, "batch_size": self.batch_size}
