@@ -57,10 +57,11 @@ def region_graph(segmentation: np.ndarray, boundary: np.ndarray) -> skgraph.RAG:
         )
     # rag_boundary indexes a sparse matrix with the labels: signed integers.
     labels = segmentation.astype(np.int64, copy=False)
-    if not any((np.diff(labels, axis=axis) != 0).any() for axis in range(labels.ndim)):
+    if labels.size == 0 or labels.min() == labels.max():
         # One label everywhere: no contacts, which rag_boundary cannot take.
+        # (Any two labels in a filled volume touch somewhere.)
         rag = skgraph.RAG()
-        for label in np.unique(labels):
+        for label in labels.flat[:1]:
             rag.add_node(int(label), labels=[int(label)])
     else:
         rag = skgraph.rag_boundary(labels, boundary.astype(np.float64, copy=False), connectivity=1)
