@@ -81,14 +81,15 @@ def test_segment_with_trained_models(smoke_run):
 
 def test_snemi_missing_file_names_dataset_key_and_source(tmp_path):
     config = _load_config("snemi")
-    config.data.train_path = str(tmp_path / "absent.h5")
+    config.data.train_path = str(tmp_path / "train-input.tif")
     with pytest.raises(DataError) as error:
         pipelines.run(config, tmp_path)
     message = str(error.value)
     assert "\n" not in message
     assert "SNEMI3D" in message and "config.data.train_path" in message
     assert "brainiac2.mit.edu/SNEMI3D" in message
-    assert len(config.models) == 4 and {m["slices"] for m in config.models} == {1, 3, 5}
+    # The paper's final ensemble: three 2D nets and one 5-slice net.
+    assert len(config.models) == 4 and sorted(m["slices"] for m in config.models) == [1, 1, 1, 5]
 
 
 class _BatchNormNet(nn.Module):

@@ -11,9 +11,10 @@ than `max_tile` are cut into overlapping tiles whose centres are kept (each
 pixel is written by exactly one tile, cut at the middle of each overlap).
 
 `ensemble_max` combines several models' boundary maps by voxel-wise maximum,
-with the paper's option of letting a model contribute only on chosen slices
-(e.g. a model trained for misaligned sections, used only where sections are
-misaligned).
+with the paper's option of letting a model contribute only on chosen slices:
+DeepEM3D's SNEMI3D ensemble takes, on every slice, the maximum of its three
+2D nets (1 input slice), and on the misaligned slices also that of its
+5-slice 3D-fusion net.
 
 `predict_orientations` runs a slice-wise predictor along other axes too, for
 isotropic volumes (FIB-SEM), and keeps the voxel-wise maximum: a membrane

@@ -200,8 +200,10 @@ def predict_ensemble(config, workdir, raw, apply_fns: list | None = None) -> np.
 def _slice_mask(model_config: Mapping, depth: int) -> np.ndarray | None:
     """bool `[z]` of the slices a model contributes to (`only_slices`), or None for all.
 
-    DeepEM3D adds its 2D model only on misaligned slices, where the 3D models'
-    stacks mix unaligned neighbours.
+    `only_slices` are z indices of the volume being predicted. DeepEM3D's
+    SNEMI3D ensemble (Table 2, last row) runs its three 2D nets on every slice
+    and adds its 5-slice 3D-fusion net (s5_c3) only on the misaligned slices;
+    an empty `only_slices` makes a model contribute nothing.
     """
     only = model_config.get("only_slices")
     if only is None:

@@ -175,7 +175,10 @@ def _scores(seg: np.ndarray, gt: np.ndarray) -> dict:
 
 def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> dict:
     if test.neuron_ids is None:
-        logging.warning("Test part has no %s: nothing to evaluate", config.data.labels_key)
+        logging.warning(
+            "Test part has no labels (%s): scoring skipped",
+            neuron_data.missing_labels(config, "test"),
+        )
         return {}
     seg = open_volume(str(workdir / SEGMENTATION)).read()
     over = open_volume(str(workdir / WATERSHED_ONLY)).read()
