@@ -80,6 +80,12 @@ def get_config(arg: str | None = None):
                 "test_z": None,
                 # yx crop (y0, y1, x0, x1); None: whole 1024 x 1024 slices.
                 "crop_yx": (0, 64, 0, 64) if smoke else None,
+                # How raw intensities become the networks' [0, 1] input (saved with each
+                # checkpoint as checkpoints/<model>/intensity.json, re-applied at prediction):
+                # "dtype": uint8 / 255, uint16 / 65535, floats must already lie in [0, 1];
+                # "percentiles": the training volume's low/high percentiles map to 0 and 1
+                # (clipped), measured once on it and never on the test volume.
+                "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0},
             },
             # The paper's ensemble: s1/s3/s5 inputs, c5/c3 boundary kernels.
             "models": (
