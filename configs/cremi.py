@@ -44,6 +44,12 @@ def get_config(arg: str | None = None):
                 "test_seed": 0,
                 "n_synapses": 0,
                 "polyadic_fraction": 0.0,
+                # How raw intensities become the networks' [0, 1] input (saved with each
+                # checkpoint as checkpoints/<model>/intensity.json, re-applied at prediction):
+                # "dtype": uint8 / 255, uint16 / 65535, floats must already lie in [0, 1];
+                # "percentiles": the training volume's low/high percentiles map to 0 and 1
+                # (clipped), measured once on it and never on the test volume.
+                "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0},
             },
             # "groundtruth": candidates on the file's neuron_ids.
             "segmentation": {"source": "groundtruth"},

@@ -44,6 +44,12 @@ def get_config(arg: str | None = None):
                 # Synapses per synthetic volume and the share with several posts.
                 "n_synapses": 4 if smoke else 24,
                 "polyadic_fraction": 0.5,
+                # How raw intensities become the networks' [0, 1] input (saved with each
+                # checkpoint as checkpoints/<model>/intensity.json, re-applied at prediction):
+                # "dtype": uint8 / 255, uint16 / 65535, floats must already lie in [0, 1];
+                # "percentiles": the training volume's low/high percentiles map to 0 and 1
+                # (clipped), measured once on it and never on the test volume.
+                "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0},
             },
             # Neuron segmentation that candidates are built on: "predicted"
             # (DeepEM3D + watershed of `neurons`, trained on the training
@@ -57,6 +63,10 @@ def get_config(arg: str | None = None):
             # configs/fib25.py), used when segmentation.source == "predicted".
             "neurons": {
                 "seed": 0,
+                # The segmentation models' own intensity settings (as data.intensity).
+                "data": {
+                    "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0}
+                },
                 # One DeepEM3D-Net: 3 input slices, 3x3x3 boundary kernel.
                 "models": (
                     {

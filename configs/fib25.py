@@ -59,6 +59,12 @@ def get_config(arg: str | None = None):
                 "test_z": (24, 32) if smoke else (150, 250),
                 # yx crop (y0, y1, x0, x1) of every part; None: whole slices.
                 "crop_yx": (0, 48, 0, 48) if smoke else None,
+                # How raw intensities become the networks' [0, 1] input (saved with each
+                # checkpoint as checkpoints/<model>/intensity.json, re-applied at prediction):
+                # "dtype": uint8 / 255, uint16 / 65535, floats must already lie in [0, 1];
+                # "percentiles": the training volume's low/high percentiles map to 0 and 1
+                # (clipped), measured once on it and never on the test volume.
+                "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0},
             },
             # The ensemble (DeepEM3D's Table 2 style): slices s (1, 3, 5),
             # boundary kernel (c5, c3, l3), width (x the paper's features),

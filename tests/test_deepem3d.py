@@ -1,5 +1,7 @@
 """DeepEM3D-Net: shapes per variant, loss and weights by hand, a training step."""
 
+import json
+
 import h5py
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,87 @@ def test_running_statistics_match_the_trained_batch_statistics():
     # A short run must give inference (running statistics) the outputs that
     # training saw; flax's default momentum of 0.99 does not (gap 0.31 vs 0.001).
     assert _eval_vs_batch_statistics_gap() < 0.05
+
+
+def _ensemble_config(method: str):
+    import ml_collections
+
+    return ml_collections.ConfigDict(
+        {
+            "seed": 0,
+            "data": {"intensity": {"method": method, "low_percent": 5.0, "high_percent": 95.0}},
+            "models": (
+                {
+                    "name": "tiny",
+                    "slices": 3,
+                    "kernel": "c3",
+                    "width": TINY_WIDTH,
+                    "side_features": 4,
+                    "steps": 1,
+                    "seed": 0,
+                },
+            ),
+            "train": {
+                "patch_yx": 16,
+                "batch_size": 1,
+                "learning_rate": 1e-3,
+                "augment": False,
+                "log_every": 0,
+                "checkpoint_every": 1,
+                "keep_checkpoints": 1,
+                "num_devices": 1,
+            },
+            "predict": {
+                "tta": False,
+                "tta_transforms": 1,
+                "batch_size": 4,
+                "progress": False,
+                "orientations": ("z",),
+            },
+        }
+    )
+
+
+def _centre_slice(x):
+    """A stand-in network `[n, 3, y, x, 1] -> [n, y, x, 1]` that shows its input."""
+    return x[:, 1]
+
+
+def test_trained_ensemble_saves_and_reapplies_its_normalization(tmp_path, monkeypatch):
+    from synjax.data.intensity import INTENSITY_FILE, IntensityNormalization
+    from synjax.pipelines import boundary_models
+
+    batches = []
+
+    def fake_train(model, loss, batch_fn, settings, workdir, name):
+        # The optimisation itself is tested above; here only what it is fed.
+        batches.append(batch_fn(0))
+
+    monkeypatch.setattr(boundary_models, "train", fake_train)
+    rng = np.random.default_rng(2)
+    raw = rng.integers(30, 220, (4, 16, 16), dtype=np.uint8)
+    neuron_ids = np.ones(raw.shape, np.uint64)
+    neuron_ids[:, :, 8:] = 2
+    config = _ensemble_config("percentiles")
+    boundary_models.train_models(config, raw, neuron_ids, tmp_path)
+    saved = tmp_path / "checkpoints" / "tiny" / INTENSITY_FILE
+    low, high = np.percentile(raw, [5.0, 95.0], method="nearest")
+    fitted = IntensityNormalization("percentiles", 5.0, 95.0, float(low), float(high))
+    assert IntensityNormalization.from_dict(json.loads(saved.read_text())) == fitted
+    # Training patches: the percentile-normalised raw (no augmentation here).
+    normalised = np.clip((raw.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+    patch = batches[0]["input"]
+    assert patch.shape == (1, 3, 16, 16, 1)
+    assert any(np.allclose(patch[0, ..., 0], normalised[z : z + 3], atol=1e-6) for z in range(2))
+    # Prediction feeds the network the saved percentiles' values.
+    got = boundary_models.predict_ensemble(config, tmp_path, raw, [_centre_slice])
+    np.testing.assert_allclose(got, normalised, atol=1e-6)
+    # A workdir from before the file existed falls back to the dtype range.
+    saved.unlink()
+    u16 = raw.astype(np.uint16) * 257
+    fallback = boundary_models.predict_ensemble(config, tmp_path, u16, [_centre_slice])
+    np.testing.assert_array_equal(fallback, raw / np.float32(255))
+    # Checkpoints trained on the dtype range refuse to be resumed under percentiles.
+    (tmp_path / "checkpoints" / "tiny" / "1").mkdir()
+    with pytest.raises(ConfigError, match="trained with intensity"):
+        boundary_models.train_models(config, raw, neuron_ids, tmp_path)

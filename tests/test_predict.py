@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from synjax.data.intensity import IntensityNormalization
 from synjax.errors import ConfigError, DataError
 from synjax.inference import predict
 from synjax.inference.predict import (
@@ -189,3 +190,36 @@ def test_orientations_map_back_and_take_the_maximum():
 def test_bad_orientations(orientations):
     with pytest.raises(ConfigError, match="orientations"):
         predict_orientations(_first_axis_index, np.zeros((2, 2, 2)), orientations)
+
+
+def test_deepem3d_predictions_identical_for_uint16_and_float_copies():
+    model = DeepEM3DNet(DeepEM3DSettings(slices=3, width=1 / 16, side_features=4))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 3, 32, 32, 1)))
+    fn = make_apply_fn(model, variables)
+    raw = np.random.default_rng(4).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    copies = {
+        "uint8": raw,
+        "uint16": raw.astype(np.uint16) * 257,
+        "float32": raw.astype(np.float32) / np.float32(255),
+    }
+    got = {
+        dtype: predict_slices(fn, copy, 3, batch_size=4, tta=False, progress=False)
+        for dtype, copy in copies.items()
+    }
+    assert np.ptp(got["uint8"]) > 0
+    for dtype in ("uint16", "float32"):
+        np.testing.assert_array_equal(got[dtype], got["uint8"])
+    # Percentiles measured on each copy give identical input too; applied to a
+    # copy they were not measured on, they give another input and prediction.
+    settings = IntensityNormalization("percentiles", low_percent=5.0, high_percent=95.0)
+    fitted = {dtype: settings.fit([copies[dtype]], dtype) for dtype in ("uint8", "uint16")}
+    by_percentiles = {
+        dtype: predict_slices(
+            fn, copies[dtype], 3, batch_size=4, tta=False, progress=False, intensity=fit
+        )
+        for dtype, fit in fitted.items()
+    }
+    np.testing.assert_array_equal(by_percentiles["uint16"], by_percentiles["uint8"])
+    assert not np.array_equal(by_percentiles["uint8"], got["uint8"])
+    with pytest.raises(DataError, match=r"test raw: float intensities span"):
+        predict_slices(fn, copies["float32"] * 255, 3, progress=False, name="test raw")

@@ -188,3 +188,138 @@ def test_candidates_to_labels_windows_and_metric():
         pred.post_locations,
     )
     assert pm.cremi_partner_scores(pred, truth).tp == 1
+
+
+class _LoggedVolume:
+    """Volume-like array that records the windows read from it."""
+
+    def __init__(self, array):
+        self._array = array
+        self.shape = array.shape
+        self.dtype = array.dtype
+        self.reads = []
+
+    def __getitem__(self, window):
+        self.reads.append(tuple((s.start, s.stop) for s in window))
+        return self._array[window]
+
+
+PRUNER_SHAPE = (8, 24, 24)
+PRUNER_WINDOW = (4, 16, 16)
+
+
+@pytest.fixture
+def fast_compile():
+    """Tiny networks: XLA's optimisations cost more than they save."""
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def _pruner_config(method="dtype", steps=2):
+    import ml_collections
+
+    return ml_collections.ConfigDict(
+        {
+            "seed": 0,
+            "data": {"intensity": {"method": method, "low_percent": 2.0, "high_percent": 98.0}},
+            "pruner": {
+                "window": PRUNER_WINDOW,
+                "features": (2, 2, 2, 2, 2),
+                "pools": ((1, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)),
+                "dense_features": 4,
+                "batch_size": 4,
+                "steps": steps,
+                "learning_rate": 1e-3,
+                "log_every": 0,
+                "checkpoint_every": steps,
+                "keep_checkpoints": 1,
+                "num_devices": 1,
+            },
+        }
+    )
+
+
+def _pruner_volumes():
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, PRUNER_SHAPE, dtype=np.uint8)
+    prox = rng.uniform(-1, 1, PRUNER_SHAPE).astype(np.float32)
+    seg = np.ones(PRUNER_SHAPE, np.uint64)
+    seg[..., 12:] = 2
+    pre = [[z, y, 10] for z in (1, 4, 6) for y in (3, 12, 20)]
+    post = [[z, y, 13] for z, y, _ in pre]
+    cands = _candidates(pre, post, [1] * len(pre), [2] * len(pre))
+    return raw, prox, seg, cands
+
+
+def _copies(raw):
+    return {
+        "uint8": raw,
+        "uint16": raw.astype(np.uint16) * 257,
+        "float32": raw.astype(np.float32) / np.float32(255),
+    }
+
+
+def test_windows_identical_for_copies_and_only_windows_read():
+    raw, prox, seg, cands = _pruner_volumes()
+    windows = {}
+    for dtype, copy in _copies(raw).items():
+        lazy = _LoggedVolume(copy)
+        windows[dtype] = pw.extract_windows(
+            lazy, prox, seg, cands, PRUNER_WINDOW, rng=np.random.default_rng(1)
+        )
+        # One read per window, each no larger than the window: never the volume.
+        assert len(lazy.reads) == len(cands)
+        assert all(
+            b - a <= w for read in lazy.reads for (a, b), w in zip(read, PRUNER_WINDOW, strict=True)
+        )
+    for dtype in ("uint16", "float32"):
+        np.testing.assert_array_equal(windows[dtype], windows["uint8"])
+    centre = pw.extract_windows(raw, prox, seg, cands.select(np.array([4])), PRUNER_WINDOW)
+    # Candidate 4: midpoint (4, 12, 11.5) -> (4, 12, 12); window index (2, 8, 8).
+    assert centre[0, 2, 8, 8, pw.CHANNEL_EM] == raw[4, 12, 12] / np.float32(255)
+
+
+def test_scores_identical_for_uint16_and_float_copies(fast_compile):
+    from synjax.data.intensity import DTYPE_RANGE, TrainedParams
+    from synjax.pipelines import pruner
+
+    config = _pruner_config()
+    raw, prox, seg, cands = _pruner_volumes()
+    model = pruner.pruning_model(config)
+    params = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, *PRUNER_WINDOW, 4)))["params"]
+    trained = TrainedParams(params, DTYPE_RANGE)
+    scores = {
+        dtype: pruner.score_candidates(config, trained, copy, prox, seg, cands)
+        for dtype, copy in _copies(raw).items()
+    }
+    assert scores["uint8"].shape == (len(cands),) and np.ptp(scores["uint8"]) > 0
+    for dtype in ("uint16", "float32"):
+        np.testing.assert_array_equal(scores[dtype], scores["uint8"])
+    with pytest.raises(TypeError, match="TrainedParams"):
+        pruner.score_candidates(config, params, raw, prox, seg, cands)
+
+
+def test_trained_pruner_saves_its_normalization_and_loading_reapplies_it(tmp_path, fast_compile):
+    from synjax.data.intensity import INTENSITY_FILE, IntensityNormalization
+    from synjax.pipelines import pruner
+
+    config = _pruner_config("percentiles")
+    raw, prox, seg, cands = _pruner_volumes()
+    labels = np.arange(len(cands)) % 3 == 0
+    trained = pruner.train_pruner(config, raw, prox, seg, cands, labels, tmp_path)
+    low, high = np.percentile(raw, [2.0, 98.0], method="nearest")
+    assert trained.intensity == IntensityNormalization("percentiles", 2.0, 98.0, low, high)
+    folder = tmp_path / "checkpoints" / pruner.MODEL_NAME
+    # orbax keeps its step folder beside the file and still finds the step.
+    assert sorted(p.name for p in folder.iterdir()) == ["2", INTENSITY_FILE]
+    loaded = pruner.load_pruner_params(config, tmp_path)
+    assert loaded.intensity == trained.intensity
+    # The saved percentiles are re-applied, never re-measured on the volume
+    # scored: against uint8 percentiles a uint16 copy saturates, scores change.
+    u16 = raw.astype(np.uint16) * 257
+    same = pruner.score_candidates(config, loaded, raw, prox, seg, cands)
+    np.testing.assert_array_equal(
+        same, pruner.score_candidates(config, trained, raw, prox, seg, cands)
+    )
+    assert not np.array_equal(pruner.score_candidates(config, loaded, u16, prox, seg, cands), same)

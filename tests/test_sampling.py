@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from synjax.data.augment import AugmentSettings
+from synjax.data.intensity import IntensityNormalization
 from synjax.data.sampling import PatchSampler, center_crop, is_positive
 from synjax.errors import ConfigError, DataError
 from synjax.io.cremi_volume import CREMI_BACKGROUND
@@ -169,3 +170,51 @@ def test_real_clefts_positive_sampling(shared_data):
     assert batch["input"].std() > 0.01
     centre = batch["clefts"][:, 0, 16, 16]
     assert (centre != CREMI_BACKGROUND).all()
+
+
+def _dtype_copies(raw_u8):
+    """The same volume as uint8, uint16 (x 257) and float32 (/ 255)."""
+    return {
+        "uint8": raw_u8,
+        "uint16": raw_u8.astype(np.uint16) * 257,
+        "float32": raw_u8.astype(np.float32) / np.float32(255),
+    }
+
+
+def test_training_patches_identical_for_uint16_and_float_copies():
+    source = _source()
+    source["raw"] = np.random.default_rng(5).integers(0, 256, VOLUME, dtype=np.uint8)
+    batches = {}
+    for dtype, raw in _dtype_copies(source["raw"]).items():
+        sampler = PatchSampler([{**source, "raw": raw}], INPUT, OUTPUT, augment=AugmentSettings())
+        batches[dtype] = sampler.batch(3, 6)
+    for dtype in ("uint16", "float32"):
+        for key in ("input", "labels"):
+            np.testing.assert_array_equal(batches[dtype][key], batches["uint8"][key])
+
+
+def test_percentile_patches_identical_for_a_uint16_copy():
+    source = _source()
+    source["raw"] = np.random.default_rng(6).integers(40, 200, VOLUME, dtype=np.uint8)
+    settings = IntensityNormalization("percentiles", low_percent=5.0, high_percent=95.0)
+    inputs = []
+    for raw in (source["raw"], source["raw"].astype(np.uint16) * 257):
+        fitted = settings.fit([raw], "training raw")
+        sampler = PatchSampler([{**source, "raw": raw}], INPUT, OUTPUT, intensity=fitted)
+        inputs.append(sampler.read(0, (1, 2, 3))["input"][..., 0])
+    np.testing.assert_array_equal(inputs[1], inputs[0])
+    low, high = np.percentile(source["raw"], [5.0, 95.0], method="nearest")
+    window = source["raw"][1:5, 2:7, 3:8].astype(np.float64)
+    np.testing.assert_allclose(inputs[0], np.clip((window - low) / (high - low), 0, 1), atol=1e-6)
+    assert inputs[0].min() == 0.0 and inputs[0].max() == 1.0
+
+
+def test_bad_intensities_name_the_source():
+    source = _source()
+    source["raw"] = source["raw"].astype(np.float32) / np.float32(255)
+    source["raw"][2, 3, 4] = np.nan
+    sampler = PatchSampler([source], INPUT, OUTPUT)
+    with pytest.raises(DataError, match=r"training source 0 key 'raw': 1 NaN or Inf"):
+        sampler.read(0, (1, 2, 3))
+    with pytest.raises(ConfigError, match="must be measured on the training volume"):
+        PatchSampler([_source()], INPUT, OUTPUT, intensity=IntensityNormalization("percentiles"))

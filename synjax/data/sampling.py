@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from synjax.data.augment import AugmentSettings, augment
+from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, normalize_intensity
 from synjax.errors import ConfigError, DataError
 from synjax.io.cremi_volume import CREMI_BACKGROUND
 
@@ -36,13 +37,6 @@ def is_positive(values: np.ndarray) -> np.ndarray:
     if values.dtype == np.uint64:
         positive &= values != CREMI_BACKGROUND
     return positive.any(axis=-1) if positive.ndim > SPATIAL_DIMS else positive
-
-
-def to_float_intensity(values: np.ndarray) -> np.ndarray:
-    """Intensities as float32: unsigned integers scaled to [0, 1], others cast."""
-    if np.issubdtype(values.dtype, np.unsignedinteger):
-        return values.astype(np.float32) / np.float32(np.iinfo(values.dtype).max)
-    return values.astype(np.float32)
 
 
 def center_crop(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -75,6 +69,9 @@ class PatchSampler:
         lies on with probability `positive_fraction` (for sparse targets such
         as synaptic clefts).
       positive_fraction: probability of a positive-centred patch.
+      intensity: how the input keys' values become the network's [0, 1]
+        input (`synjax.data.intensity`; measured already, for percentiles),
+        applied to each patch as it is read; default: the dtype's range.
 
     Mask and positive arrays are read whole, once, at construction.
 
@@ -96,6 +93,7 @@ class PatchSampler:
         mask_key: str | None = None,
         positive_key: str | None = None,
         positive_fraction: float = 0.5,
+        intensity: IntensityNormalization = DTYPE_RANGE,
     ):
         self.input_shape = _check_shape("input_shape", input_shape)
         self.output_shape = (
@@ -107,6 +105,11 @@ class PatchSampler:
             )
         if not sources:
             raise ConfigError("PatchSampler: no sources given")
+        if not intensity.measured:
+            raise ConfigError(
+                "PatchSampler: percentile intensity normalisation must be measured on the "
+                "training volume first (IntensityNormalization.fit)"
+            )
         if not 0.0 <= positive_fraction <= 1.0:
             raise ConfigError(f"positive_fraction={positive_fraction}: expected a value in [0, 1]")
         self.sources = list(sources)
@@ -116,6 +119,7 @@ class PatchSampler:
         self.mask_key = mask_key
         self.positive_key = positive_key
         self.positive_fraction = positive_fraction
+        self.intensity = intensity
         required = set(self.input_keys) | {k for k in (mask_key, positive_key) if k}
         self.target_keys = tuple(k for k in self.sources[0] if k not in self.input_keys)
         self.shapes = [self._check_source(i, s, required) for i, s in enumerate(self.sources)]
@@ -226,14 +230,17 @@ class PatchSampler:
           rng: random generator for augmentation; None: no augmentation.
 
         Returns:
-          "input" `[z, y, x, channels]` float32 of `input_shape`, and every
+          "input" `[z, y, x, channels]` float32 of `input_shape` (normalised
+          by `intensity`, then augmented), and every
           other key centre-cropped to `output_shape`, `[z, y, x]` or
           `[z, y, x, c]` in its stored dtype.
         """
         window = tuple(slice(o, o + p) for o, p in zip(origin, self.input_shape, strict=True))
         patch = {key: np.asarray(array[window]) for key, array in self.sources[index].items()}
         for key in self.input_keys:
-            patch[key] = to_float_intensity(patch[key])
+            patch[key] = normalize_intensity(
+                patch[key], self.intensity, name=f"training source {index} key {key!r}"
+            )
         if self.augment_settings is not None and rng is not None:
             patch = augment(patch, rng, self.augment_settings, intensity_keys=self.input_keys)
         channels = [

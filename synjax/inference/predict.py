@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, normalize_intensity
 from synjax.errors import ConfigError, DataError
 from synjax.inference.tta import TRANSFORMS, Transform, make_tta_fn
 from synjax.models.deepem3d import TOTAL_STRIDE
@@ -81,13 +82,6 @@ def _tiles(size: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
     return [(s, cuts[i], cuts[i + 1]) for i, s in enumerate(starts)]
 
 
-def _to_float(chunk: np.ndarray) -> np.ndarray:
-    if np.issubdtype(chunk.dtype, np.integer):
-        # Integer EM intensities are scaled to [0, 1] (uint8: / 255).
-        return chunk.astype(np.float32) / np.float32(np.iinfo(chunk.dtype).max)
-    return chunk.astype(np.float32, copy=False)
-
-
 def predict_slices(
     apply_fn: Callable[[jax.Array], jax.Array],
     volume,
@@ -102,15 +96,16 @@ def predict_slices(
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
     channel: int = -1,
     out=None,
+    intensity: IntensityNormalization = DTYPE_RANGE,
+    name: str = "raw",
 ):
     """Boundary probability of every slice of `volume`.
 
     Args:
       apply_fn: `[n, s, y, x, 1] float32 -> [n, y, x, c]` probabilities for the
         centre slice (e.g. `synjax.models.deepem3d.make_apply_fn`); traceable.
-      volume: `[z, y, x]` array-like with numpy slicing along z; integer
-        intensities are scaled to [0, 1] by their dtype's maximum, floats are
-        used as they are.
+      volume: `[z, y, x]` array-like with numpy slicing along z, raw
+        intensities that `intensity` maps to the network's input.
       slices: s, the odd number of slices per stack.
       batch_size: output slices per call (the last batch is padded to it so
         one compilation serves all).
@@ -127,6 +122,10 @@ def predict_slices(
       out: optional `[z, y, x]` float32 destination supporting
         `out[z0:z1] = array` (e.g. a zarr/tensorstore array), for outputs too
         big for memory.
+      intensity: the model's intensity normalisation (`synjax.data.intensity`,
+        saved with its checkpoint), applied to each batch of slices as it is
+        read; default: the dtype's range (uint8 / 255).
+      name: the volume's name for errors.
 
     Returns:
       float32 `[z, y, x]` boundary probability (`out` itself when given).
@@ -161,7 +160,7 @@ def predict_slices(
         zs = np.minimum(np.arange(z0, z0 + batch_size), z1 - 1)
         src = reflect_indices(zs[:, None] + offsets[None, :], nz)
         lo, hi = int(src.min()), int(src.max()) + 1
-        chunk = _to_float(np.asarray(volume[lo:hi]))
+        chunk = normalize_intensity(np.asarray(volume[lo:hi]), intensity, name)
         stack = _pad_end(chunk[src - lo], padded, axes=(2, 3))  # [batch, s, Y, X]
         prob = np.empty((batch_size, ny, nx), np.float32)
         for y0, ky0, ky1 in tiles_y:

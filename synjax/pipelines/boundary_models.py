@@ -5,8 +5,11 @@ slices s, boundary kernel, width, steps, seed); all share `config.train`.
 A model is trained on `[s, y, x]` patches of the training part's raw with the
 boundary labels of the centre slice as target (class-weighted softmax
 cross-entropy) and checkpointed under `checkpoints/<name>`, so a re-run
-resumes. Prediction runs every model slice by slice (optionally with
-test-time augmentation) and takes the voxel-wise maximum (`ensemble_max`).
+resumes. The raw input follows `config.data.intensity`, measured on the
+training volume and saved as `checkpoints/<name>/intensity.json`; prediction
+re-applies each model's own (`synjax.data.intensity`). Prediction runs every
+model slice by slice (optionally with test-time augmentation) and takes the
+voxel-wise maximum (`ensemble_max`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from synjax.data.augment import AugmentSettings
+from synjax.data.intensity import IntensityNormalization, load_normalization, save_normalization
 from synjax.data.sampling import PatchSampler
 from synjax.errors import ConfigError
 from synjax.inference.predict import ensemble_max, predict_orientations, predict_slices
@@ -82,7 +86,9 @@ def train_models(config, raw: np.ndarray, neuron_ids: np.ndarray, workdir) -> No
     """Trains every model of `config.models` on one training volume (resumable).
 
     Args:
-      raw: `[z, y, x]` uint8 EM of the training part.
+      config: the neuron config; its optional `data.intensity` (default: the
+        dtype's range) is measured on `raw` and saved with every model.
+      raw: `[z, y, x]` EM of the training part (uint8, uint16 or float in [0, 1]).
       neuron_ids: `[z, y, x]` dense labels of the same part.
       workdir: run folder; checkpoints go to `checkpoints/<name>`.
     """
@@ -92,9 +98,13 @@ def train_models(config, raw: np.ndarray, neuron_ids: np.ndarray, workdir) -> No
             f"config.train.patch_yx={patch}: expected a multiple of {TOTAL_STRIDE} "
             "(DeepEM3D's pooling factor)"
         )
+    intensity = IntensityNormalization.from_config(config.get("data", {}).get("intensity")).fit(
+        [raw], name="DeepEM3D training raw"
+    )
     labels_by_kernel: dict[str, np.ndarray] = {}
     for model_config in config.models:
         name, kernel = _field(model_config, "name"), _field(model_config, "kernel")
+        save_normalization(intensity, checkpoint.checkpoint_dir(workdir, name))
         if kernel not in labels_by_kernel:
             labels_by_kernel[kernel] = boundary_labels(neuron_ids, kernel=kernel)
         labels = labels_by_kernel[kernel]
@@ -108,6 +118,7 @@ def train_models(config, raw: np.ndarray, neuron_ids: np.ndarray, workdir) -> No
             input_keys=("raw",),
             augment=AugmentSettings() if config.train.augment else None,
             seed=int(model_config.get("seed", config.seed)),
+            intensity=intensity,
         )
         settings = TrainSettings.from_config(
             config.train,
@@ -163,7 +174,9 @@ def predict_ensemble(config, workdir, raw, apply_fns: list | None = None) -> np.
     """Boundary probability of `raw` `[z, y, x]`: every model, then their maximum.
 
     Each model slices along `config.predict.orientations` (default z only)
-    and keeps its maximum over them before the ensemble maximum.
+    and keeps its maximum over them before the ensemble maximum. Each model's
+    intensity normalisation is read from its checkpoint folder in `workdir`
+    (absent: the dtype's range, with a warning).
 
     Returns:
       float32 `[z, y, x]` in [0, 1].
@@ -174,6 +187,7 @@ def predict_ensemble(config, workdir, raw, apply_fns: list | None = None) -> np.
     predictions, masks = [], []
     for model_config, fn in zip(config.models, apply_fns, strict=True):
         start = time.perf_counter()
+        name = model_config["name"]
         slice_wise = functools.partial(
             predict_slices,
             fn,
@@ -183,6 +197,8 @@ def predict_ensemble(config, workdir, raw, apply_fns: list | None = None) -> np.
             progress=p.progress,
             transforms=tta_transforms(config) if p.tta else TRANSFORMS,
             max_tile=p.get("max_tile"),
+            intensity=load_normalization(checkpoint.checkpoint_dir(workdir, name)),
+            name=f"raw predicted by {name}",
         )
         predictions.append(predict_orientations(slice_wise, raw, orientations))
         logging.info(

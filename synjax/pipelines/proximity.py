@@ -1,4 +1,9 @@
-"""The signed-proximity U-Net stage: build, train, predict block by block."""
+"""The signed-proximity U-Net stage: build, train, predict block by block.
+
+The raw input follows `config.data.intensity`, measured on the training
+volume, saved in `checkpoints/proximity/intensity.json` and re-applied at
+prediction (`synjax.data.intensity`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,13 @@ import numpy as np
 from absl import logging
 
 from synjax.data.augment import AugmentSettings
+from synjax.data.intensity import (
+    IntensityNormalization,
+    NormalizedVolume,
+    TrainedParams,
+    load_normalization,
+    save_normalization,
+)
 from synjax.data.sampling import PatchSampler
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.blockwise import predict_blockwise
@@ -21,8 +33,6 @@ from synjax.train import checkpoint
 from synjax.train.loop import TrainSettings, train
 
 MODEL_NAME = "proximity"
-# uint8 EM is scaled to [0, 1] before the network, as the patch sampler does.
-UINT8_MAX = 255.0
 
 
 def unet_config(config) -> UNet3DConfig:
@@ -44,12 +54,19 @@ def _loss(outputs, batch):
     return loss, {"mse": loss}
 
 
-def train_unet(config, sources: list[dict[str, np.ndarray]], workdir: pathlib.Path):
+def train_unet(
+    config, sources: list[dict[str, np.ndarray]], workdir: pathlib.Path
+) -> TrainedParams:
     """Trains the proximity U-Net on patches of `sources` (see `proximity_targets`).
 
     Returns:
-      The trained parameters.
+      The trained parameters with the intensity normalisation measured on the
+      sources' raw (also saved with the checkpoint).
     """
+    intensity = IntensityNormalization.from_config(config.data.get("intensity")).fit(
+        [source["raw"] for source in sources], name="U-Net training raw"
+    )
+    save_normalization(intensity, checkpoint.checkpoint_dir(workdir, MODEL_NAME))
     cfg = unet_config(config)
     input_shape = cfg.valid_input_shape(config.unet.train_output)
     output_shape = cfg.output_shape(input_shape)
@@ -63,22 +80,24 @@ def train_unet(config, sources: list[dict[str, np.ndarray]], workdir: pathlib.Pa
         seed=config.seed,
         positive_key="synaptic",
         positive_fraction=config.train.positive_fraction,
+        intensity=intensity,
     )
     settings = TrainSettings.from_config(config.train, config.seed)
     batch_fn = functools.partial(sampler.batch, batch_size=settings.batch_size)
     state = train(UNet3D(cfg), _loss, batch_fn, settings, workdir, name=MODEL_NAME)
-    return jax.device_get(state.params)
+    return TrainedParams(jax.device_get(state.params), intensity)
 
 
-def load_unet_params(config, workdir: pathlib.Path):
-    """Parameters of the trained U-Net in `workdir` (for predict-only runs)."""
+def load_unet_params(config, workdir: pathlib.Path) -> TrainedParams:
+    """The trained U-Net in `workdir` (for predict-only runs), with its normalisation."""
     cfg = unet_config(config)
     sample = np.zeros((1, *cfg.valid_input_shape(config.unet.train_output), 1), np.float32)
-    return checkpoint.restore_params(workdir, MODEL_NAME, UNet3D(cfg), sample)
+    params = checkpoint.restore_params(workdir, MODEL_NAME, UNet3D(cfg), sample)
+    return TrainedParams(params, load_normalization(checkpoint.checkpoint_dir(workdir, MODEL_NAME)))
 
 
 def predict_proximity(
-    config, params, raw: np.ndarray, dest_path: pathlib.Path, resolution
+    config, trained: TrainedParams, raw: np.ndarray, dest_path: pathlib.Path, resolution
 ) -> np.ndarray:
     """Predicts signed proximity over `raw` block by block into a zarr volume.
 
@@ -86,7 +105,10 @@ def predict_proximity(
     output, and a restarted run skips them.
 
     Args:
-      raw: [z, y, x] uint8 (or any volume with numpy slicing).
+      trained: `train_unet`'s or `load_unet_params`'s result; its intensity
+        normalisation is applied to each block of `raw` as it is read.
+      raw: [z, y, x] EM of any dtype the normalisation accepts (or any volume
+        with numpy slicing).
       dest_path: the `.zarr` output.
 
     Returns:
@@ -107,11 +129,16 @@ def predict_proximity(
         crop = (slice(None), *(slice(m, m + b) for m, b in zip(margin, block, strict=True)))
     grid = BlockGrid.from_io_shapes(raw.shape, input_shape, output_shape)
     model = UNet3D(cfg)
+    if not isinstance(trained, TrainedParams):
+        raise TypeError("predict_proximity: expected TrainedParams (params with their intensity)")
+    params = trained.params
+    # Blocks are read through a normalising view: each is converted as it is
+    # read, exactly as training patches were, and never the whole volume.
+    raw = NormalizedVolume(raw, trained.intensity, name=f"raw predicted into {dest_path.name}")
 
     @jax.jit
     def apply(batch):
-        x = (batch / UINT8_MAX)[..., None]
-        return model.apply({"params": params}, x)[..., 0][crop]
+        return model.apply({"params": params}, batch[..., None])[..., 0][crop]
 
     manifest = dest_path.with_name(dest_path.name + ".blocks.jsonl")
     if dest_path.exists() and manifest.exists():

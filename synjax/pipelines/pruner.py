@@ -1,5 +1,10 @@
 """The candidate-pruning stage: train the pruning CNN on labelled candidates
-and score new candidates with it."""
+and score new candidates with it.
+
+The raw channel of the windows follows `config.data.intensity`, measured on
+the training volume, saved in `checkpoints/pruner/intensity.json` and
+re-applied when scoring (`synjax.data.intensity`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from synjax.data.intensity import (
+    IntensityNormalization,
+    TrainedParams,
+    load_normalization,
+    save_normalization,
+)
 from synjax.errors import DataError
 from synjax.models.pruning import PruningCNN, sigmoid_bce
 from synjax.postprocess.candidates import Candidates
@@ -46,14 +57,16 @@ def train_pruner(
     candidates: Candidates,
     labels: np.ndarray,
     workdir: pathlib.Path,
-):
+) -> TrainedParams:
     """Trains the pruning CNN on augmented windows of labelled candidates.
 
     Batches hold positives and negatives in equal shares (when both exist),
     drawn anew every step, so a handful of true synapses is enough to learn.
+    Only the windows of `raw` are read and converted to float each step.
 
     Returns:
-      The trained parameters.
+      The trained parameters with the intensity normalisation of their
+      windows (also saved with the checkpoint).
 
     Raises:
       DataError: there are no candidates to learn from.
@@ -66,6 +79,10 @@ def train_pruner(
     )
     settings = TrainSettings.from_config(config.pruner, config.seed)
     window = tuple(config.pruner.window)
+    intensity = IntensityNormalization.from_config(config.data.get("intensity")).fit(
+        [raw], name="pruner training raw"
+    )
+    save_normalization(intensity, checkpoint.checkpoint_dir(workdir, MODEL_NAME))
 
     def batch_fn(step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([config.seed, step, 1])
@@ -84,41 +101,65 @@ def train_pruner(
             ]
         ).astype(np.int64)
         windows = extract_windows(
-            raw, proximity, segmentation, candidates.select(rows), window, rng=rng
+            raw,
+            proximity,
+            segmentation,
+            candidates.select(rows),
+            window,
+            rng=rng,
+            intensity=intensity,
+            name="pruner training raw",
         )
         return {"input": windows, "label": labels[rows].astype(np.float32)}
 
     state = train(pruning_model(config), _loss, batch_fn, settings, workdir, name=MODEL_NAME)
-    return jax.device_get(state.params)
+    return TrainedParams(jax.device_get(state.params), intensity)
 
 
-def load_pruner_params(config, workdir: pathlib.Path):
-    """Parameters of the trained pruning CNN in `workdir`."""
+def load_pruner_params(config, workdir: pathlib.Path) -> TrainedParams:
+    """The trained pruning CNN in `workdir`: parameters and intensity normalisation."""
     sample = np.zeros((1, *config.pruner.window, NUM_CHANNELS), np.float32)
-    return checkpoint.restore_params(workdir, MODEL_NAME, pruning_model(config), sample)
+    params = checkpoint.restore_params(workdir, MODEL_NAME, pruning_model(config), sample)
+    return TrainedParams(params, load_normalization(checkpoint.checkpoint_dir(workdir, MODEL_NAME)))
 
 
 def score_candidates(
     config,
-    params,
+    trained: TrainedParams,
     raw: np.ndarray,
     proximity: np.ndarray,
     segmentation: np.ndarray,
     candidates: Candidates,
+    name: str = "raw",
 ) -> np.ndarray:
     """Pruner probabilities that each candidate is a real pre -> post pair.
+
+    Args:
+      trained: `train_pruner`'s or `load_pruner_params`'s result; its
+        intensity normalisation is applied to the windows of `raw`.
+      raw: [z, y, x] EM of any dtype the normalisation accepts.
+      name: `raw`'s name for errors.
 
     Returns:
       [n] float64 probabilities in [0, 1].
     """
+    if not isinstance(trained, TrainedParams):
+        raise TypeError("score_candidates: expected TrainedParams (params with their intensity)")
     model = pruning_model(config)
+    params = trained.params
     apply = jax.jit(lambda x: jax.nn.sigmoid(model.apply({"params": params}, x)))
     batch = config.pruner.batch_size
     scores = np.zeros(len(candidates), np.float64)
     for start in range(0, len(candidates), batch):
         rows = np.arange(start, min(start + batch, len(candidates)))
         windows = extract_windows(
-            raw, proximity, segmentation, candidates.select(rows), tuple(config.pruner.window)
+            raw,
+            proximity,
+            segmentation,
+            candidates.select(rows),
+            tuple(config.pruner.window),
+            intensity=trained.intensity,
+            name=name,
         )
         # Pad the last batch to one shape so the function compiles once.
         padded = np.zeros((batch, *windows.shape[1:]), np.float32)

@@ -2,10 +2,11 @@
 
 Each candidate (see `synjax.postprocess.candidates`) becomes a window centred
 on the midpoint of its two closest points, with four channels: EM intensity in
-[0, 1], the signed proximity map, the presynaptic segment's mask and the
-postsynaptic segment's mask (Parag et al., MICCAI 2018). Windows that reach
-past the volume are zero-padded, so every window has the same shape and
-candidates at the border are still scored.
+[0, 1] (`synjax.data.intensity`, converted window by window), the signed
+proximity map, the presynaptic segment's mask and the postsynaptic segment's
+mask (Parag et al., MICCAI 2018). Windows that reach past the volume are
+zero-padded, so every window has the same shape and candidates at the border
+are still scored.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, NormalizedVolume
 from synjax.errors import ConfigError, DataError
 from synjax.postprocess.candidates import UNLABELLED, Candidates
 
@@ -35,19 +37,12 @@ class PairTable(Protocol):
     locations: np.ndarray
 
 
-def scale_intensity(raw: np.ndarray) -> np.ndarray:
-    """EM intensities as float32 in [0, 1].
+def _crop_padded(volume, start: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """volume[start : start + shape] with zeros where the box leaves the volume.
 
-    Integer volumes are divided by their dtype's maximum (uint8 / 255); float
-    volumes are taken to be in [0, 1] already and clipped.
+    `volume` is any array-like with `.shape`, `.dtype` and numpy slicing; only
+    the box is read.
     """
-    if np.issubdtype(raw.dtype, np.integer):
-        return raw.astype(np.float32) / np.float32(np.iinfo(raw.dtype).max)
-    return np.clip(raw.astype(np.float32), 0.0, 1.0)
-
-
-def _crop_padded(volume: np.ndarray, start: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """volume[start : start + shape] with zeros where the box leaves the volume."""
     out = np.zeros(tuple(shape), dtype=volume.dtype)
     lo = np.maximum(start, 0)
     hi = np.minimum(start + np.asarray(shape), volume.shape)
@@ -82,11 +77,16 @@ def extract_windows(
     window_shape: Sequence[int] = DEFAULT_WINDOW_SHAPE,
     rng: np.random.Generator | None = None,
     max_shift: Sequence[int] = DEFAULT_MAX_SHIFT,
+    intensity: IntensityNormalization = DTYPE_RANGE,
+    name: str = "raw",
 ) -> np.ndarray:
     """Four-channel windows around the candidates.
 
+    Only the windows are read and converted, never the whole volume, so the
+    volumes may be lazy (`.shape` and numpy slicing).
+
     Args:
-      raw: [z, y, x] EM intensities (uint8, or float in [0, 1]).
+      raw: [z, y, x] EM intensities, normalised by `intensity`.
       proximity: [z, y, x] signed proximity in [-1, 1].
       segmentation: [z, y, x] the segmentation the candidates were built on.
       candidates: n candidates.
@@ -97,13 +97,17 @@ def extract_windows(
         and random 90-degree turns in xy. None (prediction) for no
         augmentation.
       max_shift: (z, y, x) largest centre shift in voxels when `rng` is given.
+      intensity: the pruner's intensity normalisation (saved with its
+        checkpoint); default: the dtype's range.
+      name: the raw volume's name for errors.
 
     Returns:
       [n, z, y, x, 4] float32 windows: EM in [0, 1], proximity, pre-segment
       mask, post-segment mask (masks 1.0 inside, 0.0 outside).
 
     Raises:
-      DataError: the volumes' shapes differ.
+      DataError: the volumes' shapes differ; a window's raw values do not fit
+        `intensity` (NaN, Inf, out of range).
       ConfigError: the window shape or shift is malformed.
     """
     shape = tuple(int(s) for s in window_shape)
@@ -117,9 +121,7 @@ def extract_windows(
             f"raw {np.shape(raw)}, proximity {np.shape(proximity)}, segmentation "
             f"{np.shape(segmentation)}: expected one 3D shape"
         )
-    em = scale_intensity(np.asarray(raw))
-    prox = np.asarray(proximity, np.float32)
-    seg = np.asarray(segmentation)
+    em = NormalizedVolume(raw, intensity, name)
 
     n = len(candidates)
     out = np.zeros((n, *shape, NUM_CHANNELS), np.float32)
@@ -127,10 +129,10 @@ def extract_windows(
     if rng is not None and n:
         starts = starts + rng.integers(-shift, shift + 1, size=(n, 3))
     for i in range(n):
-        seg_crop = _crop_padded(seg, starts[i], shape)
+        seg_crop = _crop_padded(segmentation, starts[i], shape)
         window = out[i]
         window[..., CHANNEL_EM] = _crop_padded(em, starts[i], shape)
-        window[..., CHANNEL_PROXIMITY] = _crop_padded(prox, starts[i], shape)
+        window[..., CHANNEL_PROXIMITY] = _crop_padded(proximity, starts[i], shape)
         # Padding is 0 = UNLABELLED, so it never counts as either segment.
         pre, post = candidates.pre_segment[i], candidates.post_segment[i]
         window[..., CHANNEL_PRE] = (seg_crop == pre) & (pre != UNLABELLED)
