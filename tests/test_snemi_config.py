@@ -128,7 +128,9 @@ def _constant(probability: float):
         ((), 0.9, [0.4] * 5),
     ],
 )
-def test_ensemble_uses_the_3d_net_only_on_the_misaligned_slices(misaligned, s5_value, expected):
+def test_ensemble_uses_the_3d_net_only_on_the_misaligned_slices(
+    misaligned, s5_value, expected, tmp_path
+):
     config = _load_config()
     config.predict.tta = False
     config.predict.progress = False
@@ -136,7 +138,7 @@ def test_ensemble_uses_the_3d_net_only_on_the_misaligned_slices(misaligned, s5_v
     # s1_l3, s1_c3, s1_c5 (every slice), s5_c3 (misaligned slices only).
     fns = [_constant(p) for p in (0.2, 0.3, 0.4, s5_value)]
     raw = np.zeros((5, 16, 16), np.uint8)
-    got = boundary_models.predict_ensemble(config, None, raw, fns)
+    got = boundary_models.predict_ensemble(config, tmp_path, raw, fns)
     per_slice = np.broadcast_to(np.float32(expected)[:, None, None], raw.shape)
     np.testing.assert_allclose(got, per_slice, rtol=1e-6)
 
@@ -264,3 +266,17 @@ def test_cli_misaligned_slice_outside_the_test_part_is_one_line(snemi_files, tmp
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("synjax: error: config.data.misaligned_slices=(7,)")
     assert "[0, 6)" in lines[-1]
+
+
+def test_slice_lists_are_left_out_on_other_volumes(tmp_path):
+    """A tuning part is not the test stack: its z indices are not the listed ones."""
+    config = _load_config()
+    config.predict.tta = False
+    config.predict.progress = False
+    # Index 30 lies past this 5-slice volume: with slice lists applied it
+    # would not fit; on another volume the listed model is simply left out.
+    config.data.misaligned_slices = (1, 30)
+    fns = [_constant(p) for p in (0.2, 0.3, 0.4, 0.9)]
+    raw = np.zeros((5, 16, 16), np.uint8)
+    got = boundary_models.predict_ensemble(config, tmp_path, raw, fns, slice_lists=False)
+    np.testing.assert_allclose(got, np.full(raw.shape, 0.4, np.float32), rtol=1e-6)

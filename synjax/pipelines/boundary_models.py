@@ -170,7 +170,9 @@ def load_apply_fns(config, workdir) -> list:
     return fns
 
 
-def predict_ensemble(config, workdir, raw, apply_fns: list | None = None) -> np.ndarray:
+def predict_ensemble(
+    config, workdir, raw, apply_fns: list | None = None, slice_lists: bool = True
+) -> np.ndarray:
     """Boundary probability of `raw` `[z, y, x]`: every model, then their maximum.
 
     Each model slices along `config.predict.orientations` (default z only)
@@ -178,16 +180,31 @@ def predict_ensemble(config, workdir, raw, apply_fns: list | None = None) -> np.
     intensity normalisation is read from its checkpoint folder in `workdir`
     (absent: the dtype's range, with a warning).
 
+    Args:
+      slice_lists: whether `raw` is the volume whose z indices the models'
+        `only_slices` name (the test part). False for any other volume (a
+        tuning part, a training volume): models with an `only_slices` list are
+        left out there, since their list says nothing about its slices.
+
     Returns:
       float32 `[z, y, x]` in [0, 1].
+
+    Raises:
+      ConfigError: no model contributes to `raw`.
     """
     apply_fns = apply_fns or load_apply_fns(config, workdir)
     p = config.predict
     orientations = tuple(p.get("orientations") or ("z",))
     predictions, masks = [], []
     for model_config, fn in zip(config.models, apply_fns, strict=True):
-        start = time.perf_counter()
         name = model_config["name"]
+        mask = _slice_mask(model_config, raw.shape[0]) if slice_lists else None
+        listed = model_config.get("only_slices") is not None
+        if (listed and not slice_lists) or (mask is not None and not mask.any()):
+            # Running a model that contributes to no slice would only cost time.
+            logging.info("Model %s left out: it contributes to no slice of %s", name, raw.shape)
+            continue
+        start = time.perf_counter()
         slice_wise = functools.partial(
             predict_slices,
             fn,
@@ -209,7 +226,12 @@ def predict_ensemble(config, workdir, raw, apply_fns: list | None = None) -> np.
             time.perf_counter() - start,
             p.tta_transforms if p.tta else "off",
         )
-        masks.append(_slice_mask(model_config, raw.shape[0]))
+        masks.append(mask)
+    if not predictions:
+        raise ConfigError(
+            f"config.models: no model contributes to a volume of shape {raw.shape} "
+            "(every model has an only_slices list)"
+        )
     return ensemble_max(predictions, masks)
 
 

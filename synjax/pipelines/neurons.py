@@ -77,7 +77,7 @@ def _train(config, workdir: pathlib.Path) -> None:
         )
     boundary_models.train_models(config, train.raw, train.neuron_ids, workdir)
     tune = neuron_data.load_part(config, "tune")
-    boundary = boundary_models.predict_ensemble(config, workdir, tune.raw)
+    boundary = boundary_models.predict_ensemble(config, workdir, tune.raw, slice_lists=False)
     files.write_json(
         workdir / WATERSHED_FILE,
         {
@@ -268,7 +268,7 @@ def train_segmenter(config, workdir, raw: np.ndarray, neuron_ids: np.ndarray) ->
     """
     workdir = pathlib.Path(workdir)
     boundary_models.train_models(config, raw, neuron_ids, workdir)
-    boundary = boundary_models.predict_ensemble(config, workdir, raw)
+    boundary = boundary_models.predict_ensemble(config, workdir, raw, slice_lists=False)
     chosen = _tune(boundary, neuron_ids, config.watershed)
     files.write_json(workdir / WATERSHED_FILE, {OURS: chosen})
     return _segment_boundary(config, boundary, chosen)[0]
