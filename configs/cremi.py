@@ -90,7 +90,14 @@ def get_config(arg: str | None = None):
                 # None: all local devices.
                 "num_devices": config_dict.placeholder(int),
             },
-            "predict": {"batch_size": 1, "executor": "local"},
+            "predict": {
+                "batch_size": 1,
+                "executor": "local",
+                # A proximity output made by another model, input or block grid:
+                # "auto" predicts it afresh (and logs why), "strict" stops with an
+                # error naming what differs.
+                "resume": "auto",
+            },
             "candidates": {"tau": 0.3, "omega": 100, "max_gap_nm": 200.0, "nms_radius_nm": 400.0},
             "pruner": {
                 # The paper's 16x160x160 window and five 3x3x3 convolutions.

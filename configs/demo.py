@@ -156,6 +156,10 @@ def get_config(arg: str | None = None):
                 "batch_size": 1,
                 # "local" or "dask" (needs the `distributed` extra).
                 "executor": "local",
+                # A proximity output made by another model, input or block grid:
+                # "auto" predicts it afresh (and logs why), "strict" stops with an
+                # error naming what differs.
+                "resume": "auto",
             },
             "candidates": {
                 # Site threshold |p| > tau and minimum site/segment overlap (voxels).

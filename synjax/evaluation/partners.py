@@ -28,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from synjax.errors import DataError
+from synjax.io.atomic import atomic_open
 from synjax.postprocess.candidates import Candidates
 
 CREMI_MATCHING_THRESHOLD_NM = 400.0
@@ -360,7 +360,7 @@ def precision_recall_curve(
 def plot_precision_recall(
     curve: PrecisionRecallCurve, path: str | os.PathLike, title: str = "synaptic partners"
 ) -> pathlib.Path:
-    """Writes the curve as a PNG, atomically (temporary file, then rename).
+    """Writes the curve as a PNG, atomically (`synjax.io.atomic`: temporary file, fsync, rename).
 
     Returns:
       The path written.
@@ -382,13 +382,6 @@ def plot_precision_recall(
     )
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title=title)
     ax.legend(loc="lower left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=100)
     return path

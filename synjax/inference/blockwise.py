@@ -11,7 +11,17 @@ finished blocks. A block's id is appended (and fsync'ed) only after its data was
 written and ``dest.flush()`` (if any) returned, so a killed run loses no block;
 a rerun skips the recorded blocks. Only blocks that were written but not yet
 recorded when the run died are computed again (they are overwritten with the
-same values).
+same values). ``dest.flush()`` must make the data durable: synjax's HDF5
+volumes flush h5py's caches and fsync the file; tensorstore volumes are
+durable once each write returns (the file driver fsyncs).
+
+Provenance: the manifest's first line records the grid and, when given, a
+``provenance`` dict naming what made the blocks (the model's step and
+parameter hash, the input's path, shape, dtype and content fingerprint; see
+:mod:`synjax.io.provenance`). A rerun whose provenance differs does not reuse
+the recorded blocks: with ``resume="auto"`` it logs what differs and starts
+the manifest afresh, so every block is computed (and written) again; with
+``resume="strict"`` it stops with an error naming what differs.
 
 Executors:
 
@@ -51,12 +61,18 @@ import numpy as np
 
 from synjax.errors import ConfigError, DataError
 from synjax.inference.block_grid import SPATIAL_DIMS, BlockGrid, read_padded
+from synjax.io.atomic import write_text_atomic
+from synjax.io.provenance import differences, plain
 from synjax.report.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "dask")
-MANIFEST_FORMAT = "synjax-block-manifest-v1"
+MANIFEST_FORMAT = "synjax-block-manifest-v2"
+# Earlier formats with the same layout; their headers record no provenance.
+OLDER_MANIFEST_FORMATS = ("synjax-block-manifest-v1",)
+# What a rerun does with blocks made by another model or input (see the module docstring).
+RESUME_MODES = ("auto", "strict")
 
 Channels = int | Sequence[int] | None
 
@@ -76,43 +92,137 @@ class BlockwiseSummary:
     computed: int
 
 
+def _check_resume(resume: str) -> None:
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"resume={resume!r}: expected one of {RESUME_MODES}")
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The first line of an existing manifest, checked to be one.
+
+    Raises:
+      DataError: the file is not a block manifest.
+    """
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        found = json.loads(first)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: first line is not JSON, expected a block manifest") from e
+    if not isinstance(found, dict) or found.get("format") not in (
+        MANIFEST_FORMAT,
+        *OLDER_MANIFEST_FORMATS,
+    ):
+        format_ = found.get("format") if isinstance(found, dict) else None
+        raise DataError(f"{path}: format {format_!r}, expected {MANIFEST_FORMAT}")
+    return found
+
+
+def _provenance_differences(found: dict[str, Any], provenance: dict | None) -> list[str]:
+    """What differs between a manifest header's provenance and `provenance` (None: unchecked)."""
+    if provenance is None:
+        return []
+    recorded = found.get("provenance")
+    if recorded is None:
+        return [f"provenance: not recorded ({found.get('format')} header)"]
+    return differences(recorded, provenance)
+
+
+def manifest_differences(
+    path: str | os.PathLike, grid: BlockGrid, provenance: dict | None = None
+) -> list[str] | None:
+    """Why the blocks recorded in a manifest could not be reused for this grid and provenance.
+
+    For callers that own the output and recreate it when it is stale (e.g.
+    with another shape), before opening it for :func:`predict_blockwise`.
+
+    Args:
+      path: the manifest file.
+      grid: the grid of this run.
+      provenance: this run's provenance; None checks the grid only.
+
+    Returns:
+      None when there is no manifest (or it is empty), else the differences
+      (``"grid: ..."`` and those of :func:`synjax.io.provenance.differences`),
+      empty when the recorded blocks can be reused.
+
+    Raises:
+      DataError: the file is not a block manifest.
+    """
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    found = _read_header(path)
+    grid_now = plain(grid.to_dict())
+    found_grid = found.get("grid")
+    grid_diff = [] if found_grid == grid_now else [f"grid: {found_grid} -> {grid_now}"]
+    return grid_diff + _provenance_differences(found, provenance)
+
+
 class BlockManifest:
     """Append-only JSON-lines record of finished block ids.
 
-    The first line names the format and the grid; each further line is
-    ``{"blocks": [ids]}``. A last line cut short by a kill is ignored.
+    The first line names the format, the grid and the provenance of the
+    blocks (what made them, or null); each further line is ``{"blocks":
+    [ids]}``. A last line cut short by a kill is ignored.
     """
 
-    def __init__(self, path: str | os.PathLike, grid: BlockGrid):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        grid: BlockGrid,
+        provenance: dict | None = None,
+        resume: str = "auto",
+    ):
         """Opens ``path``, creating it if absent.
 
+        Args:
+          path: the manifest file.
+          grid: the grid of this run; a manifest of another grid is an error.
+          provenance: what makes this run's blocks (JSON-serialisable, e.g.
+            ``{"model": {...}, "input": {...}}``); None: not checked.
+          resume: what to do when the recorded provenance differs:
+            ``"auto"`` logs the differences and starts the manifest afresh
+            (no block counts as done); ``"strict"`` raises.
+
         Raises:
-          ConfigError: The file records a different grid.
-          DataError: The file is not a block manifest.
+          ConfigError: The file records a different grid, or ``resume`` is
+            not one of ``RESUME_MODES``.
+          DataError: The file is not a block manifest, or (``resume="strict"``)
+            it records another provenance.
         """
+        _check_resume(resume)
         self.path = Path(path)
         self.done: set[int] = set()
-        header = {"format": MANIFEST_FORMAT, "grid": grid.to_dict()}
+        header = {
+            "format": MANIFEST_FORMAT,
+            "grid": grid.to_dict(),
+            "provenance": None if provenance is None else plain(provenance),
+        }
         if not self.path.exists() or self.path.stat().st_size == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._append(header)
+            self._start(header)
             return
-        lines = self.path.read_text().splitlines()
-        try:
-            found = json.loads(lines[0])
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{self.path}: first line is not JSON, expected a block manifest"
-            ) from e
-        if found.get("format") != MANIFEST_FORMAT:
-            raise DataError(
-                f"{self.path}: format {found.get('format')!r}, expected {MANIFEST_FORMAT}"
-            )
-        if found.get("grid") != header["grid"]:
+        found = _read_header(self.path)
+        if found.get("grid") != plain(header["grid"]):
             raise ConfigError(
                 f"{self.path}: manifest is for grid {found.get('grid')}, not {header['grid']}; "
                 "use another manifest_path or delete it"
             )
+        stale = _provenance_differences(found, provenance)
+        if stale:
+            what = "; ".join(stale)
+            if resume == "strict":
+                raise DataError(
+                    f"{self.path}: its blocks were made by another model or input ({what}); "
+                    "resume='strict' does not reuse them: delete the output and this manifest, "
+                    "or resume with 'auto' to start afresh"
+                )
+            log.warning(
+                "%s: blocks made by another model or input (%s); starting afresh", self.path, what
+            )
+            self._start(header)
+            return
+        lines = self.path.read_text().splitlines()
         for line in lines[1:]:
             try:
                 self.done.update(int(i) for i in json.loads(line)["blocks"])
@@ -120,6 +230,10 @@ class BlockManifest:
                 # A kill during an append leaves a partial last line; its
                 # blocks were not recorded, so they are simply computed again.
                 log.warning("%s: ignoring unreadable line %r", self.path, line[:80])
+
+    def _start(self, header: dict[str, Any]) -> None:
+        """(Re)writes the manifest as its header alone, atomically and durably."""
+        write_text_atomic(self.path, json.dumps(header) + "\n")
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "ab+") as f:
@@ -321,9 +435,12 @@ def _run_blocks(
     progress: bool,
     blocks_per_task: int,
     client: Any,
+    provenance: dict | None,
+    resume: str,
 ) -> BlockwiseSummary:
     """Shared driver of :func:`predict_blockwise` and :func:`blockwise_map`."""
     grid = job.grid
+    _check_resume(resume)
     if executor not in EXECUTORS:
         raise ConfigError(f"executor={executor!r}: expected one of {EXECUTORS}")
     if job.batch_size < 1 or blocks_per_task < 1:
@@ -340,7 +457,11 @@ def _run_blocks(
             raise ConfigError(message)
         log.warning("%s (harmless for executor='local', but slower)", message)
 
-    manifest = BlockManifest(manifest_path, grid) if manifest_path is not None else None
+    manifest = (
+        BlockManifest(manifest_path, grid, provenance, resume)
+        if manifest_path is not None
+        else None
+    )
     done = manifest.done if manifest is not None else set()
     todo = [i for i in grid.block_ids() if i not in done]
     log.info(
@@ -375,6 +496,8 @@ def predict_blockwise(
     channels: Channels = None,
     client: Any = None,
     blocks_per_task: int | None = None,
+    provenance: dict | None = None,
+    resume: str = "auto",
 ) -> BlockwiseSummary:
     """Runs a network over ``source`` block by block and writes ``dest``.
 
@@ -402,6 +525,12 @@ def predict_blockwise(
       client: For ``executor="dask"``: a ``distributed.Client`` or
         ``LocalCluster``; None creates a default ``LocalCluster``.
       blocks_per_task: Blocks per dask task (default ``batch_size``).
+      provenance: What makes the blocks, recorded in the manifest and compared
+        with what it records (see the module docstring): conventionally
+        ``{"model": synjax.io.provenance.model_provenance(...), "input":
+        synjax.io.provenance.input_fingerprint(...)}``. None: not checked.
+      resume: ``"auto"`` (blocks of another provenance are computed again)
+        or ``"strict"`` (they are an error).
 
     Returns:
       How many blocks were skipped and computed.
@@ -417,7 +546,14 @@ def predict_blockwise(
         pad_batches=True,
     )
     return _run_blocks(
-        job, manifest_path, executor, progress, blocks_per_task or batch_size, client
+        job,
+        manifest_path,
+        executor,
+        progress,
+        blocks_per_task or batch_size,
+        client,
+        provenance,
+        resume,
     )
 
 
@@ -443,6 +579,8 @@ def blockwise_map(
     progress: bool = True,
     client: Any = None,
     blocks_per_task: int = 1,
+    provenance: dict | None = None,
+    resume: str = "auto",
 ) -> BlockwiseSummary:
     """Applies a host-side numpy function to a large volume block by block.
 
@@ -463,6 +601,8 @@ def blockwise_map(
       progress: Show a tqdm progress bar.
       client: Dask client or cluster for ``executor="dask"``.
       blocks_per_task: Blocks per dask task.
+      provenance: What makes the blocks, as in :func:`predict_blockwise`.
+      resume: ``"auto"`` or ``"strict"``, as in :func:`predict_blockwise`.
 
     Returns:
       How many blocks were skipped and computed.
@@ -478,4 +618,6 @@ def blockwise_map(
         channels=None,
         pad_batches=False,
     )
-    return _run_blocks(job, manifest_path, executor, progress, blocks_per_task, client)
+    return _run_blocks(
+        job, manifest_path, executor, progress, blocks_per_task, client, provenance, resume
+    )

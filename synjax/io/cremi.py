@@ -21,12 +21,12 @@ added), the frame of the volumes' `offset`.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import h5py
 import numpy as np
 
 from synjax.errors import DataError
+from synjax.io.atomic import atomic_path
 from synjax.io.cremi_volume import (
     CREMI_BACKGROUND,
     POSTSYNAPTIC_SITE,
@@ -248,9 +248,10 @@ def _write_annotations(file: h5py.File, annotations: Annotations, offset: np.nda
 def write_cremi(path: str | os.PathLike, volume: CremiVolume, overwrite: bool = False) -> None:
     """Writes a CREMI file atomically: a failure leaves any old file untouched.
 
-    The file is written to a temporary file in the same folder and moved over
-    `path` with `os.replace` only once complete. Empty annotations are not
-    written (as in CREMI's writer), so they read back as None.
+    The file is written to a temporary file in the same folder, fsync'ed and
+    moved over `path` with `os.replace` only once complete (`atomic_path`).
+    Empty annotations are not written (as in CREMI's writer), so they read
+    back as None.
 
     Args:
       path: destination HDF5 file.
@@ -264,26 +265,16 @@ def write_cremi(path: str | os.PathLike, volume: CremiVolume, overwrite: bool = 
     datasets = _check_volume(volume, path)
     resolution = np.asarray(as_triple(volume.resolution, "resolution", path), np.float64)
     offset = np.asarray(as_triple(volume.offset, "offset", path), np.float64)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(
-        dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
-    os.close(handle)
-    try:
-        with h5py.File(temporary, "w") as file:
-            file.attrs["file_format"] = FILE_FORMAT
-            for key, array in datasets.items():
-                dataset = file.create_dataset(key, data=array, compression="gzip")
-                dataset.attrs["resolution"] = resolution
-                dataset.attrs["offset"] = offset
-            if volume.annotations is not None and len(volume.annotations):
-                _write_annotations(file, volume.annotations, offset)
-                # Annotations-only files keep the frame the locations refer to.
-                file[ANNOTATIONS].attrs["resolution"] = resolution
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as file:
+        file.attrs["file_format"] = FILE_FORMAT
+        for key, array in datasets.items():
+            dataset = file.create_dataset(key, data=array, compression="gzip")
+            dataset.attrs["resolution"] = resolution
+            dataset.attrs["offset"] = offset
+        if volume.annotations is not None and len(volume.annotations):
+            _write_annotations(file, volume.annotations, offset)
+            # Annotations-only files keep the frame the locations refer to.
+            file[ANNOTATIONS].attrs["resolution"] = resolution
 
 
 def cleft_instances(clefts: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 import tifffile
 
 from synjax.errors import DataError
+from synjax.io.atomic import fsync_path
 from synjax.io.tensorstore_volume import NM_PER_UNIT
 from synjax.io.volume_base import DEFAULT_OFFSET, DEFAULT_RESOLUTION, SPATIAL_DIMS, Box, Volume
 
@@ -80,12 +81,22 @@ class Hdf5Volume(Volume):
     def _write(self, box: Box, block: np.ndarray) -> None:
         self._dataset[tuple(slice(start, stop) for start, stop in box)] = block
 
+    def flush(self) -> None:
+        """Makes every write so far durable: HDF5's caches to the file, the file to the disk.
+
+        h5py keeps written chunks and metadata in memory until a flush or
+        close; the block-wise runner calls this before it records blocks as
+        finished, so a killed run never lists a block whose data was lost.
+        """
+        if self.writable:
+            self._file.flush()
+            fsync_path(self._file.filename)
+
     def close(self) -> None:
         self._file.close()
 
     def __getstate__(self) -> tuple:
-        if self.writable:
-            self._file.flush()
+        self.flush()
         return self._args
 
     def __setstate__(self, args: tuple) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
 from synjax.errors import DataError
+from synjax.io.atomic import atomic_open
 from synjax.io.cremi import partner_table
 from synjax.io.cremi_volume import POSTSYNAPTIC_SITE, PRESYNAPTIC_SITE, Annotations, CremiVolume
 
@@ -130,30 +130,22 @@ class SynapseTable:
         )
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        """Writes the table as CSV, atomically (temporary file, then `os.replace`).
+        """Writes the table as CSV, atomically (`synjax.io.atomic`: temporary file, fsync, rename).
 
         Floats are written with `repr`, so `from_csv` gives back the same bits.
         """
         path = os.fspath(path)
         points = np.concatenate([getattr(self, name) for name in POINT_COLUMNS], axis=1)
-        handle, temporary = tempfile.mkstemp(
-            dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}."
-        )
-        try:
-            with os.fdopen(handle, "w", newline="") as stream:
-                writer = csv.writer(stream)
-                writer.writerow(CSV_HEADER)
-                # One row per synapse (not per voxel); csv quotes commas in `kind`.
-                for i in range(len(self)):
-                    writer.writerow(
-                        [int(self.pre_segment[i]), int(self.post_segment[i])]
-                        + [repr(float(v)) for v in points[i]]
-                        + [repr(float(self.score[i])), int(self.size[i]), str(self.kind[i])]
-                    )
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        with atomic_open(path, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(CSV_HEADER)
+            # One row per synapse (not per voxel); csv quotes commas in `kind`.
+            for i in range(len(self)):
+                writer.writerow(
+                    [int(self.pre_segment[i]), int(self.post_segment[i])]
+                    + [repr(float(v)) for v in points[i]]
+                    + [repr(float(self.score[i])), int(self.size[i]), str(self.kind[i])]
+                )
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> SynapseTable:

@@ -16,7 +16,9 @@ evaluate: adapted Rand error (precision, recall) and VOI (split, merge) of
           classical watershed) on the test part -> `metrics.json`,
           `example_slices.png`.
 
-The test part is never used to choose anything.
+The test part is never used to choose anything. `watershed.json` records the
+checkpoints (step, parameter hash) whose boundary maps it was tuned on;
+prediction refuses it for other checkpoints.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from absl import logging
 from synjax.errors import DataError
 from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_information
 from synjax.io import create_volume, open_volume
+from synjax.io.provenance import describe_model, differences, input_fingerprint
 from synjax.pipelines import boundary_models, neuron_data
 from synjax.postprocess.agglomeration import agglomerate
 from synjax.postprocess.watershed import grid_search, segment
 from synjax.report import files, slices
+from synjax.train.checkpoint import checkpoint_provenance
 
 WATERSHED_FILE = "watershed.json"
 BOUNDARIES = "predictions/boundaries.zarr"
@@ -69,6 +73,37 @@ def _tune(boundary: np.ndarray, gt: np.ndarray, block) -> dict:
     }
 
 
+def _models(config, workdir: pathlib.Path) -> list[dict]:
+    """Provenance (name, step, parameter hash) of every model's newest checkpoint."""
+    return [checkpoint_provenance(workdir, m["name"]) for m in config.models]
+
+
+def _read_tuned(config, workdir: pathlib.Path) -> dict:
+    """`watershed.json`, checked to be tuned on the boundary maps of the models in `workdir`.
+
+    Raises:
+      DataError: it is absent, records no models, or was tuned for other
+        checkpoints (e.g. a model trained further since).
+    """
+    path = workdir / WATERSHED_FILE
+    if not path.exists():
+        raise DataError(f"{path} is absent: run the neuron pipeline's train mode first")
+    tuned = files.read_json(path)
+    recorded = (tuned.get("provenance") or {}).get("models")
+    if recorded is None:
+        raise DataError(f"{path} records no model provenance; retrain (mode=train)")
+    current = _models(config, workdir)
+    if differences(recorded, current):
+        raise DataError(
+            f"{path} was tuned for "
+            + ", ".join(describe_model(m) for m in recorded)
+            + "; the checkpoints are now "
+            + ", ".join(describe_model(m) for m in current)
+            + "; retrain (mode=train)"
+        )
+    return tuned
+
+
 def _train(config, workdir: pathlib.Path) -> None:
     train = neuron_data.load_part(config, "train")
     if train.neuron_ids is None:
@@ -87,6 +122,13 @@ def _train(config, workdir: pathlib.Path) -> None:
                 tune.neuron_ids,
                 config.baseline,
             ),
+            # What the parameters were tuned on; prediction refuses other models.
+            "provenance": {
+                "models": _models(config, workdir),
+                "input": input_fingerprint(
+                    tune.raw, path=config.data.train_path, dataset=config.data.raw_key
+                ),
+            },
         },
     )
 
@@ -104,11 +146,7 @@ def _segment(config, workdir: pathlib.Path, raw: np.ndarray, apply_fns=None):
       agglomeration, uint64 before it (the same array when the tuned
       threshold is None), float32 boundary map.
     """
-    if not (workdir / WATERSHED_FILE).exists():
-        raise DataError(
-            f"{workdir / WATERSHED_FILE} is absent: run the neuron pipeline's train mode first"
-        )
-    chosen = files.read_json(workdir / WATERSHED_FILE)[OURS]
+    chosen = _read_tuned(config, workdir)[OURS]
     boundary = boundary_models.predict_ensemble(config, workdir, np.asarray(raw), apply_fns)
     return (*_segment_boundary(config, boundary, chosen), boundary)
 
@@ -270,5 +308,11 @@ def train_segmenter(config, workdir, raw: np.ndarray, neuron_ids: np.ndarray) ->
     boundary_models.train_models(config, raw, neuron_ids, workdir)
     boundary = boundary_models.predict_ensemble(config, workdir, raw, slice_lists=False)
     chosen = _tune(boundary, neuron_ids, config.watershed)
-    files.write_json(workdir / WATERSHED_FILE, {OURS: chosen})
+    files.write_json(
+        workdir / WATERSHED_FILE,
+        {
+            OURS: chosen,
+            "provenance": {"models": _models(config, workdir), "input": input_fingerprint(raw)},
+        },
+    )
     return _segment_boundary(config, boundary, chosen)[0]

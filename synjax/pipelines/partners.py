@@ -13,6 +13,12 @@ Workdir outputs: `checkpoints/`, `predictions/*.zarr`, `detections.csv`
 `synapses.csv` and `synapses.h5` (CREMI annotations) of the kept ones,
 `pruner_threshold.json`, `metrics.json`, `precision_recall.png`,
 `example_slices.png`.
+
+Nothing stale is reused: the proximity outputs' manifests record the U-Net
+(checkpoint step, parameter hash) and the input (path, shape, dtype, content
+fingerprint) and are predicted afresh when either changed
+(`config.predict.resume`); `pruner_threshold.json` records the models it was
+chosen with, and predict refuses it for others.
 """
 
 from __future__ import annotations
@@ -22,16 +28,19 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from synjax.errors import ConfigError
+from synjax.errors import ConfigError, DataError
 from synjax.evaluation import partners as partner_metrics
 from synjax.evaluation.rand_voi import adapted_rand_error
 from synjax.io import CremiVolume, SynapseTable, create_volume, open_volume, write_cremi
+from synjax.io.cremi import RAW
+from synjax.io.provenance import describe_model, differences, input_fingerprint, model_provenance
 from synjax.pipelines import neurons, partner_data, proximity, pruner
 from synjax.pipelines.partner_data import PartnerVolume
 from synjax.postprocess.candidates import Candidates, generate_candidates
 from synjax.postprocess.partner_nms import suppress_duplicates
 from synjax.postprocess.pruning_windows import label_candidates
 from synjax.report import files, slices
+from synjax.train import checkpoint
 
 THRESHOLD_FILE = "pruner_threshold.json"
 DETECTIONS_FILE = "detections.csv"
@@ -135,15 +144,76 @@ def _curve(pairs: partner_metrics.PartnerPairs, truth, config):
     return partner_metrics.precision_recall_curve(pairs.scores, at, thresholds)
 
 
+def _input_source(config, name: str) -> dict:
+    """Where the `name` volume's raw was read from (None for generated volumes).
+
+    Keyword arguments of `proximity.predict_proximity`, recorded with outputs.
+    """
+    if config.data.source == "cremi":
+        return {"input_path": config.data[f"{name}_path"], "input_dataset": RAW}
+    return {"input_path": None, "input_dataset": None}
+
+
+def _model(workdir: pathlib.Path, name: str, params) -> dict:
+    """Provenance of a model's parameters: their newest checkpoint's step and their hash."""
+    return model_provenance(name, checkpoint.latest_step(workdir, name), params)
+
+
+def _read_threshold(workdir: pathlib.Path) -> dict:
+    """The saved pruner threshold choice (`THRESHOLD_FILE`)."""
+    path = workdir / THRESHOLD_FILE
+    if not path.exists():
+        raise DataError(f"{path} is absent: run the partner pipeline's train mode first")
+    return files.read_json(path)
+
+
+def _check_threshold(workdir: pathlib.Path, choice: dict, unet: dict, pruner_params) -> None:
+    """Checks that the saved threshold was chosen with the models in use.
+
+    Args:
+      choice: the content of `THRESHOLD_FILE`.
+      unet: provenance of the U-Net parameters in use (`_model`).
+      pruner_params: the pruner's parameters in use (None when the threshold
+        applies to proximity scores).
+
+    Raises:
+      DataError: it was chosen with other parameters (e.g. a training run
+        killed after the U-Net was trained further), or records none.
+    """
+    path = workdir / THRESHOLD_FILE
+    recorded = choice.get("provenance")
+    if recorded is None:
+        raise DataError(f"{path} records no model provenance; retrain (mode=train)")
+    current = {
+        "proximity": unet,
+        "pruner": None
+        if pruner_params is None
+        else _model(workdir, pruner.MODEL_NAME, pruner_params),
+    }
+    models = {key: recorded.get(key) for key in current}
+    if differences(models, current):
+        raise DataError(
+            f"{path} was chosen for "
+            + ", ".join(describe_model(m) for m in models.values() if m)
+            + "; the checkpoints are now "
+            + ", ".join(describe_model(m) for m in current.values() if m)
+            + "; retrain (mode=train)"
+        )
+
+
 def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
     targets = partner_data.proximity_targets(volume, config)
     params = proximity.train_unet(config, [targets], workdir)
+    unet = _model(workdir, proximity.MODEL_NAME, params)
+    source = _input_source(config, "train")
     prox = proximity.predict_proximity(
         config,
         params,
         volume.raw,
         workdir / "predictions" / "train_proximity.zarr",
         volume.resolution,
+        step=unet["step"],
+        **source,
     )
     predicted = _train_segmenter(config, workdir, volume)
     segmentation = _segmentation(config, workdir, volume, predicted)
@@ -164,7 +234,7 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
             len(candidates),
             int(labels.sum()),
         )
-        scores, use_pruner = candidates.score, False
+        scores, use_pruner, pruner_model = candidates.score, False, None
     else:
         pruner_params = pruner.train_pruner(
             config, volume.raw, prox, segmentation, candidates, labels, workdir
@@ -172,7 +242,7 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         scores = pruner.score_candidates(
             config, pruner_params, volume.raw, prox, segmentation, candidates
         )
-        use_pruner = True
+        use_pruner, pruner_model = True, _model(workdir, pruner.MODEL_NAME, pruner_params)
     candidates, scores = _best_of_duplicates(config, candidates, scores)
     threshold, train_fscore = 0.0, 0.0
     if len(candidates):
@@ -186,6 +256,14 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
             "train_fscore": train_fscore,
             "train_candidates": len(candidates),
             "train_positive_candidates": int(labels.sum()),
+            # What the threshold was chosen with; `_predict` refuses other models.
+            "provenance": {
+                "proximity": unet,
+                "pruner": pruner_model,
+                "input": input_fingerprint(
+                    volume.raw, path=source["input_path"], dataset=source["input_dataset"]
+                ),
+            },
         },
     )
     logging.info("Score threshold %.3f (training F %.3f)", threshold, train_fscore)
@@ -193,15 +271,24 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
 
 def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTable:
     params = proximity.load_unet_params(config, workdir)
+    unet = _model(workdir, proximity.MODEL_NAME, params)
+    # Checked before the long prediction: a threshold chosen for other models is an error.
+    choice = _read_threshold(workdir)
+    pruner_params = pruner.load_pruner_params(config, workdir) if choice["pruner"] else None
+    _check_threshold(workdir, choice, unet, pruner_params)
     prox = proximity.predict_proximity(
-        config, params, volume.raw, workdir / "predictions" / "proximity.zarr", volume.resolution
+        config,
+        params,
+        volume.raw,
+        workdir / "predictions" / "proximity.zarr",
+        volume.resolution,
+        step=unet["step"],
+        **_input_source(config, "test"),
     )
     segmentation = _segmentation(config, workdir, volume)
     candidates = _candidates(config, prox, segmentation, volume)
-    choice = files.read_json(workdir / THRESHOLD_FILE)
     scores = candidates.score
     if choice["pruner"] and len(candidates):
-        pruner_params = pruner.load_pruner_params(config, workdir)
         scores = pruner.score_candidates(
             config, pruner_params, volume.raw, prox, segmentation, candidates
         )

@@ -24,9 +24,11 @@ from synjax.data.intensity import (
     save_normalization,
 )
 from synjax.data.sampling import PatchSampler
+from synjax.errors import ConfigError, DataError
 from synjax.inference.block_grid import BlockGrid
-from synjax.inference.blockwise import predict_blockwise
+from synjax.inference.blockwise import RESUME_MODES, manifest_differences, predict_blockwise
 from synjax.io import create_volume, open_volume
+from synjax.io.provenance import input_fingerprint, model_provenance
 from synjax.models.losses import weighted_mse
 from synjax.models.unet3d import UNet3D, UNet3DConfig
 from synjax.train import checkpoint
@@ -96,13 +98,53 @@ def load_unet_params(config, workdir: pathlib.Path) -> TrainedParams:
     return TrainedParams(params, load_normalization(checkpoint.checkpoint_dir(workdir, MODEL_NAME)))
 
 
+def prediction_provenance(
+    trained: TrainedParams,
+    raw,
+    step: int | None = None,
+    input_path=None,
+    input_dataset: str | None = None,
+) -> dict:
+    """What a proximity prediction is made of: the U-Net, its input scaling and the input.
+
+    Args:
+      trained: the U-Net parameters with their intensity normalisation.
+      raw: [z, y, x] input volume as stored (only sampled boxes are read when
+        it is large).
+      step: the checkpoint step of the parameters, when known.
+      input_path: the file `raw` was read from, if any.
+      input_dataset: the dataset inside that file, if any.
+
+    Returns:
+      `{"model": {name, step, params_hash, intensity}, "input": {path,
+      dataset, shape, dtype, fingerprint, sampled}}` (see `synjax.io.provenance`).
+    """
+    return {
+        "model": model_provenance(MODEL_NAME, step, trained.params)
+        | {"intensity": trained.intensity.to_dict()},
+        "input": input_fingerprint(raw, path=input_path, dataset=input_dataset),
+    }
+
+
 def predict_proximity(
-    config, trained: TrainedParams, raw: np.ndarray, dest_path: pathlib.Path, resolution
+    config,
+    trained: TrainedParams,
+    raw: np.ndarray,
+    dest_path: pathlib.Path,
+    resolution,
+    step: int | None = None,
+    input_path=None,
+    input_dataset: str | None = None,
 ) -> np.ndarray:
     """Predicts signed proximity over `raw` block by block into a zarr volume.
 
     The run is resumable: finished blocks are listed in a manifest next to the
-    output, and a restarted run skips them.
+    output, with what made them (the parameters' step and hash, the input's
+    path, shape, dtype and content fingerprint), and a restarted run skips
+    them. When the model, the input or the block grid differ from those the
+    manifest records, `config.predict.resume` decides: "auto" (default)
+    predicts the output afresh and logs why, "strict" stops with an error
+    naming what differs.
 
     Args:
       trained: `train_unet`'s or `load_unet_params`'s result; its intensity
@@ -110,9 +152,16 @@ def predict_proximity(
       raw: [z, y, x] EM of any dtype the normalisation accepts (or any volume
         with numpy slicing).
       dest_path: the `.zarr` output.
+      step: checkpoint step of the parameters, recorded with the output.
+      input_path: file `raw` was read from (None for generated volumes).
+      input_dataset: dataset of `raw` inside `input_path`.
 
     Returns:
       [z, y, x] float32 proximity, read back from the output.
+
+    Raises:
+      ConfigError: `config.predict.resume` is not "auto" or "strict".
+      DataError: with "strict", the existing output was made differently.
     """
     cfg = unet_config(config)
     block = tuple(min(b, s) for b, s in zip(config.unet.predict_output, raw.shape, strict=True))
@@ -132,6 +181,7 @@ def predict_proximity(
     if not isinstance(trained, TrainedParams):
         raise TypeError("predict_proximity: expected TrainedParams (params with their intensity)")
     params = trained.params
+    provenance = prediction_provenance(trained, raw, step, input_path, input_dataset)
     # Blocks are read through a normalising view: each is converted as it is
     # read, exactly as training patches were, and never the whole volume.
     raw = NormalizedVolume(raw, trained.intensity, name=f"raw predicted into {dest_path.name}")
@@ -140,10 +190,26 @@ def predict_proximity(
     def apply(batch):
         return model.apply({"params": params}, batch[..., None])[..., 0][crop]
 
+    resume = config.predict.get("resume", "auto")
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"config.predict.resume={resume!r}: expected one of {RESUME_MODES}")
     manifest = dest_path.with_name(dest_path.name + ".blocks.jsonl")
-    if dest_path.exists() and manifest.exists():
+    stale = manifest_differences(manifest, grid, provenance) if dest_path.exists() else None
+    if stale == []:
         dest = open_volume(str(dest_path), mode="r+")
     else:
+        if stale:
+            what = "; ".join(stale)
+            if resume == "strict":
+                raise DataError(
+                    f"{dest_path} was made by another model, input or block grid ({what}); "
+                    "config.predict.resume=strict does not reuse it: delete it or set "
+                    "config.predict.resume=auto to predict it afresh"
+                )
+            logging.warning("%s was made differently (%s); predicting it afresh", dest_path, what)
+        # The manifest goes first: a kill between the two leaves no manifest
+        # that vouches for blocks of a fresh, empty output.
+        manifest.unlink(missing_ok=True)
         dest = create_volume(
             str(dest_path),
             raw.shape,
@@ -152,7 +218,6 @@ def predict_proximity(
             chunks=output_shape,
             overwrite=True,
         )
-        manifest.unlink(missing_ok=True)
     summary = predict_blockwise(
         lambda b: np.asarray(apply(jnp.asarray(b))),
         raw,
@@ -161,6 +226,8 @@ def predict_proximity(
         batch_size=config.predict.batch_size,
         manifest_path=manifest,
         executor=config.predict.executor,
+        provenance=provenance,
+        resume=resume,
     )
     logging.info("Proximity %s: %s", dest_path.name, summary)
     return open_volume(str(dest_path)).read()

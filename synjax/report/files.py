@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from synjax.io import atomic
 
 
 def _plain(value: Any) -> Any:
@@ -27,19 +28,10 @@ def _plain(value: Any) -> Any:
 def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
     """Writes `text` to a temporary file beside `path`, then renames it over.
 
-    A failure part-way leaves any previous file untouched.
+    A failure part-way leaves any previous file untouched; the new file is
+    fsync'ed before the rename (see `synjax.io.atomic`).
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text_atomic(path, text)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> pathlib.Path:

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from synjax.io.atomic import atomic_open
+
 # Slices shown per figure: enough to see variety, few enough to stay readable.
 DEFAULT_SLICES = 3
 
@@ -72,8 +74,6 @@ def plot_slices(
         fig.suptitle(title)
     fig.tight_layout()
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=80)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=80)
     return path

@@ -5,7 +5,8 @@ lives under `workdir/checkpoints/<name>/<step>/` with two items: "params"
 (the model parameters) and "opt_state" (the optimizer state, needed to resume
 training), and a third, "batch_stats", for models with BatchNorm (their
 running statistics, needed with the params for prediction). The step is the
-checkpoint's step.
+checkpoint's step. `checkpoint_provenance` names a checkpoint by its step and
+the hash of its parameters, which outputs made with it record.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from synjax.errors import ConfigError, DataError
+from synjax.io.provenance import model_provenance
 from synjax.train.state import TrainState
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -225,3 +227,55 @@ def restore_variables(
     }
     with Checkpointer(workdir, name) as checkpointer:
         return checkpointer.restore_items(abstract, step)
+
+
+def checkpoint_provenance(
+    workdir: str | Path, name: str, step: int | None = None
+) -> dict[str, Any]:
+    """Which parameters model `name`'s newest (or given) checkpoint holds.
+
+    Reads the parameters as they were saved (no model needed) onto one local
+    device and hashes them with `synjax.io.provenance.params_fingerprint`, so
+    the result equals `model_provenance(name, step, params)` of the same
+    parameters in memory.
+
+    Args:
+      workdir: run folder that holds `checkpoints/<name>`.
+      name: model name used when training.
+      step: checkpoint step, None for the latest.
+
+    Returns:
+      `{"name": name, "step": int, "params_hash": str}`.
+
+    Raises:
+      DataError: no checkpoint of `name` (at `step`).
+    """
+    directory = checkpoint_dir(workdir, name)
+    if not directory.is_dir():
+        raise DataError(f"no checkpoints for model {name!r}: {directory} is absent")
+    # A handler for "params" lets the manager read its metadata (shapes and
+    # dtypes), restored onto one device whatever the topology it was saved from.
+    manager = ocp.CheckpointManager(
+        directory,
+        item_names=_ITEMS,
+        item_handlers={PARAMS_ITEM: ocp.StandardCheckpointHandler()},
+    )
+    try:
+        steps = manager.all_steps()
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in steps:
+            raise DataError(
+                f"no checkpoint at step {step} in {directory}: have steps {sorted(steps)}"
+            )
+        metadata = manager.item_metadata(step)[PARAMS_ITEM]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            getattr(metadata, "tree", metadata),
+        )
+        restored = manager.restore(
+            step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)})
+        )
+    finally:
+        manager.close()
+    return model_provenance(name, step, jax.device_get(restored[PARAMS_ITEM]))
