@@ -5,13 +5,16 @@ train:    signed-proximity targets -> U-Net -> proximity of the training
           threshold is chosen on the training volume (never on the test one).
 predict:  proximity of the test volume (block-wise, resumable zarr) ->
           candidates on the segmentation -> pruner scores -> synapse table.
-evaluate: CREMI partner metric and the paper's criterion at the chosen
-          threshold, precision-recall over all thresholds, plots.
+evaluate: CREMI partner metric, the paper's criterion (detection in a true
+          cleft, right cells, right direction) and the looser "same ids,
+          midpoints within 400 nm" at the chosen threshold; every candidate
+          without pruning; precision-recall over all thresholds, plots.
 
-Workdir outputs: `checkpoints/`, `predictions/*.zarr`, `detections.csv`
-(candidates left after duplicate suppression, with pruner scores),
-`synapses.csv` and `synapses.h5` (CREMI annotations) of the kept ones,
-`pruner_threshold.json`, `metrics.json`, `precision_recall.png`,
+Workdir outputs: `checkpoints/`, `predictions/*.zarr`, `candidates.csv`
+(every candidate, before duplicate suppression, with its pruner score),
+`detections.csv` (candidates left after duplicate suppression, with pruner
+scores), `synapses.csv` and `synapses.h5` (CREMI annotations) of the kept
+ones, `pruner_threshold.json`, `metrics.json`, `precision_recall.png`,
 `example_slices.png`.
 """
 
@@ -22,19 +25,21 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from synjax.errors import ConfigError
+from synjax.errors import ConfigError, DataError
 from synjax.evaluation import partners as partner_metrics
 from synjax.evaluation.rand_voi import adapted_rand_error
 from synjax.io import CremiVolume, SynapseTable, create_volume, open_volume, write_cremi
+from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
 from synjax.pipelines import neurons, partner_data, proximity, pruner
 from synjax.pipelines.partner_data import PartnerVolume
-from synjax.postprocess.candidates import Candidates, generate_candidates
+from synjax.postprocess.candidates import Candidates, generate_candidates, site_components
 from synjax.postprocess.partner_nms import suppress_duplicates
 from synjax.postprocess.pruning_windows import label_candidates
 from synjax.report import files, slices
 
 THRESHOLD_FILE = "pruner_threshold.json"
 DETECTIONS_FILE = "detections.csv"
+CANDIDATES_FILE = "candidates.csv"
 
 
 def _segmentation(
@@ -95,7 +100,7 @@ def _in_truth_ids(pairs: partner_metrics.PartnerPairs, volume) -> partner_metric
     not share the ground truth's ids).
     """
     ids = [
-        partner_metrics.segment_ids_at(loc, volume.neuron_ids, volume.resolution)
+        segment_ids_at(volume.neuron_ids, loc, volume.resolution)
         for loc in (pairs.pre_locations, pairs.post_locations)
     ]
     return partner_metrics.PartnerPairs(
@@ -108,6 +113,34 @@ def _pairs(candidates: Candidates, scores: np.ndarray, volume) -> partner_metric
         candidates, volume.resolution, scores=scores
     )
     return _in_truth_ids(pairs, volume)
+
+
+def _table_pairs(table: SynapseTable, volume) -> partner_metrics.PartnerPairs:
+    """A synapse table's rows as pairs in ground-truth ids."""
+    return _in_truth_ids(
+        partner_metrics.PartnerPairs(
+            table.pre_segment,
+            table.post_segment,
+            table.pre_location,
+            table.post_location,
+            table.score,
+        ),
+        volume,
+    )
+
+
+def _synapse_table(candidates: Candidates, scores: np.ndarray, resolution) -> SynapseTable:
+    res = np.asarray(resolution)
+    return SynapseTable.build(
+        candidates.pre_segment,
+        candidates.post_segment,
+        candidates.location,
+        pre_location=candidates.pre_point * res,
+        post_location=candidates.post_point * res,
+        score=scores,
+        size=candidates.pre_overlap + candidates.post_overlap,
+        kind="partner",
+    )
 
 
 def _best_of_duplicates(config, candidates: Candidates, scores: np.ndarray):
@@ -130,7 +163,7 @@ def _curve(pairs: partner_metrics.PartnerPairs, truth, config):
             pairs.select(pairs.scores >= threshold), truth, distance
         )
 
-    # Threshold 0 keeps every candidate: the curve's "no pruning" end.
+    # Threshold 0 keeps every detection left after duplicate suppression.
     thresholds = np.unique(np.concatenate([[0.0], pairs.scores]))
     return partner_metrics.precision_recall_curve(pairs.scores, at, thresholds)
 
@@ -205,18 +238,10 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
         scores = pruner.score_candidates(
             config, pruner_params, volume.raw, prox, segmentation, candidates
         )
+    # Every candidate, before duplicate suppression: the "no pruning" row.
+    _synapse_table(candidates, scores, volume.resolution).to_csv(workdir / CANDIDATES_FILE)
     candidates, scores = _best_of_duplicates(config, candidates, scores)
-    res = np.asarray(volume.resolution)
-    table = SynapseTable.build(
-        candidates.pre_segment,
-        candidates.post_segment,
-        candidates.location,
-        pre_location=candidates.pre_point * res,
-        post_location=candidates.post_point * res,
-        score=scores,
-        size=candidates.pre_overlap + candidates.post_overlap,
-        kind="partner",
-    )
+    table = _synapse_table(candidates, scores, volume.resolution)
     table.to_csv(workdir / DETECTIONS_FILE)
     threshold = choice["threshold"]
     kept = table.filter_by_score(threshold)
@@ -238,28 +263,76 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
     return table
 
 
+def _saved_prediction(workdir: pathlib.Path, name: str) -> np.ndarray:
+    """A volume that `_predict` wrote under `predictions/`."""
+    path = workdir / "predictions" / name
+    if not path.exists():
+        raise DataError(f"{path} not found: run the predict step before evaluate")
+    return open_volume(str(path)).read()
+
+
+def _detection_clefts(
+    table: SynapseTable, sites: tuple[np.ndarray, np.ndarray], segmentation, volume, source: str
+) -> np.ndarray:
+    """[n, k] ground-truth clefts each row's pre or post site touches (`NO_CLEFT` padded).
+
+    A row's pre site is the proximity component (p > tau) that holds its
+    presynaptic point, cut by its presynaptic segment; likewise post. See
+    `partner_metrics.clefts_under_sites` for what touching a cleft means.
+    """
+    found = []
+    for components, points, segments in (
+        (sites[0], table.pre_location, table.pre_segment),
+        (sites[1], table.post_location, table.post_segment),
+    ):
+        voxels = world_to_voxel(points, volume.resolution)
+        if not np.all(inside_volume(voxels, components.shape)):
+            raise DataError(f"{source}: a site lies outside the test volume")
+        component_ids = components[tuple(voxels.T)]
+        if np.any(component_ids == 0) or np.any(segmentation[tuple(voxels.T)] != segments):
+            raise DataError(
+                f"{source}: a site point is not in its proximity component and segment; "
+                "was predict run with another config.candidates.tau or segmentation?"
+            )
+        found.append(
+            partner_metrics.clefts_under_sites(
+                components, segmentation, volume.clefts, component_ids, segments
+            )
+        )
+    return np.concatenate(found, axis=1)
+
+
 def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
-    table = SynapseTable.from_csv(workdir / DETECTIONS_FILE)
+    detections = SynapseTable.from_csv(workdir / DETECTIONS_FILE)
+    every = SynapseTable.from_csv(workdir / CANDIDATES_FILE)
     threshold = files.read_json(workdir / THRESHOLD_FILE)["threshold"]
-    pairs = _in_truth_ids(
-        partner_metrics.PartnerPairs(
-            table.pre_segment,
-            table.post_segment,
-            table.pre_location,
-            table.post_location,
-            table.score,
-        ),
-        volume,
+    # The sites of the candidates, as `_predict` found them, for the paper's criterion.
+    sites = site_components(_saved_prediction(workdir, "proximity.zarr"), config.candidates.tau)
+    segmentation = volume.neuron_ids
+    if config.segmentation.source == "predicted":
+        segmentation = _saved_prediction(workdir, f"{volume.name}_segmentation.zarr")
+
+    pairs = _table_pairs(detections, volume)
+    kept_rows = pairs.scores >= threshold
+    kept = pairs.select(kept_rows)
+    detection_clefts = _detection_clefts(
+        detections, sites, segmentation, volume, str(workdir / DETECTIONS_FILE)
     )
-    kept = pairs.select(pairs.scores >= threshold)
-    cremi = partner_metrics.cremi_partner_scores(
-        kept, volume.truth, config.evaluation.cremi_distance_nm
+    all_pairs = _table_pairs(every, volume)
+    all_clefts = _detection_clefts(
+        every, sites, segmentation, volume, str(workdir / CANDIDATES_FILE)
     )
+
+    cremi_nm = config.evaluation.cremi_distance_nm
+    same_ids_nm = config.evaluation.same_ids_distance_nm
+    cremi = partner_metrics.cremi_partner_scores(kept, volume.truth, cremi_nm)
     paper = partner_metrics.paper_partner_scores(
-        kept, volume.truth, config.evaluation.paper_distance_nm
+        kept, volume.truth, detection_clefts[kept_rows], volume.truth_clefts
     )
-    unpruned = partner_metrics.cremi_partner_scores(
-        pairs, volume.truth, config.evaluation.cremi_distance_nm
+    same_ids = partner_metrics.ids_within_distance_scores(kept, volume.truth, same_ids_nm)
+    unpruned = partner_metrics.cremi_partner_scores(all_pairs, volume.truth, cremi_nm)
+    unpruned_paper = partner_metrics.paper_partner_scores(
+        all_pairs, volume.truth, all_clefts, volume.truth_clefts
     )
     curve = _curve(pairs, volume.truth, config)
     partner_metrics.plot_precision_recall(
@@ -275,15 +348,18 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
         "pruner_threshold": threshold,
         "cremi_partners": scores(cremi),
         "paper_criterion": scores(paper),
+        f"same_ids_within_{same_ids_nm:g}nm": scores(same_ids),
         "without_pruning": scores(unpruned),
+        "without_pruning_paper_criterion": scores(unpruned_paper),
         "best_fscore_over_thresholds": curve.best_fscore,
         "truth_pairs": len(volume.truth),
+        "truth_pairs_without_cleft": int(np.sum(volume.truth_clefts == partner_metrics.NO_CLEFT)),
         "truth_polyadic_synapses": volume.n_polyadic,
-        "candidates": len(pairs),
+        "candidates": len(all_pairs),
+        "detections": len(pairs),
     }
-    seg_path = workdir / "predictions" / "test_segmentation.zarr"
-    if config.segmentation.source == "predicted" and seg_path.exists():
-        rand = adapted_rand_error(open_volume(str(seg_path)).read(), volume.neuron_ids)
+    if config.segmentation.source == "predicted":
+        rand = adapted_rand_error(segmentation, volume.neuron_ids)
         metrics["segmentation_adapted_rand"] = {
             "error": rand.error,
             "precision": rand.precision,
@@ -291,12 +367,17 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
         }
     files.write_json(workdir / "metrics.json", metrics)
     logging.info(
-        "Test partners: CREMI F %.3f (P %.3f R %.3f), paper F %.3f, unpruned F %.3f",
+        "Test partners: CREMI F %.3f (P %.3f R %.3f), paper criterion F %.3f, same ids within "
+        "%g nm F %.3f, no pruning (%d candidates) CREMI F %.3f, paper F %.3f",
         cremi.fscore,
         cremi.precision,
         cremi.recall,
         paper.fscore,
+        same_ids_nm,
+        same_ids.fscore,
+        len(all_pairs),
         unpruned.fscore,
+        unpruned_paper.fscore,
     )
     return metrics
 
