@@ -110,6 +110,6 @@ def get_config(arg: str | None = None):
                 "learning_rate": 1e-4,
                 "label_distance_nm": 400.0,
             },
-            "evaluation": {"cremi_distance_nm": 400.0, "paper_distance_nm": 400.0},
+            "evaluation": {"cremi_distance_nm": 400.0, "same_ids_distance_nm": 400.0},
         }
     )

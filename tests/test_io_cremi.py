@@ -8,7 +8,13 @@ import pytest
 
 from synjax.errors import DataError
 from synjax.io import cremi, open_volume
-from synjax.io.cremi import cleft_instances, partner_table, read_cremi, write_cremi
+from synjax.io.cremi import (
+    cleft_instance_ids,
+    cleft_instances,
+    partner_table,
+    read_cremi,
+    write_cremi,
+)
 from synjax.io.cremi_volume import CREMI_BACKGROUND, Annotations, CremiVolume
 
 RESOLUTION = (40.0, 4.0, 4.0)
@@ -211,6 +217,20 @@ def test_cleft_instances_by_hand():
     np.testing.assert_array_equal(
         cleft_instances(np.array([[[background, 2]]], np.uint64)), [[[0, 2]]]
     )
+
+
+def test_cleft_instance_ids_follow_cleft_instances():
+    background = CREMI_BACKGROUND
+    clefts = np.array([[[background, 3, 3], [0, background, 7]]], np.uint64)
+    # Cleft 0 becomes 8 in `cleft_instances`, so a pair of cleft 0 must too.
+    np.testing.assert_array_equal(cleft_instance_ids(np.array([0, 3, 7]), clefts), [8, 3, 7])
+    instances = cleft_instances(clefts)
+    for cremi_id in (0, 3, 7):
+        (renumbered,) = cleft_instance_ids([cremi_id], clefts)
+        np.testing.assert_array_equal(instances == renumbered, clefts == cremi_id)
+    # Without a cleft 0 nothing changes.
+    no_zero = np.where(clefts == 0, background, clefts)
+    np.testing.assert_array_equal(cleft_instance_ids(np.array([3, 7]), no_zero), [3, 7])
 
 
 def test_partner_table_by_hand():

@@ -161,6 +161,7 @@ def test_training_step_lowers_loss():
 def test_candidates_to_labels_windows_and_metric():
     """Generated candidates flow through labelling, windows and the CREMI metric."""
     from synjax.evaluation import partners as pm
+    from synjax.io import segment_ids_at
     from synjax.postprocess.candidates import generate_candidates
 
     seg = np.zeros((4, 16, 20), np.uint64)
@@ -182,8 +183,8 @@ def test_candidates_to_labels_windows_and_metric():
     assert win[0, 2, 4, 4, pw.CHANNEL_POST] == 1.0 and win[0, 2, 4, 3, pw.CHANNEL_PRE] == 1.0
     pred = pm.PartnerPairs.from_candidates(found, RESOLUTION)
     pred = pm.PartnerPairs(
-        pm.segment_ids_at(pred.pre_locations, gt, RESOLUTION),
-        pm.segment_ids_at(pred.post_locations, gt, RESOLUTION),
+        segment_ids_at(gt, pred.pre_locations, RESOLUTION),
+        segment_ids_at(gt, pred.post_locations, RESOLUTION),
         pred.pre_locations,
         pred.post_locations,
     )

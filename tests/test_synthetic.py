@@ -6,6 +6,7 @@ import pytest
 
 from synjax.data import synthetic, synthetic_em
 from synjax.errors import ConfigError, DataError
+from synjax.io.cremi import partner_table
 from synjax.io.cremi_volume import (
     CREMI_BACKGROUND,
     POSTSYNAPTIC_SITE,
@@ -13,6 +14,7 @@ from synjax.io.cremi_volume import (
     Annotations,
     CremiVolume,
 )
+from synjax.io.voxels import world_to_voxel
 
 SMALL_SHAPE = (12, 128, 128)
 RES = np.array([40.0, 4.0, 4.0])
@@ -50,8 +52,7 @@ def _touching_pairs(labels: np.ndarray) -> set[tuple[int, int]]:
 
 
 def _site_voxels(volume: CremiVolume) -> dict[int, np.ndarray]:
-    res, off = np.asarray(volume.resolution), np.asarray(volume.offset)
-    voxels = np.round((volume.annotations.locations - off) / res).astype(np.int64)
+    voxels = world_to_voxel(volume.annotations.locations, volume.resolution, volume.offset)
     return dict(zip(volume.annotations.ids.tolist(), voxels, strict=True))
 
 
@@ -235,6 +236,26 @@ def test_summary_on_hand_made_volume():
     volume = CremiVolume(None, (40.0, 4.0, 4.0), (100.0, 0.0, 0.0), labels, clefts, ann)
     (s,) = synthetic.synapse_summary(volume)
     assert (s.cleft_id, s.pre_segment, s.post_segments, s.polyadic) == (9, 1, (2,), False)
+
+
+def test_summary_rounds_half_voxels_up_like_partner_table():
+    labels = np.ones((1, 4, 4), np.uint64)
+    labels[:, :, 3:] = 2
+    clefts = np.full(labels.shape, CREMI_BACKGROUND, np.uint64)
+    clefts[0, 1:3, 2:4] = 9
+    # The pre site sits half-way between x voxels 2 (neuron 1) and 3 (neuron
+    # 2): 10 nm = 2.5 voxels goes up, to neuron 2 (np.round would say 1).
+    ann = Annotations(
+        ids=np.array([10, 11], np.uint64),
+        locations=np.array([[0.0, 4.0, 10.0], [0.0, 4.0, 0.0]]),
+        types=np.array([PRESYNAPTIC_SITE, POSTSYNAPTIC_SITE], dtype=object),
+        partners=np.array([[10, 11]], np.uint64),
+    )
+    volume = CremiVolume(None, (40.0, 4.0, 4.0), (0.0, 0.0, 0.0), labels, clefts, ann)
+    (s,) = synthetic.synapse_summary(volume)
+    assert (s.pre_segment, s.post_segments) == (2, (1,))
+    table = partner_table(volume)
+    assert (table["pre_segment"].tolist(), table["post_segment"].tolist()) == ([2], [1])
 
 
 # --- geometry helpers, hand-computed -----------------------------------------

@@ -44,6 +44,7 @@ from synjax.io.cremi_volume import (
     Annotations,
     CremiVolume,
 )
+from synjax.io.voxels import world_to_voxel
 
 __all__ = [
     "EMSyntheticSettings",
@@ -396,7 +397,7 @@ def synapse_summary(volume: CremiVolume) -> list[SynapseSummary]:
     if ann is None or volume.neuron_ids is None or volume.clefts is None:
         raise DataError("synapse_summary needs a volume with annotations, neuron_ids and clefts")
     res = np.asarray(volume.resolution, np.float64)
-    voxels = np.round((ann.locations - np.asarray(volume.offset)) / res).astype(np.int64)
+    voxels = world_to_voxel(ann.locations, res, volume.offset)
     if voxels.size and (
         (voxels < 0).any() or (voxels >= np.asarray(volume.neuron_ids.shape)).any()
     ):

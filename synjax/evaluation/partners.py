@@ -1,8 +1,8 @@
 """Synaptic partner metrics: CREMI's, Parag et al.'s, and precision-recall sweeps.
 
-Two ways to score predicted (pre segment, post segment, location) pairs
-against ground truth, both one-to-one (Hungarian matching,
-`scipy.optimize.linear_sum_assignment`):
+Three ways to score predicted (pre segment, post segment) pairs against ground
+truth, all one-to-one (`scipy.optimize.linear_sum_assignment`): each
+prediction matches at most one truth and each truth is found at most once.
 
 - `cremi_partner_scores` is the CREMI challenge's synaptic partner metric
   (cremi_python, `cremi/evaluation/synaptic_partners.py`): a predicted and a
@@ -13,9 +13,19 @@ against ground truth, both one-to-one (Hungarian matching,
   from the ground-truth segmentation at the pairs' locations:
   `cremi_synaptic_partners` does that step first.
 - `paper_partner_scores` is the criterion of Parag et al. (MICCAI 2018): a
-  detection is correct only if it overlaps a ground-truth synapse (same cleft,
-  or within `max_distance_nm` of its location) and connects the right two
-  cells in the right direction; a reversed pair is wrong.
+  detection is correct only if it overlaps a ground-truth synaptic cleft and
+  connects the right two cells in the right direction, with no distance
+  tolerance. A detection is the pair of sites it joins (its presynaptic and
+  its postsynaptic site: a thresholded proximity component cut by one
+  segment); it overlaps cleft c when a voxel of either site lies in c or
+  shares a face with a voxel of c (`clefts_under_sites`: the proximity is 0
+  on the cleft itself, so sites border their cleft). It may then match a
+  ground-truth pair whose cleft is c and whose pre and post cells are its
+  own, in that order. The matching finds as many correct detections as
+  possible; distance only breaks ties.
+- `ids_within_distance_scores` is a looser rule, kept for comparison and not
+  the paper's: same pre and post ids in order, and midpoints within
+  `max_distance_nm` (400 nm) of each other.
 
 Counts follow the challenge: fp = predictions left unmatched, fn = truths left
 unmatched, tp = matches. Where a ratio has no denominator (no predictions, no
@@ -35,12 +45,13 @@ from scipy.optimize import linear_sum_assignment
 
 from synjax.errors import DataError
 from synjax.io.atomic import atomic_open
+from synjax.io.voxels import inside_volume, segment_ids_at
 from synjax.postprocess.candidates import Candidates
 
 CREMI_MATCHING_THRESHOLD_NM = 400.0
-DEFAULT_PAPER_DISTANCE_NM = 400.0
-# Cleft id that means "in no cleft" for the cleft-overlap test.
-NO_CLEFT = -1
+DEFAULT_SAME_IDS_DISTANCE_NM = 400.0
+# Cleft id that means "in no cleft": the background of `cleft_instances`.
+NO_CLEFT = 0
 
 
 @dataclasses.dataclass
@@ -205,29 +216,6 @@ def cremi_partner_scores(
     return _scores(predicted, truth, matches, near)
 
 
-def segment_ids_at(
-    locations: np.ndarray,
-    segmentation: np.ndarray,
-    resolution: Sequence[float],
-    offset: Sequence[float] = (0.0, 0.0, 0.0),
-    outside: int = 0,
-) -> np.ndarray:
-    """Labels of `segmentation` [z, y, x] at world locations [n, 3] nm.
-
-    Locations are rounded to the nearest voxel; those outside the volume get
-    `outside`.
-    """
-    vox = np.floor(
-        (np.asarray(locations, np.float64).reshape(-1, 3) - np.asarray(offset))
-        / np.asarray(resolution, np.float64)
-        + 0.5
-    ).astype(np.int64)
-    inside = np.all((vox >= 0) & (vox < np.asarray(segmentation.shape)), axis=1)
-    out = np.full(len(vox), outside, dtype=np.result_type(segmentation.dtype, type(outside)))
-    out[inside] = segmentation[tuple(vox[inside].T)]
-    return out
-
-
 def cremi_synaptic_partners(
     predicted: PartnerPairs,
     truth: PartnerPairs,
@@ -254,7 +242,7 @@ def cremi_synaptic_partners(
 
     def relabel(pairs: PartnerPairs) -> PartnerPairs:
         ids = [
-            segment_ids_at(loc, gt_segmentation, resolution, offset).astype(np.uint64)
+            segment_ids_at(gt_segmentation, loc, resolution, offset).astype(np.uint64)
             for loc in (pairs.pre_locations, pairs.post_locations)
         ]
         return PartnerPairs(*ids, pairs.pre_locations, pairs.post_locations, pairs.scores)
@@ -262,44 +250,173 @@ def cremi_synaptic_partners(
     return cremi_partner_scores(relabel(predicted), relabel(truth), matching_threshold)
 
 
-def paper_partner_scores(
+def ids_within_distance_scores(
     predicted: PartnerPairs,
     truth: PartnerPairs,
-    max_distance_nm: float = DEFAULT_PAPER_DISTANCE_NM,
-    predicted_cleft_ids: np.ndarray | None = None,
-    truth_cleft_ids: np.ndarray | None = None,
+    max_distance_nm: float = DEFAULT_SAME_IDS_DISTANCE_NM,
 ) -> PartnerScores:
-    """Parag et al.'s criterion: right synapse, right cells, right direction.
+    """Same ids in order, midpoints within `max_distance_nm`: not the paper's criterion.
 
     A prediction may match a truth when it links the truth's pre segment to
-    its post segment (in that order) and overlaps the truth's synapse: it lies
-    in the same ground-truth cleft (when cleft ids are given) or its location
-    (midpoint) lies within `max_distance_nm` of the truth's. Matching is
-    one-to-one, cheapest distance first.
+    its post segment (in that order) and its location (midpoint of its pre
+    and post sites) lies within `max_distance_nm` of the truth's. Matching is
+    one-to-one, cheapest distance first. Unlike `paper_partner_scores` it
+    needs no clefts, and a detection beside a synapse (or between two
+    synapses of the same cells) counts.
 
     Args:
       predicted: n predicted pairs, ids mapped to ground-truth neurons.
       truth: m ground-truth pairs.
-      max_distance_nm: distance that counts as overlapping a synapse, nm.
-      predicted_cleft_ids: [n] ground-truth cleft under each prediction
-        (`NO_CLEFT` for none), e.g. from `segment_ids_at` on the cleft volume.
-      truth_cleft_ids: [m] each truth's cleft id.
+      max_distance_nm: largest midpoint distance of a match, nm.
     """
     dist = _distances(predicted.locations, truth.locations)
     near = dist <= max_distance_nm
-    if (predicted_cleft_ids is None) != (truth_cleft_ids is None):
-        raise DataError("paper_partner_scores: give both cleft id arrays or neither")
-    if predicted_cleft_ids is not None:
-        pred_c = np.asarray(predicted_cleft_ids).reshape(-1)
-        truth_c = np.asarray(truth_cleft_ids).reshape(-1)
-        if len(pred_c) != len(predicted) or len(truth_c) != len(truth):
-            raise DataError(
-                f"cleft ids {len(pred_c)}/{len(truth_c)}: expected {len(predicted)}/{len(truth)}"
-            )
-        same_cleft = (pred_c[:, None] == truth_c[None]) & (truth_c[None] != NO_CLEFT)
-        near = near | same_cleft
     matches = _match(dist, _same_ids(predicted, truth) & near)
     return _scores(predicted, truth, matches, near)
+
+
+def clefts_under_sites(
+    components: np.ndarray,
+    segmentation: np.ndarray,
+    clefts: np.ndarray,
+    component_ids: np.ndarray,
+    segment_ids: np.ndarray,
+) -> np.ndarray:
+    """Ground-truth clefts that each site touches: overlaps, or borders by a face.
+
+    Site i is the voxels with `components == component_ids[i]` and
+    `segmentation == segment_ids[i]` (a candidate's pre or post sub-mask). It
+    touches cleft c when one of its voxels lies in c or shares a face with a
+    voxel of c. The face counts because the signed-proximity target is 0 on
+    the cleft itself (the contact) and largest right beside it: a perfect
+    prediction's sites border their cleft without covering it.
+
+    Args:
+      components: [z, y, x] integer component labels, 0 = none.
+      segmentation: [z, y, x] the segmentation the sites were cut with.
+      clefts: [z, y, x] ground-truth cleft instances, `NO_CLEFT` outside.
+      component_ids: [n] component of each site.
+      segment_ids: [n] segment of each site.
+
+    Returns:
+      [n, k] int64 cleft ids (k >= 1), each row the clefts its site touches
+      in ascending order, padded with `NO_CLEFT`.
+    """
+    components, segmentation, clefts = (np.asarray(a) for a in (components, segmentation, clefts))
+    if not components.ndim == 3 or not components.shape == segmentation.shape == clefts.shape:
+        raise DataError(
+            f"clefts_under_sites: components {components.shape}, segmentation "
+            f"{segmentation.shape}, clefts {clefts.shape}: expected one 3D shape"
+        )
+    component_ids = np.asarray(component_ids).reshape(-1)
+    segment_ids = np.asarray(segment_ids).reshape(-1)
+    if len(component_ids) != len(segment_ids):
+        raise DataError(
+            f"clefts_under_sites: {len(component_ids)} component ids, {len(segment_ids)} "
+            "segment ids: expected one per site"
+        )
+    # Clefts are sparse: visit each cleft voxel and its six face neighbours.
+    cleft_voxels = np.argwhere(clefts != NO_CLEFT)
+    cleft_ids = clefts[tuple(cleft_voxels.T)].astype(np.uint64)
+    triples = [np.zeros((0, 3), np.uint64)]
+    for step in np.concatenate(
+        [np.zeros((1, 3), np.int64), np.eye(3, dtype=np.int64), -np.eye(3, dtype=np.int64)]
+    ):
+        at = cleft_voxels + step
+        inside = inside_volume(at, clefts.shape)
+        at = tuple(at[inside].T)
+        component = components[at]
+        site = component != 0
+        triples.append(
+            np.stack(
+                [
+                    component[site].astype(np.uint64),
+                    segmentation[at][site].astype(np.uint64),
+                    cleft_ids[inside][site],
+                ],
+                axis=1,
+            )
+        )
+    triples = np.unique(np.concatenate(triples), axis=0)
+    found: dict[tuple[int, int], list[int]] = {}
+    for component, segment, cleft in triples.tolist():
+        found.setdefault((component, segment), []).append(cleft)
+    per_site = [
+        found.get((c, s), [])
+        for c, s in zip(component_ids.tolist(), segment_ids.tolist(), strict=True)
+    ]
+    out = np.full((len(per_site), max(map(len, per_site), default=0) or 1), NO_CLEFT, np.int64)
+    for i, ids in enumerate(per_site):
+        out[i, : len(ids)] = ids
+    return out
+
+
+def _most_matches(allowed: np.ndarray, pred_points: np.ndarray, truth_points: np.ndarray):
+    """One-to-one matching with the most allowed pairs; distance breaks ties.
+
+    Allowed entries cost less than 1 / (r + 1) (r = rows or columns, the
+    fewer), disallowed ones 1: an assignment with one more allowed pair always
+    costs less, so the assignment holds as many allowed pairs as possible and,
+    among those, the smallest total distance.
+
+    Returns:
+      [k, 2] int64 (prediction index, truth index).
+    """
+    rows = np.flatnonzero(allowed.any(axis=1))
+    cols = np.flatnonzero(allowed.any(axis=0))
+    if len(rows) == 0:
+        return np.zeros((0, 2), np.int64)
+    sub = allowed[np.ix_(rows, cols)]
+    dist = _distances(pred_points[rows], truth_points[cols])
+    scale = (float(dist[sub].max()) + 1.0) * (min(sub.shape) + 1)
+    r, c = linear_sum_assignment(np.where(sub, dist / scale, 1.0))
+    keep = sub[r, c]
+    return np.stack([rows[r[keep]], cols[c[keep]]], axis=1).astype(np.int64)
+
+
+def paper_partner_scores(
+    predicted: PartnerPairs,
+    truth: PartnerPairs,
+    predicted_clefts: np.ndarray,
+    truth_clefts: np.ndarray,
+) -> PartnerScores:
+    """Parag et al.'s criterion: in a true cleft, right cells, right direction.
+
+    Prediction i may match truth j when truth j's cleft is one of the clefts
+    prediction i overlaps (and not `NO_CLEFT`), and prediction i links truth
+    j's pre cell to its post cell in that order. No distance tolerance.
+    Matching is one-to-one with as many matches as possible (distance between
+    midpoints only breaks ties), so a cleft's pair is found at most once and
+    a second detection of it is a false positive.
+
+    Args:
+      predicted: n predicted pairs, ids mapped to ground-truth neurons.
+      truth: m ground-truth pairs.
+      predicted_clefts: [n] or [n, k] ground-truth cleft ids each prediction
+        overlaps, padded with `NO_CLEFT` (e.g. `clefts_under_sites` of its pre
+        and its post site, side by side).
+      truth_clefts: [m] the cleft of each truth pair (`NO_CLEFT` for a pair
+        with no known cleft, which no prediction can then find).
+
+    Returns:
+      The scores; `reversed` counts unmatched predictions in a truth's cleft
+      that link its cells the wrong way round.
+    """
+    pred_c = np.asarray(predicted_clefts, np.int64)
+    pred_c = pred_c[:, None] if pred_c.ndim == 1 else pred_c
+    truth_c = np.asarray(truth_clefts, np.int64).reshape(-1)
+    if pred_c.ndim != 2 or len(pred_c) != len(predicted) or len(truth_c) != len(truth):
+        raise DataError(
+            f"paper_partner_scores: cleft ids for {len(pred_c)} predictions and "
+            f"{len(truth_c)} truths; expected {len(predicted)} and {len(truth)}"
+        )
+    overlaps = np.zeros((len(predicted), len(truth)), bool)
+    for column in pred_c.T:
+        overlaps |= column[:, None] == truth_c[None]
+    overlaps &= truth_c[None] != NO_CLEFT
+    allowed = _same_ids(predicted, truth) & overlaps
+    matches = _most_matches(allowed, predicted.locations, truth.locations)
+    return _scores(predicted, truth, matches, overlaps)
 
 
 @dataclasses.dataclass(frozen=True)

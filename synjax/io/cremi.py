@@ -36,6 +36,7 @@ from synjax.io.cremi_volume import (
 )
 from synjax.io.file_volumes import list_hdf5_datasets
 from synjax.io.volume_base import SPATIAL_DIMS, as_triple
+from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
 
 RAW = "volumes/raw"
 LABELS = "volumes/labels"
@@ -277,11 +278,21 @@ def write_cremi(path: str | os.PathLike, volume: CremiVolume, overwrite: bool = 
             file[ANNOTATIONS].attrs["resolution"] = resolution
 
 
+def _zero_cleft_id(clefts: np.ndarray) -> np.uint64 | None:
+    """The id `cleft_instances` gives a cleft stored as 0, or None without one."""
+    foreground = clefts[clefts != CREMI_BACKGROUND]
+    if not (foreground == 0).any():
+        return None
+    return foreground.max() + np.uint64(1)
+
+
 def cleft_instances(clefts: np.ndarray) -> np.ndarray:
     """Cleft labels with background 0 instead of CREMI's 0xFFFFFFFFFFFFFFFF.
 
     A cleft stored with id 0 (legal in CREMI) is given the id one above the
-    largest cleft id, so that it does not merge into the background.
+    largest cleft id, so that it does not merge into the background. Cleft ids
+    read from the CREMI labels elsewhere (e.g. a partner pair's cleft) must
+    follow the same renumbering: `cleft_instance_ids`.
 
     Args:
       clefts: [z, y, x] integer cleft ids, background `CREMI_BACKGROUND`.
@@ -290,45 +301,33 @@ def cleft_instances(clefts: np.ndarray) -> np.ndarray:
       [z, y, x] uint64 cleft ids, background 0.
     """
     clefts = np.asarray(clefts).astype(np.uint64, copy=False)
-    background = clefts == CREMI_BACKGROUND
     out = clefts.copy()
-    zero = clefts == 0
-    if zero.any():
-        foreground = clefts[~background]
-        out[zero] = foreground.max() + np.uint64(1)
-    out[background] = 0
+    zero_id = _zero_cleft_id(clefts)
+    if zero_id is not None:
+        out[clefts == 0] = zero_id
+    out[clefts == CREMI_BACKGROUND] = 0
     return out
 
 
-def segment_ids_at(
-    segmentation: np.ndarray | None,
-    locations: np.ndarray,
-    resolution: tuple[float, ...],
-    offset: tuple[float, ...],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Labels at world locations: voxel = round((location - offset) / resolution).
+def cleft_instance_ids(cleft_ids: np.ndarray, clefts: np.ndarray) -> np.ndarray:
+    """The ids `cleft_instances(clefts)` gives the CREMI cleft ids `cleft_ids`.
+
+    Only cleft 0 changes (to one above the largest id, when `clefts` holds a
+    cleft 0); every other id is kept, in the dtype it came in.
 
     Args:
-      segmentation: [z, y, x] labels, or None (all ids are then 0).
-      locations: [n, 3] nm, z-y-x, world frame.
-      resolution: voxel size in nm.
-      offset: world position of voxel (0, 0, 0) in nm.
+      cleft_ids: [k] cleft ids as stored in `clefts` (e.g. the cleft of each
+        ground-truth synapse).
+      clefts: [z, y, x] the CREMI cleft labels, background `CREMI_BACKGROUND`.
 
     Returns:
-      `(ids, inside)`: [n] uint64 labels (0 outside the volume) and [n] bool,
-      whether the location's voxel lies in the volume.
+      [k] the same ids in the numbering of `cleft_instances(clefts)`.
     """
-    locations = np.asarray(locations, np.float64).reshape(-1, SPATIAL_DIMS)
-    scaled = (locations - np.asarray(offset)) / np.asarray(resolution)
-    # Halves round up, as CREMI's Python 2 `round` does for positive positions.
-    voxels = np.floor(scaled + 0.5).astype(np.int64)
-    if segmentation is None:
-        return np.zeros(len(voxels), np.uint64), np.zeros(len(voxels), bool)
-    inside = np.all((voxels >= 0) & (voxels < np.asarray(segmentation.shape)), axis=1)
-    ids = np.zeros(len(voxels), np.uint64)
-    hits = voxels[inside]
-    ids[inside] = segmentation[hits[:, 0], hits[:, 1], hits[:, 2]]
-    return ids, inside
+    ids = np.array(cleft_ids, copy=True).reshape(-1)
+    zero_id = _zero_cleft_id(np.asarray(clefts).astype(np.uint64, copy=False))
+    if zero_id is not None:
+        ids[ids == 0] = zero_id
+    return ids
 
 
 def partner_table(volume: CremiVolume) -> dict[str, np.ndarray]:
@@ -356,9 +355,14 @@ def partner_table(volume: CremiVolume) -> dict[str, np.ndarray]:
         if len(wanted) and (not len(ids) or not np.array_equal(ids[rows], wanted)):
             raise DataError(f"partners name {side} annotation ids that are not annotated")
         locations = annotations.locations[rows].reshape(-1, SPATIAL_DIMS).astype(np.float64)
-        segments, inside = segment_ids_at(
-            volume.neuron_ids, locations, volume.resolution, volume.offset
-        )
+        voxels = world_to_voxel(locations, volume.resolution, volume.offset)
+        if volume.neuron_ids is None:
+            segments, inside = np.zeros(len(voxels), np.uint64), np.zeros(len(voxels), bool)
+        else:
+            segments = segment_ids_at(
+                volume.neuron_ids, locations, volume.resolution, volume.offset
+            ).astype(np.uint64)
+            inside = inside_volume(voxels, volume.neuron_ids.shape)
         table[f"{side}_id"] = wanted
         table[f"{side}_location"] = locations
         table[f"{side}_segment"] = segments

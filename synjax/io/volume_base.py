@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from synjax.errors import DataError
+from synjax.io.voxels import world_to_voxel
 
 # Physical size of a voxel (nm, z-y-x) when a source does not say.
 DEFAULT_RESOLUTION = (1.0, 1.0, 1.0)
@@ -253,10 +254,12 @@ class Volume(abc.ABC):
         return np.asarray(voxels, np.float64) * self.resolution + self.offset
 
     def world_to_voxel(self, positions: Any) -> np.ndarray:
-        """Maps world positions `[..., 3]` (nm, z-y-x) to the nearest voxel index (int64)."""
-        scaled = (np.asarray(positions, np.float64) - self.offset) / self.resolution
-        # Halves round up, as in CREMI's tools (Python 2 `round`) for positive positions.
-        return np.floor(scaled + 0.5).astype(np.int64)
+        """Maps world positions `[..., 3]` (nm, z-y-x) to voxel indices (int64).
+
+        The package's one rule, `synjax.io.voxels.world_to_voxel`: nearest
+        voxel centre, halves rounded up.
+        """
+        return world_to_voxel(positions, self.resolution, self.offset)
 
     def close(self) -> None:  # noqa: B027 (formats without file handles keep the no-op)
         """Releases file handles (a no-op for formats that hold none)."""

@@ -14,10 +14,11 @@ from absl import logging
 from synjax import configlib
 from synjax.data import synthetic
 from synjax.errors import ConfigError
-from synjax.evaluation.partners import PartnerPairs
-from synjax.io import cleft_instances, partner_table, read_cremi
+from synjax.evaluation.partners import NO_CLEFT, PartnerPairs
+from synjax.io import cleft_instance_ids, cleft_instances, partner_table, read_cremi
 from synjax.io.cremi_volume import CremiVolume
 from synjax.targets import signed_proximity
+from synjax.targets.signed_proximity import PAIR_CLEFT
 
 SPLITS = ("train", "test")
 CREMI_PUBLISHED_AT = "https://cremi.org/data/ (padded or unpadded samples A, B, C)"
@@ -34,8 +35,12 @@ class PartnerVolume:
       clefts: [z, y, x] uint64 cleft instances, 0 = background.
       resolution: voxel size in nm, z-y-x.
       pairs: [m, 3] int64 (cleft id, pre segment, post segment), one row per
-        ground-truth partner.
+        ground-truth partner, cleft ids those of `clefts` (the training
+        targets' rows).
       truth: the ground-truth partner pairs, locations in nm from voxel 0.
+      truth_clefts: [len(truth)] int64 cleft of each `truth` pair in `clefts`
+        (the cleft nearest its presynaptic site), `NO_CLEFT` where the volume
+        has none.
       n_polyadic: synapses with more than one postsynaptic partner.
     """
 
@@ -46,6 +51,7 @@ class PartnerVolume:
     resolution: tuple[float, float, float]
     pairs: np.ndarray
     truth: PartnerPairs
+    truth_clefts: np.ndarray
     n_polyadic: int
 
 
@@ -60,16 +66,34 @@ def _from_cremi(name: str, volume: CremiVolume) -> PartnerVolume:
         np.asarray(table["pre_location"]) - offset,
         np.asarray(table["post_location"]) - offset,
     )
+    # Cleft ids as in `cleft_instances`: a CREMI cleft 0 is renumbered there,
+    # and its pairs must follow or they would point at the background.
+    pairs = synthetic.synapse_pairs(summary)
+    pairs[:, PAIR_CLEFT] = _instance_ids(pairs[:, PAIR_CLEFT], volume.clefts)
+    cleft_of_pre = {s.pre_annotation: s.cleft_id for s in summary}
+    truth_clefts = _instance_ids(
+        np.array([cleft_of_pre[a] for a in table["pre_id"].tolist()], np.int64), volume.clefts
+    )
     return PartnerVolume(
         name=name,
         raw=volume.raw,
         neuron_ids=volume.neuron_ids,
         clefts=cleft_instances(volume.clefts),
         resolution=tuple(float(r) for r in volume.resolution),
-        pairs=synthetic.synapse_pairs(summary),
+        pairs=pairs,
         truth=truth,
+        truth_clefts=truth_clefts,
         n_polyadic=sum(s.polyadic for s in summary),
     )
+
+
+def _instance_ids(cleft_ids: np.ndarray, cremi_clefts: np.ndarray) -> np.ndarray:
+    """CREMI cleft ids (-1 = none, from `synapse_summary`) in `cleft_instances` numbering."""
+    cleft_ids = np.asarray(cleft_ids, np.int64)
+    known = cleft_ids >= 0
+    out = np.full(cleft_ids.shape, NO_CLEFT, np.int64)
+    out[known] = cleft_instance_ids(cleft_ids[known], cremi_clefts)
+    return out
 
 
 def load_volume(config, name: str) -> PartnerVolume:

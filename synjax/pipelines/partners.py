@@ -5,13 +5,16 @@ train:    signed-proximity targets -> U-Net -> proximity of the training
           threshold is chosen on the training volume (never on the test one).
 predict:  proximity of the test volume (block-wise, resumable zarr) ->
           candidates on the segmentation -> pruner scores -> synapse table.
-evaluate: CREMI partner metric and the paper's criterion at the chosen
-          threshold, precision-recall over all thresholds, plots.
+evaluate: CREMI partner metric, the paper's criterion (detection in a true
+          cleft, right cells, right direction) and the looser "same ids,
+          midpoints within 400 nm" at the chosen threshold; every candidate
+          without pruning; precision-recall over all thresholds, plots.
 
-Workdir outputs: `checkpoints/`, `predictions/*.zarr`, `detections.csv`
-(candidates left after duplicate suppression, with pruner scores),
-`synapses.csv` and `synapses.h5` (CREMI annotations) of the kept ones,
-`pruner_threshold.json`, `metrics.json`, `precision_recall.png`,
+Workdir outputs: `checkpoints/`, `predictions/*.zarr`, `candidates.csv`
+(every candidate, before duplicate suppression, with its pruner score),
+`detections.csv` (candidates left after duplicate suppression, with pruner
+scores), `synapses.csv` and `synapses.h5` (CREMI annotations) of the kept
+ones, `pruner_threshold.json`, `metrics.json`, `precision_recall.png`,
 `example_slices.png`.
 
 Nothing stale is reused: the proximity outputs' manifests record the U-Net
@@ -28,15 +31,17 @@ import pathlib
 import numpy as np
 from absl import logging
 
+from synjax.data.intensity import TrainedParams
 from synjax.errors import ConfigError, DataError
 from synjax.evaluation import partners as partner_metrics
 from synjax.evaluation.rand_voi import adapted_rand_error
 from synjax.io import CremiVolume, SynapseTable, create_volume, open_volume, write_cremi
 from synjax.io.cremi import RAW
 from synjax.io.provenance import describe_model, differences, input_fingerprint, model_provenance
+from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
 from synjax.pipelines import neurons, partner_data, proximity, pruner
 from synjax.pipelines.partner_data import PartnerVolume
-from synjax.postprocess.candidates import Candidates, generate_candidates
+from synjax.postprocess.candidates import Candidates, generate_candidates, site_components
 from synjax.postprocess.partner_nms import suppress_duplicates
 from synjax.postprocess.pruning_windows import label_candidates
 from synjax.report import files, slices
@@ -44,6 +49,7 @@ from synjax.train import checkpoint
 
 THRESHOLD_FILE = "pruner_threshold.json"
 DETECTIONS_FILE = "detections.csv"
+CANDIDATES_FILE = "candidates.csv"
 
 
 def _segmentation(
@@ -104,7 +110,7 @@ def _in_truth_ids(pairs: partner_metrics.PartnerPairs, volume) -> partner_metric
     not share the ground truth's ids).
     """
     ids = [
-        partner_metrics.segment_ids_at(loc, volume.neuron_ids, volume.resolution)
+        segment_ids_at(volume.neuron_ids, loc, volume.resolution)
         for loc in (pairs.pre_locations, pairs.post_locations)
     ]
     return partner_metrics.PartnerPairs(
@@ -117,6 +123,34 @@ def _pairs(candidates: Candidates, scores: np.ndarray, volume) -> partner_metric
         candidates, volume.resolution, scores=scores
     )
     return _in_truth_ids(pairs, volume)
+
+
+def _table_pairs(table: SynapseTable, volume) -> partner_metrics.PartnerPairs:
+    """A synapse table's rows as pairs in ground-truth ids."""
+    return _in_truth_ids(
+        partner_metrics.PartnerPairs(
+            table.pre_segment,
+            table.post_segment,
+            table.pre_location,
+            table.post_location,
+            table.score,
+        ),
+        volume,
+    )
+
+
+def _synapse_table(candidates: Candidates, scores: np.ndarray, resolution) -> SynapseTable:
+    res = np.asarray(resolution)
+    return SynapseTable.build(
+        candidates.pre_segment,
+        candidates.post_segment,
+        candidates.location,
+        pre_location=candidates.pre_point * res,
+        post_location=candidates.post_point * res,
+        score=scores,
+        size=candidates.pre_overlap + candidates.post_overlap,
+        kind="partner",
+    )
 
 
 def _best_of_duplicates(config, candidates: Candidates, scores: np.ndarray):
@@ -139,7 +173,7 @@ def _curve(pairs: partner_metrics.PartnerPairs, truth, config):
             pairs.select(pairs.scores >= threshold), truth, distance
         )
 
-    # Threshold 0 keeps every candidate: the curve's "no pruning" end.
+    # Threshold 0 keeps every detection left after duplicate suppression.
     thresholds = np.unique(np.concatenate([[0.0], pairs.scores]))
     return partner_metrics.precision_recall_curve(pairs.scores, at, thresholds)
 
@@ -154,9 +188,11 @@ def _input_source(config, name: str) -> dict:
     return {"input_path": None, "input_dataset": None}
 
 
-def _model(workdir: pathlib.Path, name: str, params) -> dict:
-    """Provenance of a model's parameters: their newest checkpoint's step and their hash."""
-    return model_provenance(name, checkpoint.latest_step(workdir, name), params)
+def _model(workdir: pathlib.Path, name: str, trained: TrainedParams) -> dict:
+    """Provenance of a trained model: its newest checkpoint's step, the hash of
+    its parameters and the intensity normalisation it was trained with."""
+    step = checkpoint.latest_step(workdir, name)
+    return model_provenance(name, step, trained.params) | {"intensity": trained.intensity.to_dict()}
 
 
 def _read_threshold(workdir: pathlib.Path) -> dict:
@@ -167,13 +203,13 @@ def _read_threshold(workdir: pathlib.Path) -> dict:
     return files.read_json(path)
 
 
-def _check_threshold(workdir: pathlib.Path, choice: dict, unet: dict, pruner_params) -> None:
+def _check_threshold(workdir: pathlib.Path, choice: dict, unet: dict, trained_pruner) -> None:
     """Checks that the saved threshold was chosen with the models in use.
 
     Args:
       choice: the content of `THRESHOLD_FILE`.
       unet: provenance of the U-Net parameters in use (`_model`).
-      pruner_params: the pruner's parameters in use (None when the threshold
+      trained_pruner: the pruner's parameters in use (None when the threshold
         applies to proximity scores).
 
     Raises:
@@ -187,8 +223,8 @@ def _check_threshold(workdir: pathlib.Path, choice: dict, unet: dict, pruner_par
     current = {
         "proximity": unet,
         "pruner": None
-        if pruner_params is None
-        else _model(workdir, pruner.MODEL_NAME, pruner_params),
+        if trained_pruner is None
+        else _model(workdir, pruner.MODEL_NAME, trained_pruner),
     }
     models = {key: recorded.get(key) for key in current}
     if differences(models, current):
@@ -203,12 +239,12 @@ def _check_threshold(workdir: pathlib.Path, choice: dict, unet: dict, pruner_par
 
 def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
     targets = partner_data.proximity_targets(volume, config)
-    params = proximity.train_unet(config, [targets], workdir)
-    unet = _model(workdir, proximity.MODEL_NAME, params)
+    trained = proximity.train_unet(config, [targets], workdir)
+    unet = _model(workdir, proximity.MODEL_NAME, trained)
     source = _input_source(config, "train")
     prox = proximity.predict_proximity(
         config,
-        params,
+        trained,
         volume.raw,
         workdir / "predictions" / "train_proximity.zarr",
         volume.resolution,
@@ -236,13 +272,13 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         )
         scores, use_pruner, pruner_model = candidates.score, False, None
     else:
-        pruner_params = pruner.train_pruner(
+        trained_pruner = pruner.train_pruner(
             config, volume.raw, prox, segmentation, candidates, labels, workdir
         )
         scores = pruner.score_candidates(
-            config, pruner_params, volume.raw, prox, segmentation, candidates
+            config, trained_pruner, volume.raw, prox, segmentation, candidates
         )
-        use_pruner, pruner_model = True, _model(workdir, pruner.MODEL_NAME, pruner_params)
+        use_pruner, pruner_model = True, _model(workdir, pruner.MODEL_NAME, trained_pruner)
     candidates, scores = _best_of_duplicates(config, candidates, scores)
     threshold, train_fscore = 0.0, 0.0
     if len(candidates):
@@ -270,15 +306,15 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
 
 
 def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTable:
-    params = proximity.load_unet_params(config, workdir)
-    unet = _model(workdir, proximity.MODEL_NAME, params)
+    trained = proximity.load_unet_params(config, workdir)
+    unet = _model(workdir, proximity.MODEL_NAME, trained)
     # Checked before the long prediction: a threshold chosen for other models is an error.
     choice = _read_threshold(workdir)
-    pruner_params = pruner.load_pruner_params(config, workdir) if choice["pruner"] else None
-    _check_threshold(workdir, choice, unet, pruner_params)
+    trained_pruner = pruner.load_trained_pruner(config, workdir) if choice["pruner"] else None
+    _check_threshold(workdir, choice, unet, trained_pruner)
     prox = proximity.predict_proximity(
         config,
-        params,
+        trained,
         volume.raw,
         workdir / "predictions" / "proximity.zarr",
         volume.resolution,
@@ -290,20 +326,12 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
     scores = candidates.score
     if choice["pruner"] and len(candidates):
         scores = pruner.score_candidates(
-            config, pruner_params, volume.raw, prox, segmentation, candidates
+            config, trained_pruner, volume.raw, prox, segmentation, candidates
         )
+    # Every candidate, before duplicate suppression: the "no pruning" row.
+    _synapse_table(candidates, scores, volume.resolution).to_csv(workdir / CANDIDATES_FILE)
     candidates, scores = _best_of_duplicates(config, candidates, scores)
-    res = np.asarray(volume.resolution)
-    table = SynapseTable.build(
-        candidates.pre_segment,
-        candidates.post_segment,
-        candidates.location,
-        pre_location=candidates.pre_point * res,
-        post_location=candidates.post_point * res,
-        score=scores,
-        size=candidates.pre_overlap + candidates.post_overlap,
-        kind="partner",
-    )
+    table = _synapse_table(candidates, scores, volume.resolution)
     table.to_csv(workdir / DETECTIONS_FILE)
     threshold = choice["threshold"]
     kept = table.filter_by_score(threshold)
@@ -325,28 +353,76 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
     return table
 
 
+def _saved_prediction(workdir: pathlib.Path, name: str) -> np.ndarray:
+    """A volume that `_predict` wrote under `predictions/`."""
+    path = workdir / "predictions" / name
+    if not path.exists():
+        raise DataError(f"{path} not found: run the predict step before evaluate")
+    return open_volume(str(path)).read()
+
+
+def _detection_clefts(
+    table: SynapseTable, sites: tuple[np.ndarray, np.ndarray], segmentation, volume, source: str
+) -> np.ndarray:
+    """[n, k] ground-truth clefts each row's pre or post site touches (`NO_CLEFT` padded).
+
+    A row's pre site is the proximity component (p > tau) that holds its
+    presynaptic point, cut by its presynaptic segment; likewise post. See
+    `partner_metrics.clefts_under_sites` for what touching a cleft means.
+    """
+    found = []
+    for components, points, segments in (
+        (sites[0], table.pre_location, table.pre_segment),
+        (sites[1], table.post_location, table.post_segment),
+    ):
+        voxels = world_to_voxel(points, volume.resolution)
+        if not np.all(inside_volume(voxels, components.shape)):
+            raise DataError(f"{source}: a site lies outside the test volume")
+        component_ids = components[tuple(voxels.T)]
+        if np.any(component_ids == 0) or np.any(segmentation[tuple(voxels.T)] != segments):
+            raise DataError(
+                f"{source}: a site point is not in its proximity component and segment; "
+                "was predict run with another config.candidates.tau or segmentation?"
+            )
+        found.append(
+            partner_metrics.clefts_under_sites(
+                components, segmentation, volume.clefts, component_ids, segments
+            )
+        )
+    return np.concatenate(found, axis=1)
+
+
 def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
-    table = SynapseTable.from_csv(workdir / DETECTIONS_FILE)
+    detections = SynapseTable.from_csv(workdir / DETECTIONS_FILE)
+    every = SynapseTable.from_csv(workdir / CANDIDATES_FILE)
     threshold = files.read_json(workdir / THRESHOLD_FILE)["threshold"]
-    pairs = _in_truth_ids(
-        partner_metrics.PartnerPairs(
-            table.pre_segment,
-            table.post_segment,
-            table.pre_location,
-            table.post_location,
-            table.score,
-        ),
-        volume,
+    # The sites of the candidates, as `_predict` found them, for the paper's criterion.
+    sites = site_components(_saved_prediction(workdir, "proximity.zarr"), config.candidates.tau)
+    segmentation = volume.neuron_ids
+    if config.segmentation.source == "predicted":
+        segmentation = _saved_prediction(workdir, f"{volume.name}_segmentation.zarr")
+
+    pairs = _table_pairs(detections, volume)
+    kept_rows = pairs.scores >= threshold
+    kept = pairs.select(kept_rows)
+    detection_clefts = _detection_clefts(
+        detections, sites, segmentation, volume, str(workdir / DETECTIONS_FILE)
     )
-    kept = pairs.select(pairs.scores >= threshold)
-    cremi = partner_metrics.cremi_partner_scores(
-        kept, volume.truth, config.evaluation.cremi_distance_nm
+    all_pairs = _table_pairs(every, volume)
+    all_clefts = _detection_clefts(
+        every, sites, segmentation, volume, str(workdir / CANDIDATES_FILE)
     )
+
+    cremi_nm = config.evaluation.cremi_distance_nm
+    same_ids_nm = config.evaluation.same_ids_distance_nm
+    cremi = partner_metrics.cremi_partner_scores(kept, volume.truth, cremi_nm)
     paper = partner_metrics.paper_partner_scores(
-        kept, volume.truth, config.evaluation.paper_distance_nm
+        kept, volume.truth, detection_clefts[kept_rows], volume.truth_clefts
     )
-    unpruned = partner_metrics.cremi_partner_scores(
-        pairs, volume.truth, config.evaluation.cremi_distance_nm
+    same_ids = partner_metrics.ids_within_distance_scores(kept, volume.truth, same_ids_nm)
+    unpruned = partner_metrics.cremi_partner_scores(all_pairs, volume.truth, cremi_nm)
+    unpruned_paper = partner_metrics.paper_partner_scores(
+        all_pairs, volume.truth, all_clefts, volume.truth_clefts
     )
     curve = _curve(pairs, volume.truth, config)
     partner_metrics.plot_precision_recall(
@@ -362,15 +438,18 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
         "pruner_threshold": threshold,
         "cremi_partners": scores(cremi),
         "paper_criterion": scores(paper),
+        f"same_ids_within_{same_ids_nm:g}nm": scores(same_ids),
         "without_pruning": scores(unpruned),
+        "without_pruning_paper_criterion": scores(unpruned_paper),
         "best_fscore_over_thresholds": curve.best_fscore,
         "truth_pairs": len(volume.truth),
+        "truth_pairs_without_cleft": int(np.sum(volume.truth_clefts == partner_metrics.NO_CLEFT)),
         "truth_polyadic_synapses": volume.n_polyadic,
-        "candidates": len(pairs),
+        "candidates": len(all_pairs),
+        "detections": len(pairs),
     }
-    seg_path = workdir / "predictions" / "test_segmentation.zarr"
-    if config.segmentation.source == "predicted" and seg_path.exists():
-        rand = adapted_rand_error(open_volume(str(seg_path)).read(), volume.neuron_ids)
+    if config.segmentation.source == "predicted":
+        rand = adapted_rand_error(segmentation, volume.neuron_ids)
         metrics["segmentation_adapted_rand"] = {
             "error": rand.error,
             "precision": rand.precision,
@@ -378,12 +457,17 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
         }
     files.write_json(workdir / "metrics.json", metrics)
     logging.info(
-        "Test partners: CREMI F %.3f (P %.3f R %.3f), paper F %.3f, unpruned F %.3f",
+        "Test partners: CREMI F %.3f (P %.3f R %.3f), paper criterion F %.3f, same ids within "
+        "%g nm F %.3f, no pruning (%d candidates) CREMI F %.3f, paper F %.3f",
         cremi.fscore,
         cremi.precision,
         cremi.recall,
         paper.fscore,
+        same_ids_nm,
+        same_ids.fscore,
+        len(all_pairs),
         unpruned.fscore,
+        unpruned_paper.fscore,
     )
     return metrics
 

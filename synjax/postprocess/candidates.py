@@ -43,6 +43,7 @@ DEFAULT_TAU = 0.3
 DEFAULT_OMEGA = 100
 DEFAULT_MAX_GAP_NM = 200.0
 VALID_CONNECTIVITY = (6, 18, 26)
+DEFAULT_CONNECTIVITY = 26
 # Segment id that means "no neuron" (membrane, unlabelled): never paired.
 UNLABELLED = 0
 # Two ids below 2^32 packed into one uint64 key.
@@ -303,13 +304,40 @@ def _closest(
     return i, int(min(nearest[i], len(b) - 1)), float(dist[i])
 
 
+def site_components(
+    proximity: np.ndarray, tau: float = DEFAULT_TAU, connectivity: int = DEFAULT_CONNECTIVITY
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled components of p > tau (presynaptic) and p < -tau (postsynaptic).
+
+    These are the components that `generate_candidates` numbers
+    `pre_component` and `post_component`: a candidate's presynaptic site is
+    `(pre == pre_component) & (segmentation == pre_segment)`, and likewise
+    for its postsynaptic site.
+
+    Args:
+      proximity: [z, y, x] signed proximity in [-1, 1].
+      tau: site threshold.
+      connectivity: 6, 18 or 26.
+
+    Returns:
+      (pre, post): [z, y, x] component labels each, 0 = no site.
+    """
+    proximity = np.asarray(proximity)
+    if connectivity not in VALID_CONNECTIVITY:
+        raise ConfigError(f"connectivity={connectivity}: expected one of {VALID_CONNECTIVITY}")
+    return (
+        cc3d.connected_components(proximity > tau, connectivity=connectivity),
+        cc3d.connected_components(proximity < -tau, connectivity=connectivity),
+    )
+
+
 def generate_candidates(
     proximity: np.ndarray,
     segmentation: np.ndarray,
     resolution: Sequence[float],
     tau: float = DEFAULT_TAU,
     omega: int = DEFAULT_OMEGA,
-    connectivity: int = 26,
+    connectivity: int = DEFAULT_CONNECTIVITY,
     max_gap_nm: float = DEFAULT_MAX_GAP_NM,
 ) -> Candidates:
     """Pairs of pre and post sites on touching segments (see module docstring).
@@ -349,8 +377,7 @@ def generate_candidates(
             "omega >= 1, max_gap_nm >= 0"
         )
 
-    pre_cc = cc3d.connected_components(proximity > tau, connectivity=connectivity)
-    post_cc = cc3d.connected_components(proximity < -tau, connectivity=connectivity)
+    pre_cc, post_cc = site_components(proximity, tau, connectivity)
     dense, original = _renumber(segmentation)
     magnitude = np.abs(proximity)
     pre = _Sites.build(pre_cc, dense, omega, magnitude)

@@ -18,6 +18,7 @@ import numpy as np
 
 from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, NormalizedVolume
 from synjax.errors import ConfigError, DataError
+from synjax.io.voxels import nearest_voxel
 from synjax.postprocess.candidates import UNLABELLED, Candidates
 
 DEFAULT_WINDOW_SHAPE = (16, 160, 160)
@@ -55,8 +56,12 @@ def _crop_padded(volume, start: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 
 def window_centres(candidates: Candidates) -> np.ndarray:
-    """[n, 3] int64 voxel centre of each window: midpoint of the closest points."""
-    return np.floor((candidates.pre_point + candidates.post_point) / 2.0 + 0.5).astype(np.int64)
+    """[n, 3] int64 voxel centre of each window: midpoint of the closest points.
+
+    A midpoint half-way between two voxels goes to the upper one (the
+    package's one rule, `synjax.io.voxels.nearest_voxel`).
+    """
+    return nearest_voxel((candidates.pre_point + candidates.post_point) / 2.0)
 
 
 def _augment(window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
