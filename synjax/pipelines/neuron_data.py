@@ -18,6 +18,7 @@ import numpy as np
 from synjax import configlib
 from synjax.errors import ConfigError
 from synjax.io import open_volume
+from synjax.io.checks import require_finite
 
 PARTS = ("train", "tune", "test")
 
@@ -84,7 +85,7 @@ def load_part(config, part: str) -> NeuronVolume:
     raw_volume = open_volume(f"{path}:/{data.raw_key}")
     return NeuronVolume(
         name=part,
-        raw=np.asarray(raw_volume[window]),
+        raw=require_finite(np.asarray(raw_volume[window]), f"{path}:/{data.raw_key}"),
         neuron_ids=_read(path, data.labels_key, window),
         oversegmentation=_read(path, data.oversegmentation_key, window),
         resolution=tuple(float(r) for r in raw_volume.resolution),
