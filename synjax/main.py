@@ -11,7 +11,7 @@ The config file chooses the pipeline (`config.pipeline`) and what to run of it
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from synjax import pipelines, runtime
@@ -35,9 +35,6 @@ def main(argv: list[str]) -> None:
         config = _CONFIG.value
         workdir = runtime.prepare_workdir(_WORKDIR.value)
         runtime.initialize_distributed(config)
-        logging.info(
-            "synjax: %s pipeline, mode %s, workdir %s", config.pipeline, config.mode, workdir
-        )
         pipelines.run(config, workdir)
     except SynjaxError as error:
         # One line naming the culprit is more useful to a user than a traceback.

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from absl import flags
 from absl import logging as absl_logging
 
-from synjax.errors import ConfigError
+from synjax.errors import ConfigError, SynjaxError
 
 _CONFIG_FLAG = re.compile(r"^--config(?:=|$)")
 _OVERRIDE_FLAG = re.compile(r"^--config\.([A-Za-z0-9_.]+)")
@@ -36,6 +36,18 @@ def _config_path(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _synjax_cause(error: BaseException) -> SynjaxError | None:
+    """The innermost `SynjaxError` that `error` was raised while handling, if any."""
+    found = None
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, SynjaxError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """Parses absl flags, turning config-file problems into one-line `ConfigError`s.
 
@@ -48,6 +60,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     Raises:
       ConfigError: the config file is missing, or an override names a key the
         config does not have, or gives a value of the wrong type.
+      SynjaxError: the one that the config file's `get_config` raised (e.g.
+        an unknown variant), with its own message.
     """
     path = _config_path(argv[1:])
     if path is not None and not os.path.isfile(path):
@@ -57,6 +71,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as error:
+        cause = _synjax_cause(error)
+        if cause is not None:
+            # A config file's own one-line error (e.g. an unknown variant),
+            # which ml_collections re-raises with its traceback in the message.
+            raise cause.with_traceback(None) from None
         raise ConfigError(f"bad flag: {error}") from None
     except (AttributeError, KeyError) as error:
         missing = str(error).strip("\"'")

@@ -31,14 +31,23 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a bad input writes to stderr (a traceback fails the test).
+
+    Config and flag problems are found before anything is logged, so the
+    error is all that stderr holds.
+    """
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("synjax: error: "), lines[0]
+    return lines[0]
 
 
 def test_smoke_variant_runs_the_whole_partner_pipeline(tmp_path: pathlib.Path):
     workdir = tmp_path / "smoke"
     result = _run(f"--config={DEMO}:smoke", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
     for name in ("metrics.json", "detections.csv", "synapses.csv", "pruner_threshold.json"):
         assert (workdir / name).is_file(), name
     assert (workdir / "predictions" / "proximity.zarr").is_dir()
@@ -60,6 +69,7 @@ def test_smoke_variant_on_a_predicted_segmentation(tmp_path: pathlib.Path):
         f"--config={DEMO}:smoke", "--config.segmentation.source=predicted", f"--workdir={workdir}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
     chosen = json.loads((workdir / "watershed.json").read_text())["deepem3d"]
     assert chosen["threshold"] == 0.5
     for volume in ("train", "test"):
@@ -85,6 +95,8 @@ def test_unknown_variant_lists_the_known_ones(tmp_path):
     result = _run(f"--config={DEMO}:nonsense", f"--workdir={tmp_path}")
     assert result.returncode != 0
     assert "nonsense" in result.stderr and "smoke" in result.stderr
+    line = _error_line(result)
+    assert "unknown variant 'nonsense'" in line and "smoke" in line
 
 
 def test_workdir_that_is_a_file(tmp_path):

@@ -1,9 +1,11 @@
 """The training loop's outputs (JSONL, TensorBoard) and the optimizer settings."""
 
+import dataclasses
 import json
 import struct
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -11,8 +13,9 @@ import optax
 import pytest
 from tensorboardX.proto import event_pb2
 
-from synjax.errors import ConfigError
-from synjax.train.loop import TrainSettings, train
+from synjax.errors import ConfigError, SynjaxError
+from synjax.train.checkpoint import checkpoint_dir, restore_params
+from synjax.train.loop import NonFiniteLossError, TrainSettings, train
 from synjax.train.state import make_optimizer, make_schedule
 
 BATCH = 4
@@ -184,3 +187,151 @@ def test_train_settings_from_config_block():
     assert settings.checkpoint_every == TrainSettings.checkpoint_every
     # A per-model step count overrides the block's.
     assert TrainSettings.from_config(block, seed=0, steps=12).steps == 12
+
+
+def _batches_turning(value: float, from_step: int):
+    """`batch_fn`, with every input value set to `value` from 0-based step `from_step` on."""
+
+    def batches(step):
+        batch = batch_fn(step)
+        if step >= from_step:
+            batch["input"] = np.full_like(batch["input"], value)
+        return batch
+
+    return batches
+
+
+def _scaled_loss(outputs, batch):
+    """`classification_loss` times `batch["scale"]` (an infinite scale: an infinite loss)."""
+    loss, metrics = classification_loss(outputs, batch)
+    return loss * batch["scale"][0], metrics
+
+
+@pytest.mark.parametrize(
+    ("log_every", "checkpoint_every", "bad_step", "kept_steps"),
+    [
+        # Checked at every log step: stops at step 6, names step 5.
+        (2, 2, 5, [2, 4]),
+        # Not logging: checked at checkpoint steps only, stops at 8, still names 5.
+        (0, 4, 5, [4]),
+        # The very first step is bad: no checkpoint.
+        (2, 2, 1, []),
+    ],
+)
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, log_every, checkpoint_every, bad_step, kept_steps
+):
+    settings = TrainSettings(
+        steps=12,
+        batch_size=BATCH,
+        learning_rate=0.05,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=10,
+        num_devices=2,
+    )
+    # 0-based step bad_step - 1 is logged as step bad_step.
+    batches = _batches_turning(np.nan, from_step=bad_step - 1)
+    with pytest.raises(NonFiniteLossError) as caught:
+        train(TinyClassifier(), classification_loss, batches, settings, tmp_path, "cls")
+    error = caught.value
+    assert isinstance(error, SynjaxError)  # the CLI prints it as one line
+    assert (error.step, error.name) == (bad_step, "cls")
+    assert np.isnan(error.loss)
+    message = str(error)
+    assert "\n" not in message
+    assert f"training cls: loss is nan at step {bad_step};" in message
+    if kept_steps:
+        assert error.checkpoint_step == kept_steps[-1]
+        assert f"the last good checkpoint (step {kept_steps[-1]}) is kept" in message
+    else:
+        assert error.checkpoint_step is None
+        assert "no checkpoint was saved" in message
+
+    saved = sorted(int(p.name) for p in checkpoint_dir(tmp_path, "cls").glob("[0-9]*"))
+    assert saved == kept_steps
+    # The metrics log holds only finite steps before the bad one, in strict JSON.
+    metrics_file = tmp_path / "metrics" / "cls.jsonl"
+    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+    logged = [json.loads(line, parse_constant=pytest.fail) for line in lines]
+    expected_logged = [s for s in range(1, bad_step) if log_every and s % log_every == 0]
+    assert [line["step"] for line in logged] == expected_logged
+    if kept_steps:
+        # The kept checkpoint is readable and is what a clean run has at that step.
+        kept = kept_steps[-1]
+        restored = restore_params(tmp_path, "cls", TinyClassifier(), batch_fn(0)["input"])
+        clean = train(
+            TinyClassifier(),
+            classification_loss,
+            batch_fn,
+            dataclasses.replace(settings, steps=kept, log_every=0),
+            tmp_path / "clean",
+            "cls",
+        )
+        for got, want in zip(
+            jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(clean.params)), strict=True
+        ):
+            assert np.all(np.isfinite(got))
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_infinite_loss_is_named_as_inf(tmp_path):
+    settings = TrainSettings(
+        steps=6,
+        batch_size=BATCH,
+        learning_rate=0.05,
+        log_every=1,
+        checkpoint_every=1,
+        num_devices=2,
+    )
+
+    def batches(step):
+        scale = np.inf if step >= 2 else 1.0
+        return {**batch_fn(step), "scale": np.full(BATCH, scale, np.float32)}
+
+    with pytest.raises(NonFiniteLossError, match="loss is inf at step 3;") as caught:
+        train(TinyClassifier(), _scaled_loss, batches, settings, tmp_path, "cls")
+    assert caught.value.checkpoint_step == 2
+
+
+@jax.custom_vjp
+def _poison_gradient(x, poison):
+    """Identity in the forward pass; an infinite gradient where `poison` is true."""
+    return x
+
+
+def _poison_forward(x, poison):
+    return x, poison
+
+
+def _poison_backward(poison, g):
+    return jnp.where(poison, jnp.inf, 1.0) * g, jnp.zeros_like(poison)
+
+
+_poison_gradient.defvjp(_poison_forward, _poison_backward)
+
+
+def test_finite_loss_with_infinite_gradient_is_stopped_too(tmp_path):
+    # The loss stays finite, but an update from the gradient would put
+    # infinities into the parameters (and so into the next checkpoint).
+    settings = TrainSettings(
+        steps=4,
+        batch_size=BATCH,
+        learning_rate=0.05,
+        log_every=1,
+        checkpoint_every=1,
+        num_devices=2,
+        optimizer="sgd",
+    )
+
+    def loss_fn(outputs, batch):
+        logits = _poison_gradient(outputs["logits"], batch["poison"][0])
+        return classification_loss({"logits": logits}, batch)
+
+    def batches(step):
+        return {**batch_fn(step), "poison": np.full(BATCH, step >= 1)}
+
+    with pytest.raises(NonFiniteLossError, match="gradient norm is (inf|nan)") as caught:
+        train(TinyClassifier(), loss_fn, batches, settings, tmp_path, "cls")
+    assert caught.value.step == 2 and np.isfinite(caught.value.loss)
+    assert caught.value.checkpoint_step == 1

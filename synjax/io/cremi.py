@@ -34,7 +34,7 @@ from synjax.io.cremi_volume import (
     Annotations,
     CremiVolume,
 )
-from synjax.io.file_volumes import list_hdf5_datasets
+from synjax.io.file_volumes import hdf5_error_line, list_hdf5_datasets, open_hdf5_file
 from synjax.io.volume_base import SPATIAL_DIMS, as_triple
 from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
 
@@ -92,64 +92,70 @@ def read_cremi(path: str | os.PathLike, require_raw: bool = True) -> CremiVolume
       The `CremiVolume`; `annotations` is None when the file has none.
 
     Raises:
-      DataError: missing file, missing raw (the message lists the datasets),
-        missing `resolution`, or labels whose shape, resolution or offset
-        differ from raw's.
+      DataError: missing, truncated or corrupt file, missing raw (the message
+        lists the datasets), missing `resolution`, or labels whose shape,
+        resolution or offset differ from raw's.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"CREMI file not found: {path}")
-    with h5py.File(path, "r") as file:
-        labels_group = file.get(LABELS)
-        labels = {}
-        if isinstance(labels_group, h5py.Group):
-            labels = {k: v for k, v in labels_group.items() if isinstance(v, h5py.Dataset)}
-        volumes = ([file[RAW]] if RAW in file else []) + list(labels.values())
-        annotations = _read_annotations(file, path)
-        if RAW not in file and (require_raw or not (volumes or annotations)):
-            listing = ", ".join(list_hdf5_datasets(file)) or "none"
-            raise DataError(f"{path}: no dataset /{RAW} (datasets: {listing})")
-        if not volumes:
-            # A submission file: annotations only, in its own frame.
-            group = file[ANNOTATIONS]
-            where = f"{path}:/{ANNOTATIONS}"
-            resolution = as_triple(
-                group.attrs.get("resolution", (1.0, 1.0, 1.0)), "resolution", where
+    with open_hdf5_file(path) as file:
+        try:
+            return _read_open_cremi(file, path, require_raw)
+        except OSError as error:
+            # Opened, but a dataset or its metadata cannot be read back.
+            raise DataError(
+                f"{path}: not a readable HDF5 file (truncated or corrupt?): "
+                f"{hdf5_error_line(error)}"
+            ) from None
+
+
+def _read_open_cremi(file: h5py.File, path: str, require_raw: bool) -> CremiVolume:
+    """`read_cremi` of an open file."""
+    labels_group = file.get(LABELS)
+    labels = {}
+    if isinstance(labels_group, h5py.Group):
+        labels = {k: v for k, v in labels_group.items() if isinstance(v, h5py.Dataset)}
+    volumes = ([file[RAW]] if RAW in file else []) + list(labels.values())
+    annotations = _read_annotations(file, path)
+    if RAW not in file and (require_raw or not (volumes or annotations)):
+        listing = ", ".join(list_hdf5_datasets(file)) or "none"
+        raise DataError(f"{path}: no dataset /{RAW} (datasets: {listing})")
+    if not volumes:
+        # A submission file: annotations only, in its own frame.
+        group = file[ANNOTATIONS]
+        where = f"{path}:/{ANNOTATIONS}"
+        resolution = as_triple(group.attrs.get("resolution", (1.0, 1.0, 1.0)), "resolution", where)
+        offset = as_triple(group.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", where)
+        return CremiVolume(raw=None, resolution=resolution, offset=offset, annotations=annotations)
+    # Labels set the frame; a larger (padded) raw is cropped to it.
+    reference = next(iter(labels.values())) if labels else volumes[0]
+    resolution, offset = _geometry(reference, path)
+    arrays = {}
+    for name, dataset in labels.items():
+        if dataset.shape != reference.shape:
+            raise DataError(
+                f"{path}: /{LABELS}/{name} has shape {dataset.shape}, "
+                f"{reference.name} has {reference.shape}"
             )
-            offset = as_triple(group.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", where)
-            return CremiVolume(
-                raw=None, resolution=resolution, offset=offset, annotations=annotations
+        if _geometry(dataset, path) != (resolution, offset):
+            raise DataError(
+                f"{path}: /{LABELS}/{name} resolution/offset {_geometry(dataset, path)} "
+                f"differ from {reference.name}'s {(resolution, offset)}"
             )
-        # Labels set the frame; a larger (padded) raw is cropped to it.
-        reference = next(iter(labels.values())) if labels else volumes[0]
-        resolution, offset = _geometry(reference, path)
-        arrays = {}
-        for name, dataset in labels.items():
-            if dataset.shape != reference.shape:
-                raise DataError(
-                    f"{path}: /{LABELS}/{name} has shape {dataset.shape}, "
-                    f"{reference.name} has {reference.shape}"
-                )
-            if _geometry(dataset, path) != (resolution, offset):
-                raise DataError(
-                    f"{path}: /{LABELS}/{name} resolution/offset {_geometry(dataset, path)} "
-                    f"differ from {reference.name}'s {(resolution, offset)}"
-                )
-            arrays[name] = dataset[()]
-        raw = (
-            _raw_in_frame(file[RAW], reference.shape, resolution, offset, path)
-            if RAW in file
-            else None
-        )
-        return CremiVolume(
-            raw=raw,
-            resolution=resolution,
-            offset=offset,
-            neuron_ids=arrays.pop(NEURON_IDS, None),
-            clefts=arrays.pop(CLEFTS, None),
-            annotations=annotations,
-            labels=arrays,
-        )
+        arrays[name] = dataset[()]
+    raw = (
+        _raw_in_frame(file[RAW], reference.shape, resolution, offset, path) if RAW in file else None
+    )
+    return CremiVolume(
+        raw=raw,
+        resolution=resolution,
+        offset=offset,
+        neuron_ids=arrays.pop(NEURON_IDS, None),
+        clefts=arrays.pop(CLEFTS, None),
+        annotations=annotations,
+        labels=arrays,
+    )
 
 
 def _raw_in_frame(

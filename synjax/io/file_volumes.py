@@ -39,6 +39,31 @@ def list_hdf5_datasets(file: h5py.File) -> list[str]:
     return names
 
 
+def hdf5_error_line(error: OSError) -> str:
+    """The first line of an h5py error (HDF5 appends lines of low-level detail)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def open_hdf5_file(file_path: str, mode: str = "r") -> h5py.File:
+    """Opens an HDF5 file, turning h5py's `OSError` into a one-line `DataError`.
+
+    Args:
+      file_path: an existing file.
+      mode: h5py's mode ("r", "r+", "a").
+
+    Raises:
+      DataError: the file is not HDF5, or is truncated or corrupt.
+    """
+    try:
+        return h5py.File(file_path, mode)
+    except OSError as error:
+        raise DataError(
+            f"{file_path}: not a readable HDF5 file (truncated or corrupt?): "
+            f"{hdf5_error_line(error)}"
+        ) from None
+
+
 def _dataset_in(file: h5py.File, dataset: str, name: str) -> h5py.Dataset:
     item = file.get(dataset)
     if not isinstance(item, h5py.Dataset):
@@ -54,11 +79,15 @@ class Hdf5Volume(Volume):
         name = f"{file_path}:{dataset}"
         if not os.path.isfile(file_path):
             raise DataError(f"volume not found: {file_path}")
+        self._file = open_hdf5_file(file_path, mode)
         try:
-            self._file = h5py.File(file_path, mode)
+            self._dataset = _dataset_in(self._file, dataset, name)
         except OSError as error:
-            raise DataError(f"cannot open {file_path} as HDF5: {error}") from None
-        self._dataset = _dataset_in(self._file, dataset, name)
+            # The superblock was readable but the file's object headers are not.
+            self._file.close()
+            raise DataError(
+                f"{name}: cannot be read (truncated or corrupt file?): {hdf5_error_line(error)}"
+            ) from None
         if self._dataset.ndim != ndim:
             shape = self._dataset.shape
             self._file.close()
@@ -76,7 +105,14 @@ class Hdf5Volume(Volume):
         )
 
     def _read(self, box: Box) -> np.ndarray:
-        return self._dataset[tuple(slice(start, stop) for start, stop in box)]
+        try:
+            return self._dataset[tuple(slice(start, stop) for start, stop in box)]
+        except OSError as error:
+            # e.g. a damaged compressed chunk: "filter returned failure during read".
+            raise DataError(
+                f"{self.path}: cannot read region {[list(b) for b in box]} "
+                f"(truncated or corrupt file?): {hdf5_error_line(error)}"
+            ) from None
 
     def _write(self, box: Box, block: np.ndarray) -> None:
         self._dataset[tuple(slice(start, stop) for start, stop in box)] = block

@@ -22,11 +22,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import h5py
 import numpy as np
 
 from synjax.errors import DataError
-from synjax.io.file_volumes import Hdf5Volume, TiffVolume, create_hdf5_volume, list_hdf5_datasets
+from synjax.io.file_volumes import (
+    Hdf5Volume,
+    TiffVolume,
+    create_hdf5_volume,
+    list_hdf5_datasets,
+    open_hdf5_file,
+)
 from synjax.io.tensorstore_volume import create_path_volume, open_path_volume, open_spec_volume
 from synjax.io.volume_base import SPATIAL_DIMS, Volume, as_triple
 
@@ -74,7 +79,7 @@ def _hdf5_dataset_required(file_path: str) -> DataError:
     """The error for an HDF5 source without ':/dataset', listing what the file holds."""
     if not os.path.isfile(file_path):
         return DataError(f"volume not found: {file_path}")
-    with h5py.File(file_path, "r") as file:
+    with open_hdf5_file(file_path) as file:
         listing = ", ".join(list_hdf5_datasets(file)) or "none"
     return DataError(
         f"{file_path}: name the dataset as {file_path}:/path/to/dataset (datasets: {listing})"

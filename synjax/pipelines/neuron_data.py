@@ -30,6 +30,7 @@ import numpy as np
 from synjax import configlib
 from synjax.errors import ConfigError, DataError
 from synjax.io import open_volume
+from synjax.io.checks import require_finite
 from synjax.io.volumes import parse_source
 
 PARTS = ("train", "tune", "test")
@@ -181,8 +182,9 @@ def load_part(config, part: str) -> NeuronVolume:
     key = f"{_stack(part)}_path"
     path = _require(data, key)
     window = _window(data, part)
-    raw_volume = open_volume(_source(path, data.get("raw_key", ""), key))
-    raw = np.asarray(raw_volume[window])
+    raw_source = _source(path, data.get("raw_key", ""), key)
+    raw_volume = open_volume(raw_source)
+    raw = require_finite(np.asarray(raw_volume[window]), raw_source)
     neuron_ids = _labels(data, part, path, window, raw_volume.shape)
     if neuron_ids is None and part != "test":
         raise DataError(

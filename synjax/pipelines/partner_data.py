@@ -16,6 +16,7 @@ from synjax.data import synthetic
 from synjax.errors import ConfigError
 from synjax.evaluation.partners import NO_CLEFT, PartnerPairs
 from synjax.io import cleft_instance_ids, cleft_instances, partner_table, read_cremi
+from synjax.io.checks import require_finite
 from synjax.io.cremi_volume import CremiVolume
 from synjax.targets import signed_proximity
 from synjax.targets.signed_proximity import PAIR_CLEFT
@@ -113,6 +114,7 @@ def load_volume(config, name: str) -> PartnerVolume:
         key = f"config.data.{name}_path"
         path = configlib.require_file(data[f"{name}_path"], key, "CREMI sample", CREMI_PUBLISHED_AT)
         volume = read_cremi(path)
+        require_finite(volume.raw, f"{path}:/volumes/raw")
     else:
         raise ConfigError(f"config.data.source={data.source!r}; expected 'synthetic' or 'cremi'")
     result = _from_cremi(name, volume)

@@ -3,7 +3,10 @@
 `train` drives any Linen model with any loss: `batch_fn(step)` gives the
 host batch, one `jax.jit` step (batch sharded on `'data'`, state replicated
 and donated) updates the state, checkpoints make a re-run resume, and metrics
-go to JSONL, TensorBoard and a progress bar.
+go to JSONL, TensorBoard and a progress bar. A NaN or infinite loss (or
+gradient norm) stops the run with `NonFiniteLossError` before anything of
+that step or later is logged or checkpointed, so the checkpoints left behind
+all hold finite parameters.
 """
 
 from __future__ import annotations
@@ -17,15 +20,16 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
+from absl import flags, logging
 from jax.sharding import Mesh
 
 # A module import (not a name import) so that synjax.data.pipeline, which
 # imports synjax.train.parallel, can be imported first without a cycle.
 from synjax.data import pipeline as data_pipeline
-from synjax.errors import ConfigError
+from synjax.errors import ConfigError, SynjaxError
 from synjax.report.progress import progress_bar
 from synjax.train.checkpoint import Checkpointer
 from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
@@ -39,6 +43,49 @@ EVAL_PREFIX = "eval/"
 LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 BatchFn = Callable[[int], dict[str, np.ndarray]]
 EvalFn = Callable[[Any, int], dict[str, float]]
+# Step recorded while every loss so far has been finite.
+NO_STEP = -1
+
+
+class NonFiniteLossError(SynjaxError):
+    """Training stopped because the loss (or the gradient norm) became NaN or infinite.
+
+    Attributes:
+      name: the model's name.
+      step: the first step (1-based, as in the logs) whose loss or gradient
+        norm was not finite.
+      loss: that step's loss (nan, inf, -inf, or finite when only the
+        gradient was not).
+      grad_norm: that step's global gradient norm.
+      checkpoint_step: newest checkpoint left on disk (all hold finite
+        parameters); None when none was saved.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        step: int,
+        loss: float,
+        grad_norm: float,
+        checkpoint_step: int | None,
+        where: Path,
+    ):
+        what = (
+            f"loss is {loss}"
+            if not np.isfinite(loss)
+            else f"gradient norm is {grad_norm} (loss {loss:.5g})"
+        )
+        kept = (
+            f"the last good checkpoint (step {checkpoint_step}) is kept in {where}"
+            if checkpoint_step is not None
+            else "no checkpoint was saved before it"
+        )
+        super().__init__(
+            f"training {name}: {what} at step {step}; {kept} "
+            "(lower the learning rate, or look for NaN/Inf in the inputs and targets)"
+        )
+        self.name, self.step, self.checkpoint_step = name, step, checkpoint_step
+        self.loss, self.grad_norm = loss, grad_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +242,49 @@ def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {key: float(np.asarray(value)) for key, value in jax.device_get(dict(metrics)).items()}
 
 
+def _info_silenced() -> bool:
+    """Whether a command line asked for warnings only (e.g. `--verbosity=-1`).
+
+    The progress bar is INFO-level output: it goes with the INFO lines, so
+    that warnings and errors stand alone. Without parsed absl flags (a
+    notebook, a test) the bar shows as usual.
+    """
+    return flags.FLAGS.is_parsed() and not logging.level_info()
+
+
+def _no_non_finite_yet() -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The record `_note_non_finite` keeps: (step, loss, grad_norm), step NO_STEP."""
+    return jnp.int32(NO_STEP), jnp.float32(0.0), jnp.float32(0.0)
+
+
+@jax.jit
+def _note_non_finite(first, step, metrics: Mapping[str, jax.Array]):
+    """Keeps (step, loss, grad_norm) of the first step where either was not finite.
+
+    Runs on the device after every step: a tiny asynchronous dispatch, so
+    the host waits for it only where it fetches metrics anyway. A finite
+    loss and gradient norm make a finite update, so every state saved after
+    a clean check has finite parameters.
+    """
+    first_step, first_loss, first_norm = first
+    loss, norm = metrics["loss"], metrics["grad_norm"]
+    fresh = (first_step == NO_STEP) & ~(jnp.isfinite(loss) & jnp.isfinite(norm))
+    return (
+        jnp.where(fresh, step, first_step),
+        jnp.where(fresh, loss, first_loss).astype(jnp.float32),
+        jnp.where(fresh, norm, first_norm).astype(jnp.float32),
+    )
+
+
+def _stop_if_non_finite(first, name: str, checkpointer: Checkpointer) -> None:
+    """Raises `NonFiniteLossError` if a step since the start of the run was not finite."""
+    step, loss, norm = (np.asarray(x).item() for x in jax.device_get(first))
+    if step != NO_STEP:
+        raise NonFiniteLossError(
+            name, step, loss, norm, checkpointer.latest_step(), checkpointer.directory
+        )
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -224,6 +314,12 @@ def train(
 
     Returns:
       The final `TrainState` (replicated over the mesh).
+
+    Raises:
+      NonFiniteLossError: a loss or gradient norm was NaN or infinite. The
+        record of the first such step is fetched where the host looks at the
+        run anyway (each log, eval and checkpoint step); nothing from that
+        step on is logged or saved.
     """
     settings.validate()
     workdir = Path(workdir)
@@ -250,16 +346,31 @@ def train(
         train_step = make_train_step(loss_fn, mesh)
         writer = _MetricWriter(workdir, name)
         bar = progress_bar(
-            total=settings.steps, initial=start, desc=name, disable=not is_writer, leave=False
+            total=settings.steps,
+            initial=start,
+            desc=name,
+            disable=not is_writer or _info_silenced(),
+            leave=False,
         )
+        first_non_finite = jax.jit(_no_non_finite_yet, out_shardings=replicated_sharding(mesh))()
         last_time, last_step = time.perf_counter(), start
         try:
             for step in range(start, settings.steps):
                 host_batch = first_batch if step == start else batch_fn(step)
                 state, metrics = train_step(state, data_pipeline.to_global_batch(host_batch, mesh))
                 done = step + 1
+                first_non_finite = _note_non_finite(first_non_finite, done, metrics)
                 bar.update(1)
-                if settings.log_every and done % settings.log_every == 0:
+                log_now = bool(settings.log_every) and done % settings.log_every == 0
+                eval_now = (
+                    eval_fn is not None
+                    and bool(settings.eval_every)
+                    and done % settings.eval_every == 0
+                )
+                save_now = done % settings.checkpoint_every == 0 or done == settings.steps
+                if log_now or eval_now or save_now:
+                    _stop_if_non_finite(first_non_finite, name, checkpointer)
+                if log_now:
                     values = _to_floats(metrics)
                     now = time.perf_counter()
                     values["steps_per_sec"] = (done - last_step) / max(now - last_time, 1e-9)
@@ -275,10 +386,10 @@ def train(
                         values["loss"],
                         values["steps_per_sec"],
                     )
-                if eval_fn is not None and settings.eval_every and done % settings.eval_every == 0:
+                if eval_now:
                     results = eval_fn(state.params, done)
                     writer.write(done, {f"{EVAL_PREFIX}{k}": float(v) for k, v in results.items()})
-                if done % settings.checkpoint_every == 0 or done == settings.steps:
+                if save_now:
                     checkpointer.save(state)
         finally:
             bar.close()

@@ -1,0 +1,602 @@
+"""Checks of a whole config, and of the files it names, before any data is read.
+
+Config files are plain Python: a misspelt key (`only_slice` for
+`only_slices`) is silently ignored by code that reads fields with `.get`, and
+a value out of range surfaces only when the stage that uses it runs, maybe
+after an hour of training. `check_config` walks the config against a schema
+of the keys each pipeline reads, with the range of each value, and raises one
+`ConfigError` naming the full key (`config.models[1]: unknown key
+'only_slice'`). `check_input_files` then opens every input file the run will
+read, so that a missing, truncated or corrupt file is reported at once.
+
+A new config field must be added to the schema here too; the tests run every
+shipped config variant through `check_config`. The value sets below mirror
+library constants (optimizers, kernels, ...) so that these checks stay fast
+(no JAX import: a bad config is reported in a second); a test keeps them
+equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from synjax import configlib
+from synjax.errors import ConfigError
+from synjax.io import open_volume
+
+# Mirrors of library constants (tests/test_bad_input.py checks they agree).
+OPTIMIZERS = ("adam", "adamw", "sgd")  # synjax.train.state.OPTIMIZERS
+SCHEDULES = ("constant", "cosine", "warmup_cosine")  # synjax.train.state.SCHEDULES
+PADDINGS = ("VALID", "SAME")  # synjax.models.unet3d.PADDINGS
+EXECUTORS = ("local", "dask")  # synjax.inference.blockwise.EXECUTORS
+BOUNDARY_KERNELS = ("c3", "c5", "l3")  # synjax.targets.boundaries.KERNELS
+MODEL_SLICES = (1, 3, 5)  # synjax.models.deepem3d.SUPPORTED_SLICES
+DEEPEM3D_STRIDE = 16  # synjax.models.deepem3d.TOTAL_STRIDE
+TILE_OVERLAP = 64  # synjax.inference.predict.DEFAULT_TILE_OVERLAP
+ORIENTATIONS = ("z", "y", "x")  # synjax.inference.predict.ORIENTATIONS
+PRUNER_CONVS = 5  # synjax.models.pruning.NUM_CONVS
+TTA_COUNTS = (1, 2, 4, 8, 16)
+SMOOTHINGS = ("2d", "3d")
+PARTNER_SOURCES = ("synthetic", "cremi")
+SEGMENTATION_SOURCES = ("groundtruth", "predicted")
+INTENSITY_METHODS = ("dtype", "percentiles")  # synjax.data.intensity methods
+RESUME_MODES = ("auto", "strict")  # synjax.inference.blockwise.RESUME_MODES
+CREMI_RAW = "volumes/raw"
+
+
+# --- Rules: what one key may hold -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+    """A leaf: `test(value)` must hold; `expected` says what it wants."""
+
+    test: Callable[[Any], bool]
+    expected: str
+    required: bool = True
+
+    def check(self, value: Any, key: str) -> None:
+        if not self.test(value):
+            raise ConfigError(f"{key}={value!r}: expected {self.expected}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A nested block (ConfigDict or dict) with its own schema."""
+
+    schema: Mapping[str, Any]
+    required: bool = True
+
+    @property
+    def expected(self) -> str:
+        return f"a block with keys {', '.join(sorted(self.schema))}"
+
+    def check(self, value: Any, key: str) -> None:
+        _check_block(value, self.schema, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entries:
+    """A non-empty sequence of blocks of one schema (e.g. `config.models`)."""
+
+    schema: Mapping[str, Any]
+    required: bool = True
+
+    @property
+    def expected(self) -> str:
+        return f"a non-empty sequence of blocks with keys {', '.join(sorted(self.schema))}"
+
+    def check(self, value: Any, key: str) -> None:
+        if not _is_sequence(value) or not value:
+            raise ConfigError(f"{key}={value!r}: expected {self.expected}")
+        for index, entry in enumerate(value):
+            _check_block(entry, self.schema, f"{key}[{index}]")
+
+
+def _is_mapping(value: Any) -> bool:
+    # ConfigDicts are not `Mapping`s, but have keys() and item access.
+    return isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "__getitem__"))
+
+
+def _check_block(block: Any, schema: Mapping[str, Any], where: str) -> None:
+    """Every key of `block` is in `schema`, every required one is there, each value fits."""
+    if not _is_mapping(block):
+        raise ConfigError(f"{where}={block!r}: expected a block with keys {', '.join(schema)}")
+    keys = list(block.keys())
+    unknown = [key for key in keys if key not in schema]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(schema))})"
+        )
+    for key, rule in schema.items():
+        if key in keys:
+            rule.check(block[key], f"{where}.{key}")
+        elif rule.required:
+            raise ConfigError(f"{where}: missing key {key!r} (expected {rule.expected})")
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def integer(minimum: int | None = None, required: bool = True) -> Value:
+    """An integer, at least `minimum` when given."""
+    return Value(
+        lambda v: _is_int(v) and (minimum is None or v >= minimum),
+        "an integer" if minimum is None else f"an integer >= {minimum}",
+        required,
+    )
+
+
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+    required: bool = True,
+) -> Value:
+    """A real number within [low, high] (ends open where asked; None: unbounded)."""
+
+    def test(v: Any) -> bool:
+        if not _is_number(v) or v != v:  # v != v: NaN
+            return False
+        above = low is None or (v > low if open_low else v >= low)
+        below = high is None or (v < high if open_high else v <= high)
+        return above and below
+
+    if low is not None and high is not None:
+        expected = f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    elif low is not None:
+        expected = f"a number {'>' if open_low else '>='} {low}"
+    else:
+        expected = "a number"
+    return Value(test, expected, required)
+
+
+def positive(required: bool = True) -> Value:
+    return number(0, open_low=True, required=required)
+
+
+def non_negative(required: bool = True) -> Value:
+    return number(0, required=required)
+
+
+def fraction(required: bool = True) -> Value:
+    return number(0, 1, required=required)
+
+
+def choice(options: Sequence[Any], required: bool = True) -> Value:
+    return Value(lambda v: v in options, f"one of {list(options)}", required)
+
+
+def boolean(required: bool = True) -> Value:
+    return Value(lambda v: isinstance(v, bool), "True or False", required)
+
+
+def text(required: bool = True, non_empty: bool = False) -> Value:
+    return Value(
+        lambda v: isinstance(v, str) and (bool(v) or not non_empty),
+        "a non-empty string" if non_empty else "a string",
+        required,
+    )
+
+
+def optional(rule: Value) -> Value:
+    """None or what `rule` accepts; the key itself may be absent."""
+    return Value(lambda v: v is None or rule.test(v), f"None or {rule.expected}", required=False)
+
+
+def integers(
+    count: int | None = None, minimum: int = 1, odd: bool = False, required: bool = True
+) -> Value:
+    """A sequence of `count` (any number, but at least one, if None) integers >= minimum."""
+
+    def test(v: Any) -> bool:
+        return (
+            _is_sequence(v)
+            and (len(v) == count if count is not None else len(v) >= 1)
+            and all(_is_int(x) and x >= minimum and (x % 2 == 1 or not odd) for x in v)
+        )
+
+    size = f"{count}" if count is not None else "one or more"
+    kind = "odd integers" if odd else "integers"
+    return Value(test, f"{size} {kind} >= {minimum}", required)
+
+
+def sequence(element: Value, min_len: int = 1, required: bool = True) -> Value:
+    """A sequence of at least `min_len` elements, each accepted by `element`."""
+    size = "a non-empty sequence" if min_len == 1 else f"a sequence of >= {min_len} items"
+    return Value(
+        lambda v: _is_sequence(v) and len(v) >= min_len and all(element.test(x) for x in v),
+        f"{size}, each {element.expected}",
+        required,
+    )
+
+
+def triples(minimum: int = 1, odd: bool = False) -> Value:
+    """A non-empty sequence of (z, y, x) integer triples (pooling windows, kernels)."""
+    triple = integers(3, minimum, odd)
+    return Value(
+        lambda v: _is_sequence(v) and len(v) >= 1 and all(triple.test(x) for x in v),
+        f"a sequence of (z, y, x) triples of {triple.expected.split(' ', 1)[1]}",
+    )
+
+
+def z_range() -> Value:
+    """None or (start, stop) with 0 <= start < stop."""
+    return optional(
+        Value(
+            lambda v: integers(2, 0).test(v) and v[0] < v[1],
+            "(start, stop) with 0 <= start < stop",
+        )
+    )
+
+
+def yx_crop() -> Value:
+    """None or (y0, y1, x0, x1) with y0 < y1 and x0 < x1."""
+    return optional(
+        Value(
+            lambda v: integers(4, 0).test(v) and v[0] < v[1] and v[2] < v[3],
+            "(y0, y1, x0, x1) with 0 <= y0 < y1 and 0 <= x0 < x1",
+        )
+    )
+
+
+def orientations() -> Value:
+    return Value(
+        lambda v: (
+            _is_sequence(v) and len(v) >= 1 and len(set(v)) == len(v) and set(v) <= {*ORIENTATIONS}
+        ),
+        f"distinct axes among {list(ORIENTATIONS)} (at least one)",
+        required=False,
+    )
+
+
+# --- Schemas: the keys each pipeline reads ---------------------------------
+
+
+def _train_settings(steps: bool) -> dict[str, Value]:
+    """`synjax.train.loop.TrainSettings` fields that `TrainSettings.from_config` reads."""
+    fields = {
+        "batch_size": integer(1),
+        "learning_rate": positive(),
+        "optimizer": choice(OPTIMIZERS, required=False),
+        "schedule": choice(SCHEDULES, required=False),
+        "warmup_steps": integer(0, required=False),
+        "weight_decay": non_negative(required=False),
+        "grad_clip_norm": optional(positive()),
+        "log_every": integer(0, required=False),
+        "eval_every": integer(0, required=False),
+        "checkpoint_every": integer(1, required=False),
+        "keep_checkpoints": integer(1, required=False),
+        "num_devices": optional(integer(1)),
+    }
+    if steps:
+        fields["steps"] = integer(1)
+    return fields
+
+
+_INTENSITY = Block(
+    {
+        "method": choice(INTENSITY_METHODS),
+        "low_percent": number(0, 100, required=False),
+        "high_percent": number(0, 100, required=False),
+    },
+    required=False,
+)
+
+_TOP = {
+    "pipeline": text(),
+    "mode": text(),
+    "seed": integer(0),
+    "distributed": boolean(required=False),
+}
+
+_WATERSHED = {
+    "smoothing": choice(SMOOTHINGS),
+    "sigmas": sequence(non_negative()),
+    "hs": sequence(number(0, 1, open_low=True)),
+}
+
+_MODEL = {
+    "name": text(non_empty=True),
+    "slices": choice(MODEL_SLICES),
+    "kernel": choice(BOUNDARY_KERNELS),
+    "width": positive(),
+    "steps": integer(1),
+    "seed": integer(0, required=False),
+    "blocks": integers(3, 0, required=False),
+    "side_features": integer(1, required=False),
+    "dilations": integers(None, 1, odd=True, required=False),
+    "only_slices": optional(sequence(integer(0), 0)),
+}
+
+# What `boundary_models` and `neurons.train_segmenter` read of a neuron config.
+_SEGMENTER = {
+    "seed": integer(0),
+    "models": Entries(_MODEL),
+    "train": Block(
+        {
+            **_train_settings(steps=False),
+            "patch_yx": Value(
+                lambda v: _is_int(v) and v >= DEEPEM3D_STRIDE and v % DEEPEM3D_STRIDE == 0,
+                f"a positive multiple of {DEEPEM3D_STRIDE} (DeepEM3D's pooling factor)",
+            ),
+            "augment": boolean(),
+        }
+    ),
+    "predict": Block(
+        {
+            "tta": boolean(),
+            "tta_transforms": choice(TTA_COUNTS),
+            "batch_size": integer(1),
+            "progress": boolean(),
+            "max_tile": optional(
+                Value(
+                    lambda v: _is_int(v) and v > TILE_OVERLAP and v % DEEPEM3D_STRIDE == 0,
+                    f"a multiple of {DEEPEM3D_STRIDE} greater than the tile overlap {TILE_OVERLAP}",
+                )
+            ),
+            "orientations": orientations(),
+        }
+    ),
+    "watershed": Block({**_WATERSHED, "thresholds": sequence(fraction(), 0, required=False)}),
+    # A partner config's `neurons` block names only the segmenter's input scaling.
+    "data": Block({"intensity": _INTENSITY}, required=False),
+}
+
+NEURON_SCHEMA = {
+    **_TOP,
+    **_SEGMENTER,
+    "data": Block(
+        {
+            "dataset": text(required=False),
+            "published_at": text(required=False),
+            "train_path": text(non_empty=True),
+            "test_path": text(non_empty=True),
+            # Labels in files of their own (SNEMI3D's TIFF stacks); None: in the raw's file.
+            "train_labels_path": optional(text(non_empty=True)),
+            "test_labels_path": optional(text(non_empty=True)),
+            "raw_key": text(non_empty=True),
+            "labels_key": text(non_empty=True),
+            "oversegmentation_key": text(non_empty=True),
+            "resolution": optional(sequence(positive())),
+            "train_z": z_range(),
+            "tune_z": z_range(),
+            "test_z": z_range(),
+            "crop_yx": yx_crop(),
+            "misaligned_slices": sequence(integer(0), 0, required=False),
+            "intensity": _INTENSITY,
+        }
+    ),
+    "baseline": Block(_WATERSHED),
+    "evaluation": Block({"plot_slices": integer(1)}),
+}
+
+PARTNER_SCHEMA = {
+    **_TOP,
+    "data": Block(
+        {
+            "source": choice(PARTNER_SOURCES),
+            "train_path": text(),
+            "test_path": text(),
+            # Synthetic volumes only (checked below when the source is synthetic).
+            "shape": integers(3, 0, required=False),
+            "resolution": sequence(positive(), required=False),
+            "train_seed": integer(0, required=False),
+            "test_seed": integer(0, required=False),
+            "n_synapses": integer(0, required=False),
+            "polyadic_fraction": fraction(required=False),
+            "intensity": _INTENSITY,
+        }
+    ),
+    "segmentation": Block({"source": choice(SEGMENTATION_SOURCES)}),
+    # The neuron segmentation trained when segmentation.source == "predicted".
+    "neurons": Block(_SEGMENTER, required=False),
+    "targets": Block({"alpha": positive(), "sigma": positive(), "radius_nm": positive()}),
+    "unet": Block(
+        {
+            "depth": integer(0),
+            "base_features": integer(1),
+            "feature_growth": integer(1),
+            "pool_factors": Value(
+                lambda v: _is_sequence(v) and all(integers(3, 1).test(x) for x in v),
+                "a sequence (one per level) of (z, y, x) triples of integers >= 1",
+            ),
+            "conv_kernels": triples(1, odd=True),
+            "padding": choice(PADDINGS),
+            "train_output": integers(3, 1),
+            "predict_output": integers(3, 1),
+            "predict_context": integers(3, 0),
+        }
+    ),
+    "train": Block({**_train_settings(steps=True), "positive_fraction": fraction()}),
+    "predict": Block(
+        {
+            "batch_size": integer(1),
+            "executor": choice(EXECUTORS),
+            "resume": choice(RESUME_MODES, required=False),
+        }
+    ),
+    "candidates": Block(
+        {
+            "tau": number(0, 1, open_low=True, open_high=True),
+            "omega": integer(1),
+            "max_gap_nm": non_negative(),
+            "nms_radius_nm": non_negative(),
+        }
+    ),
+    "pruner": Block(
+        {
+            **_train_settings(steps=True),
+            "window": integers(3, 1),
+            "features": integers(PRUNER_CONVS, 1),
+            "pools": triples(1),
+            "dense_features": integer(1),
+            "label_distance_nm": positive(),
+        }
+    ),
+    "evaluation": Block({"cremi_distance_nm": positive(), "same_ids_distance_nm": positive()}),
+}
+
+SCHEMAS = {"partners": PARTNER_SCHEMA, "neurons": NEURON_SCHEMA}
+_SYNTHETIC_FIELDS = ("shape", "resolution", "train_seed", "test_seed", "n_synapses")
+
+
+# --- Checks across keys ----------------------------------------------------
+
+
+def _check_warmup(warmup: int, steps: int, warmup_key: str, steps_key: str) -> None:
+    if warmup and warmup >= steps:
+        raise ConfigError(
+            f"{warmup_key}={warmup}: expected fewer warm-up steps than {steps_key}={steps}"
+        )
+
+
+def _check_segmenter(block, where: str) -> None:
+    """Model names are distinct (each names a checkpoint folder); warm-up < each model's steps."""
+    names = [model["name"] for model in block.models]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"{where}.models: name {repeated[0]!r} is used twice (each model needs its own "
+            "checkpoints/<name>)"
+        )
+    warmup = block.train.get("warmup_steps", 0)
+    for index, model in enumerate(block.models):
+        _check_warmup(
+            warmup, model["steps"], f"{where}.train.warmup_steps", f"{where}.models[{index}].steps"
+        )
+
+
+def _check_partner_relations(config) -> None:
+    data = config.data
+    if data.source == "synthetic":
+        for key in (*_SYNTHETIC_FIELDS, "polyadic_fraction"):
+            if key not in data:
+                raise ConfigError(f"config.data: missing key {key!r} (synthetic volumes need it)")
+        if min(data.shape) < 1:
+            raise ConfigError(
+                f"config.data.shape={tuple(data.shape)}: expected 3 integers >= 1 for synthetic "
+                "volumes"
+            )
+        if len(data.resolution) != 3:
+            raise ConfigError(
+                f"config.data.resolution={tuple(data.resolution)}: expected 3 sizes in nm (z, y, x)"
+            )
+    unet = config.unet
+    if len(unet.pool_factors) != unet.depth:
+        raise ConfigError(
+            f"config.unet.pool_factors has {len(unet.pool_factors)} entries: expected one per "
+            f"level, config.unet.depth={unet.depth}"
+        )
+    if len(unet.conv_kernels) != unet.depth + 1:
+        raise ConfigError(
+            f"config.unet.conv_kernels has {len(unet.conv_kernels)} entries: expected "
+            f"config.unet.depth + 1 = {unet.depth + 1}"
+        )
+    for block in ("train", "pruner"):
+        values = config[block]
+        _check_warmup(
+            values.get("warmup_steps", 0),
+            values.steps,
+            f"config.{block}.warmup_steps",
+            f"config.{block}.steps",
+        )
+    pruner = config.pruner
+    if len(pruner.pools) != len(pruner.features) - 1:
+        raise ConfigError(
+            f"config.pruner.pools has {len(pruner.pools)} windows: expected one between each "
+            f"two of the {len(pruner.features)} convolutions, {len(pruner.features) - 1}"
+        )
+    reduction = [1, 1, 1]
+    for window in pruner.pools:
+        reduction = [r * w for r, w in zip(reduction, window, strict=True)]
+    if any(size < r for size, r in zip(pruner.window, reduction, strict=True)):
+        raise ConfigError(
+            f"config.pruner.window={tuple(pruner.window)}: expected at least the pooling "
+            f"windows' product {tuple(reduction)} along each axis"
+        )
+    if config.segmentation.source == "predicted":
+        if "neurons" not in config:
+            raise ConfigError(
+                "config: missing block 'neurons' (the DeepEM3D segmentation that "
+                "config.segmentation.source='predicted' trains)"
+            )
+        _check_segmenter(config.neurons, "config.neurons")
+
+
+def check_config(config) -> None:
+    """Checks every key and value of a pipeline's config.
+
+    Args:
+      config: the run's config; `config.pipeline` chooses the schema.
+
+    Raises:
+      ConfigError: naming the first unknown key, missing key, or value out of
+        range, by its full name (e.g. `config.candidates.tau=1.5: expected a
+        number in (0, 1)`).
+    """
+    schema = SCHEMAS.get(config.pipeline)
+    if schema is None:
+        raise ConfigError(f"config.pipeline={config.pipeline!r}; expected one of {sorted(SCHEMAS)}")
+    _check_block(config, schema, "config")
+    if config.pipeline == "partners":
+        _check_partner_relations(config)
+    else:
+        _check_segmenter(config, "config")
+
+
+# --- Input files -------------------------------------------------------------
+
+
+def _needed_splits(mode: str) -> list[str]:
+    """Which of the "train" and "test" files a run in `mode` reads."""
+    return [
+        split
+        for split, modes in (("train", ("train", "all")), ("test", ("predict", "evaluate", "all")))
+        if mode in modes
+    ]
+
+
+def _require_hdf5_dataset(path: str, dataset: str) -> None:
+    """The file opens as HDF5 and holds `dataset` as a 3D volume."""
+    open_volume(f"{path}:/{dataset}").close()
+
+
+def check_input_files(config) -> None:
+    """Opens each input file the run's mode reads, before any training starts.
+
+    A missing file, a truncated or corrupt one, or one without its raw volume
+    is reported now rather than when the stage that reads it runs (the test
+    file is read only after training).
+
+    Raises:
+      DataError: naming the config key, the file and what is wrong with it.
+    """
+    data = config.data
+    if config.pipeline == "partners":
+        if data.source != "cremi":
+            return
+        from synjax.pipelines.partner_data import CREMI_PUBLISHED_AT
+
+        dataset, published_at, raw_key = "CREMI sample", CREMI_PUBLISHED_AT, CREMI_RAW
+    else:
+        dataset = data.get("dataset", "neuron EM volume")
+        published_at, raw_key = data.get("published_at", "its publisher"), data.raw_key
+    for split in _needed_splits(config.mode):
+        key = f"{split}_path"
+        path = configlib.require_file(data[key], f"config.data.{key}", dataset, published_at)
+        _require_hdf5_dataset(path, raw_key)
