@@ -599,4 +599,16 @@ def check_input_files(config) -> None:
     for split in _needed_splits(config.mode):
         key = f"{split}_path"
         path = configlib.require_file(data[key], f"config.data.{key}", dataset, published_at)
-        _require_hdf5_dataset(path, raw_key)
+        if config.pipeline == "partners":
+            _require_hdf5_dataset(path, raw_key)
+            continue
+        from synjax.pipelines.neuron_data import volume_source
+
+        # Raw and (where they have files of their own) labels, as the loader reads them.
+        open_volume(volume_source(path, raw_key, key)).close()
+        labels_key = f"{split}_labels_path"
+        if data.get(labels_key):
+            labels = configlib.require_file(
+                data[labels_key], f"config.data.{labels_key}", dataset, published_at
+            )
+            open_volume(volume_source(labels, data.labels_key, labels_key)).close()

@@ -83,7 +83,7 @@ def _is_hdf5(path: str, key: str) -> bool:
         raise DataError(f"config.data.{key}={path!r}: {error}") from None
 
 
-def _source(path: str, dataset: str, key: str) -> str:
+def volume_source(path: str, dataset: str, key: str) -> str:
     """The `open_volume` source of config field `key`'s `path`.
 
     An HDF5 file named without a dataset is read at `dataset`; any other path
@@ -125,7 +125,7 @@ def _labels(data, part: str, raw_path: str, window, shape) -> np.ndarray | None:
     key = f"{_stack(part)}_labels_path"
     if data.get(key):
         path = _require(data, key)
-        source = _source(path, data.get("labels_key", ""), key)
+        source = volume_source(path, data.get("labels_key", ""), key)
         return _checked(open_volume(source), window, shape, f"config.data.{key}={path!r}")
     if _is_hdf5(raw_path, f"{_stack(part)}_path") and data.get("labels_key"):
         return _read_if_present(raw_path.split(":/", 1)[0], data.labels_key, window, shape)
@@ -182,7 +182,7 @@ def load_part(config, part: str) -> NeuronVolume:
     key = f"{_stack(part)}_path"
     path = _require(data, key)
     window = _window(data, part)
-    raw_source = _source(path, data.get("raw_key", ""), key)
+    raw_source = volume_source(path, data.get("raw_key", ""), key)
     raw_volume = open_volume(raw_source)
     raw = require_finite(np.asarray(raw_volume[window]), raw_source)
     neuron_ids = _labels(data, part, path, window, raw_volume.shape)
