@@ -6,12 +6,11 @@ cannot import each other; what they share lives here.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import ml_collections
 
-from synjax.errors import ConfigError, DataError
+from synjax.errors import ConfigError
 
 
 def variant(arg: str | None, known: Iterable[str], config_name: str) -> str:
@@ -35,27 +34,3 @@ def variant(arg: str | None, known: Iterable[str], config_name: str) -> str:
 def config_dict(fields: dict) -> ml_collections.ConfigDict:
     """A ConfigDict whose nested dicts become ConfigDicts too."""
     return ml_collections.ConfigDict(fields)
-
-
-def require_file(path: str, key: str, dataset: str, published_at: str) -> str:
-    """Checks that a dataset file named by a config field exists.
-
-    Args:
-      path: the file path from the config, optionally with `:/dataset`.
-      key: the config key that holds the path, e.g. "config.data.train_path".
-      dataset: the dataset's name, e.g. "CREMI sample A".
-      published_at: where a user can download it.
-
-    Returns:
-      The path unchanged.
-
-    Raises:
-      DataError: the file does not exist.
-    """
-    file_part = path.split(":/", 1)[0] if path else path
-    if not file_part or not os.path.exists(file_part):
-        raise DataError(
-            f"{key}={path!r}: {dataset} not found; download it from {published_at} "
-            f"and set {key} to its path"
-        )
-    return path

@@ -28,7 +28,8 @@ from synjax.models.unet3d import UNet3D
 from synjax.pipelines import neurons, partners, proximity
 from synjax.report import files
 from synjax.train.checkpoint import checkpoint_provenance
-from synjax.train.loop import TrainSettings, train
+from synjax.train.loop import train
+from synjax.train.settings import TrainSettings
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

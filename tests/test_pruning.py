@@ -162,6 +162,7 @@ def test_candidates_to_labels_windows_and_metric():
     """Generated candidates flow through labelling, windows and the CREMI metric."""
     from synjax.evaluation import partners as pm
     from synjax.io import segment_ids_at
+    from synjax.pipelines.partners import candidate_pairs
     from synjax.postprocess.candidates import generate_candidates
 
     seg = np.zeros((4, 16, 20), np.uint64)
@@ -181,7 +182,7 @@ def test_candidates_to_labels_windows_and_metric():
     win = pw.extract_windows(raw, prox, seg, found, window_shape=(4, 8, 8))
     # Centre (0, 6, 9.5) rounds to x = 10, so the window's centre column is post.
     assert win[0, 2, 4, 4, pw.CHANNEL_POST] == 1.0 and win[0, 2, 4, 3, pw.CHANNEL_PRE] == 1.0
-    pred = pm.PartnerPairs.from_candidates(found, RESOLUTION)
+    pred = candidate_pairs(found, RESOLUTION)
     pred = pm.PartnerPairs(
         segment_ids_at(gt, pred.pre_locations, RESOLUTION),
         segment_ids_at(gt, pred.post_locations, RESOLUTION),

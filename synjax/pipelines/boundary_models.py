@@ -37,7 +37,8 @@ from synjax.models.deepem3d import (
 )
 from synjax.targets.boundaries import boundary_labels
 from synjax.train import checkpoint
-from synjax.train.loop import TrainSettings, train
+from synjax.train.loop import train
+from synjax.train.settings import TrainSettings
 
 TARGET_KEY = "boundary"
 NUM_CLASSES = 2

@@ -23,9 +23,9 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from synjax import configlib
 from synjax.errors import ConfigError
 from synjax.io import open_volume
+from synjax.io.checks import require_file
 
 # Mirrors of library constants (tests/test_bad_input.py checks they agree).
 OPTIMIZERS = ("adam", "adamw", "sgd")  # synjax.train.state.OPTIMIZERS
@@ -598,7 +598,7 @@ def check_input_files(config) -> None:
         published_at, raw_key = data.get("published_at", "its publisher"), data.raw_key
     for split in _needed_splits(config.mode):
         key = f"{split}_path"
-        path = configlib.require_file(data[key], f"config.data.{key}", dataset, published_at)
+        path = require_file(data[key], f"config.data.{key}", dataset, published_at)
         if config.pipeline == "partners":
             _require_hdf5_dataset(path, raw_key)
             continue
@@ -608,7 +608,7 @@ def check_input_files(config) -> None:
         open_volume(volume_source(path, raw_key, key)).close()
         labels_key = f"{split}_labels_path"
         if data.get(labels_key):
-            labels = configlib.require_file(
+            labels = require_file(
                 data[labels_key], f"config.data.{labels_key}", dataset, published_at
             )
             open_volume(volume_source(labels, data.labels_key, labels_key)).close()

@@ -27,10 +27,9 @@ import dataclasses
 import h5py
 import numpy as np
 
-from synjax import configlib
 from synjax.errors import ConfigError, DataError
 from synjax.io import open_volume
-from synjax.io.checks import require_finite
+from synjax.io.checks import require_file, require_finite
 from synjax.io.volumes import parse_source
 
 PARTS = ("train", "tune", "test")
@@ -95,7 +94,7 @@ def volume_source(path: str, dataset: str, key: str) -> str:
 
 
 def _require(data, key: str) -> str:
-    return configlib.require_file(
+    return require_file(
         data[key],
         f"config.data.{key}",
         data.get("dataset", "neuron EM volume"),

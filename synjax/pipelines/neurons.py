@@ -53,7 +53,13 @@ def _tune(boundary: np.ndarray, gt: np.ndarray, block) -> dict:
     start = time.perf_counter()
     thresholds = tuple(block.get("thresholds") or ())
     _, _, table = grid_search(
-        boundary, gt, block.sigmas, block.hs, thresholds=thresholds, smoothing=block.smoothing
+        boundary,
+        gt,
+        block.sigmas,
+        block.hs,
+        metric=adapted_rand_error,
+        thresholds=thresholds,
+        smoothing=block.smoothing,
     )
     best = min(table, key=lambda row: row.score)
     logging.info(

@@ -11,12 +11,11 @@ import dataclasses
 import numpy as np
 from absl import logging
 
-from synjax import configlib
 from synjax.data import synthetic
 from synjax.errors import ConfigError
 from synjax.evaluation.partners import NO_CLEFT, PartnerPairs
 from synjax.io import cleft_instance_ids, cleft_instances, partner_table, read_cremi
-from synjax.io.checks import require_finite
+from synjax.io.checks import require_file, require_finite
 from synjax.io.cremi_volume import CremiVolume
 from synjax.targets import signed_proximity
 from synjax.targets.signed_proximity import PAIR_CLEFT
@@ -112,7 +111,7 @@ def load_volume(config, name: str) -> PartnerVolume:
         )
     elif data.source == "cremi":
         key = f"config.data.{name}_path"
-        path = configlib.require_file(data[f"{name}_path"], key, "CREMI sample", CREMI_PUBLISHED_AT)
+        path = require_file(data[f"{name}_path"], key, "CREMI sample", CREMI_PUBLISHED_AT)
         volume = read_cremi(path)
         require_finite(volume.raw, f"{path}:/volumes/raw")
     else:

@@ -45,6 +45,7 @@ from synjax.postprocess.candidates import Candidates, generate_candidates, site_
 from synjax.postprocess.partner_nms import suppress_duplicates
 from synjax.postprocess.pruning_windows import label_candidates
 from synjax.report import files, slices
+from synjax.report.precision_recall import plot_precision_recall
 from synjax.train import checkpoint
 
 THRESHOLD_FILE = "pruner_threshold.json"
@@ -118,11 +119,28 @@ def _in_truth_ids(pairs: partner_metrics.PartnerPairs, volume) -> partner_metric
     )
 
 
-def _pairs(candidates: Candidates, scores: np.ndarray, volume) -> partner_metrics.PartnerPairs:
-    pairs = partner_metrics.PartnerPairs.from_candidates(
-        candidates, volume.resolution, scores=scores
+def candidate_pairs(
+    candidates: Candidates,
+    resolution,
+    offset=(0.0, 0.0, 0.0),
+    scores: np.ndarray | None = None,
+) -> partner_metrics.PartnerPairs:
+    """Candidates as partner pairs: their closest points in nm, shifted by `offset`.
+
+    `scores` (e.g. pruning probabilities) default to the candidates' own.
+    """
+    pre, post = candidates.points_nm(resolution, offset)
+    return partner_metrics.PartnerPairs(
+        candidates.pre_segment,
+        candidates.post_segment,
+        pre,
+        post,
+        candidates.score if scores is None else scores,
     )
-    return _in_truth_ids(pairs, volume)
+
+
+def _pairs(candidates: Candidates, scores: np.ndarray, volume) -> partner_metrics.PartnerPairs:
+    return _in_truth_ids(candidate_pairs(candidates, volume.resolution, scores=scores), volume)
 
 
 def _table_pairs(table: SynapseTable, volume) -> partner_metrics.PartnerPairs:
@@ -140,13 +158,13 @@ def _table_pairs(table: SynapseTable, volume) -> partner_metrics.PartnerPairs:
 
 
 def _synapse_table(candidates: Candidates, scores: np.ndarray, resolution) -> SynapseTable:
-    res = np.asarray(resolution)
+    pre, post = candidates.points_nm(resolution)
     return SynapseTable.build(
         candidates.pre_segment,
         candidates.post_segment,
         candidates.location,
-        pre_location=candidates.pre_point * res,
-        post_location=candidates.post_point * res,
+        pre_location=pre,
+        post_location=post,
         score=scores,
         size=candidates.pre_overlap + candidates.post_overlap,
         kind="partner",
@@ -425,7 +443,7 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
         all_pairs, volume.truth, all_clefts, volume.truth_clefts
     )
     curve = _curve(pairs, volume.truth, config)
-    partner_metrics.plot_precision_recall(
+    plot_precision_recall(
         curve, workdir / "precision_recall.png", "test volume, CREMI partner metric"
     )
 

@@ -32,7 +32,8 @@ from synjax.io.provenance import input_fingerprint, model_provenance
 from synjax.models.losses import weighted_mse
 from synjax.models.unet3d import UNet3D, UNet3DConfig
 from synjax.train import checkpoint
-from synjax.train.loop import TrainSettings, train
+from synjax.train.loop import train
+from synjax.train.settings import TrainSettings
 
 MODEL_NAME = "proximity"
 

@@ -26,7 +26,8 @@ from synjax.models.pruning import PruningCNN, sigmoid_bce
 from synjax.postprocess.candidates import Candidates
 from synjax.postprocess.pruning_windows import extract_windows
 from synjax.train import checkpoint
-from synjax.train.loop import TrainSettings, train
+from synjax.train.loop import train
+from synjax.train.settings import TrainSettings
 
 MODEL_NAME = "pruner"
 NUM_CHANNELS = 4

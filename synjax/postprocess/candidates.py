@@ -117,6 +117,22 @@ class Candidates:
         """[n, 2] uint64 (pre segment, post segment) per row."""
         return np.stack([self.pre_segment, self.post_segment], axis=1)
 
+    def points_nm(
+        self, resolution: Sequence[float], offset: Sequence[float] = (0.0, 0.0, 0.0)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Where each candidate's closest points lie in the world.
+
+        Args:
+          resolution: voxel size in nm, z-y-x.
+          offset: world position in nm of voxel (0, 0, 0).
+
+        Returns:
+          `(pre, post)`, each [n, 3] float64 nm: `pre_point` and `post_point`
+          times `resolution`, plus `offset`.
+        """
+        res, off = np.asarray(resolution, np.float64), np.asarray(offset, np.float64)
+        return self.pre_point * res + off, self.post_point * res + off
+
 
 def _renumber(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels as small consecutive ids (0 kept as 0) and [k] uint64 original ids.

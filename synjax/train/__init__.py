@@ -1,8 +1,9 @@
 """Training: device mesh, train state, checkpoints and the training loop."""
 
 from synjax.train.checkpoint import Checkpointer, latest_step, restore_params, restore_variables
-from synjax.train.loop import TrainSettings, make_train_step, train
+from synjax.train.loop import make_train_step, train
 from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
+from synjax.train.settings import TrainSettings
 from synjax.train.state import TrainState, create_train_state, make_optimizer
 
 __all__ = [
