@@ -328,7 +328,7 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
     unet = _model(workdir, proximity.MODEL_NAME, trained)
     # Checked before the long prediction: a threshold chosen for other models is an error.
     choice = _read_threshold(workdir)
-    trained_pruner = pruner.load_trained_pruner(config, workdir) if choice["pruner"] else None
+    trained_pruner = pruner.load_pruner_params(config, workdir) if choice["pruner"] else None
     _check_threshold(workdir, choice, unet, trained_pruner)
     prox = proximity.predict_proximity(
         config,
