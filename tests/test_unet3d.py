@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import Box
 from synjax.models import (
     PReLU,
     UNet3D,
@@ -98,7 +99,7 @@ def test_same_padding_keeps_shape_and_box():
     cfg = UNet3DConfig(depth=2, base_features=2, padding="SAME", upsample="resize_conv")
     assert cfg.output_shape((4, 16, 12)) == (4, 16, 12)
     assert cfg.required_context() == (0, 0, 0)
-    assert cfg.input_box_for(((0, 0, 0), (4, 16, 12))) == ((0, 0, 0), (4, 16, 12))
+    assert cfg.input_box_for(((0, 0, 0), (4, 16, 12))) == Box((0, 0, 0), (4, 16, 12))
     with pytest.raises(ConfigError):
         cfg.output_shape((4, 16, 14))  # 14 does not pool twice by 2
     model = UNet3D(cfg)

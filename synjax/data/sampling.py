@@ -17,10 +17,10 @@ import numpy as np
 from synjax.data.augment import AugmentSettings, augment
 from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, normalize_intensity
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import SPATIAL_DIMS
 from synjax.io.cremi_volume import CREMI_BACKGROUND
 
 INPUT_KEY = "input"
-SPATIAL_DIMS = 3
 
 
 def is_positive(values: np.ndarray) -> np.ndarray:

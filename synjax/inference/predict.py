@@ -32,6 +32,7 @@ import numpy as np
 
 from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, normalize_intensity
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import reflect_indices
 from synjax.inference.tta import TRANSFORMS, Transform, make_tta_fn
 from synjax.models.deepem3d import TOTAL_STRIDE
 from synjax.report.progress import progress_bar
@@ -41,19 +42,6 @@ DEFAULT_TILE_OVERLAP = 64
 # Slicing axis -> axis permutation that brings it first; each swaps two axes,
 # so it is its own inverse.
 ORIENTATIONS = {"z": (0, 1, 2), "y": (1, 0, 2), "x": (2, 1, 0)}
-
-
-def reflect_indices(indices: np.ndarray, size: int) -> np.ndarray:
-    """Maps any integer indices into [0, size) by mirror reflection (numpy 'reflect').
-
-    -1 -> 1, size -> size - 2, repeating with period 2 * (size - 1).
-    """
-    indices = np.asarray(indices)
-    if size == 1:
-        return np.zeros_like(indices)
-    period = 2 * (size - 1)
-    m = np.mod(indices, period)
-    return np.where(m < size, m, period - m)
 
 
 def _pad_end(x: np.ndarray, sizes: Sequence[int], axes: Sequence[int]) -> np.ndarray:

@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from synjax.errors import DataError
+from synjax.geometry import SPATIAL_DIMS, Box
 from synjax.io.atomic import atomic_path
 from synjax.io.cremi_volume import (
     CREMI_BACKGROUND,
@@ -35,7 +36,7 @@ from synjax.io.cremi_volume import (
     CremiVolume,
 )
 from synjax.io.file_volumes import hdf5_error_line, list_hdf5_datasets, open_hdf5_file
-from synjax.io.volume_base import SPATIAL_DIMS, as_triple
+from synjax.io.volume_base import as_triple
 from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
 
 RAW = "volumes/raw"
@@ -178,16 +179,20 @@ def _raw_in_frame(
                 f"{path}: /{RAW} resolution {raw_resolution} differs from labels' {resolution}"
             )
         return raw[()]
-    start = (np.asarray(offset) - np.asarray(raw_offset)) / np.asarray(resolution)
-    stop = start + np.asarray(shape)
-    aligned = np.allclose(start, np.round(start))
-    if raw_resolution != resolution or not aligned or np.any(start < 0) or np.any(stop > raw.shape):
+    try:
+        box = Box.from_nm(offset, shape, resolution, raw_offset)
+    except DataError:
+        box = None  # not on raw's voxel grid
+    if (
+        raw_resolution != resolution
+        or box is None
+        or box.intersect(Box.from_shape(raw.shape)) != box
+    ):
         raise DataError(
             f"{path}: labels of shape {shape} at offset {offset} nm do not lie on the voxel grid "
             f"inside /{RAW} (shape {raw.shape}, offset {raw_offset}, resolution {raw_resolution})"
         )
-    box = tuple(slice(int(a), int(b)) for a, b in zip(np.round(start), np.round(stop), strict=True))
-    return raw[box]
+    return raw[box.slices()]
 
 
 def _check_annotations(annotations: Annotations, path: str) -> None:
