@@ -159,7 +159,8 @@ def test_every_shipped_config_passes(name, variant):
 
 def test_mirrored_constants_match_the_library():
     from synjax.data import intensity
-    from synjax.inference import blockwise, predict
+    from synjax.inference import blockwise
+    from synjax.inference import slicewise as predict
     from synjax.models import deepem3d, pruning, unet3d
     from synjax.targets import boundaries
     from synjax.train import state

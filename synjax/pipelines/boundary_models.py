@@ -25,17 +25,11 @@ from synjax.data.augment import AugmentSettings
 from synjax.data.intensity import IntensityNormalization, load_normalization, save_normalization
 from synjax.data.sampling import PatchSampler
 from synjax.errors import ConfigError
-from synjax.inference.predict import ensemble_max, predict_orientations, predict_slices
+from synjax.inference.slicewise import ensemble_max, predict_orientations, predict_slices
 from synjax.inference.tta import TRANSFORMS
-from synjax.models.deepem3d import (
-    TOTAL_STRIDE,
-    DeepEM3DNet,
-    DeepEM3DSettings,
-    class_weights_from_labels,
-    make_apply_fn,
-    weighted_softmax_ce,
-)
-from synjax.targets.boundaries import boundary_labels
+from synjax.models.deepem3d import TOTAL_STRIDE, DeepEM3DNet, DeepEM3DSettings, make_apply_fn
+from synjax.models.losses import class_weighted_softmax_cross_entropy
+from synjax.targets.boundaries import boundary_labels, class_weights
 from synjax.train import checkpoint
 from synjax.train.loop import train
 from synjax.train.settings import TrainSettings
@@ -69,9 +63,9 @@ def _sample_input(config, model_config: Mapping) -> np.ndarray:
     return np.zeros((1, int(model_config["slices"]), patch, patch, 1), np.float32)
 
 
-def _loss(class_weights: np.ndarray):
+def _loss(weights: np.ndarray):
     def loss(logits, batch):
-        value = weighted_softmax_ce(logits, batch[TARGET_KEY], class_weights)
+        value = class_weighted_softmax_cross_entropy(logits, batch[TARGET_KEY], weights)
         return value, {"weighted_ce": value}
 
     return loss
@@ -109,7 +103,7 @@ def train_models(config, raw: np.ndarray, neuron_ids: np.ndarray, workdir) -> No
         if kernel not in labels_by_kernel:
             labels_by_kernel[kernel] = boundary_labels(neuron_ids, kernel=kernel)
         labels = labels_by_kernel[kernel]
-        weights = class_weights_from_labels(labels, NUM_CLASSES)
+        weights = class_weights(labels, NUM_CLASSES)
         slices = int(model_config["slices"])
         sampler = PatchSampler(
             [{"raw": raw, TARGET_KEY: labels}],
@@ -210,6 +204,7 @@ def predict_ensemble(
             predict_slices,
             fn,
             slices=int(model_config["slices"]),
+            stride=TOTAL_STRIDE,
             batch_size=p.batch_size,
             tta=p.tta,
             progress=p.progress,
