@@ -31,7 +31,8 @@ from absl import logging
 
 from synjax.errors import DataError
 from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_information
-from synjax.io import create_volume, open_volume
+from synjax.io import create_volume, layout, open_volume
+from synjax.io.layout import BOUNDARIES, SEGMENTATION, WATERSHED_FILE, WATERSHED_ONLY
 from synjax.io.provenance import describe_model, differences, input_fingerprint
 from synjax.pipelines import boundary_models, neuron_data
 from synjax.postprocess.agglomeration import agglomerate
@@ -39,10 +40,6 @@ from synjax.postprocess.watershed import grid_search, segment
 from synjax.report import files, slices
 from synjax.train.checkpoint import checkpoint_provenance
 
-WATERSHED_FILE = "watershed.json"
-BOUNDARIES = "predictions/boundaries.zarr"
-SEGMENTATION = "predictions/segmentation.zarr"
-WATERSHED_ONLY = "predictions/watershed.zarr"
 OURS, OVERSEG, CLASSICAL = "deepem3d", "oversegmentation", "classical_watershed"
 # Our watershed before agglomeration, scored too so the report shows what merging adds.
 OURS_WATERSHED_ONLY = "deepem3d_watershed_only"
@@ -250,7 +247,7 @@ def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> 
         "models": [m["name"] for m in config.models],
         "tta_transforms": config.predict.tta_transforms if config.predict.tta else 1,
     }
-    files.write_json(workdir / "metrics.json", metrics)
+    files.write_json(workdir / layout.METRICS_FILE, metrics)
     slices.plot_slices(
         test.raw,
         {
@@ -258,7 +255,7 @@ def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> 
             "classical watershed": baseline,
             "ground truth": test.neuron_ids,
         },
-        workdir / "example_slices.png",
+        workdir / layout.EXAMPLE_SLICES_FILE,
         slices.pick_slices(test.raw.shape, count=config.evaluation.plot_slices),
         title="test part: segmentations",
     )

@@ -35,8 +35,9 @@ from synjax.data.intensity import TrainedParams
 from synjax.errors import ConfigError, DataError
 from synjax.evaluation import partners as partner_metrics
 from synjax.evaluation.rand_voi import adapted_rand_error
-from synjax.io import CremiVolume, SynapseTable, create_volume, open_volume, write_cremi
+from synjax.io import CremiVolume, SynapseTable, create_volume, layout, open_volume, write_cremi
 from synjax.io.cremi import RAW
+from synjax.io.layout import CANDIDATES_FILE, DETECTIONS_FILE, THRESHOLD_FILE
 from synjax.io.provenance import describe_model, differences, input_fingerprint, model_provenance
 from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
 from synjax.pipelines import neurons, partner_data, proximity, pruner
@@ -47,10 +48,6 @@ from synjax.postprocess.pruning_windows import label_candidates
 from synjax.report import files, slices
 from synjax.report.precision_recall import plot_precision_recall
 from synjax.train import checkpoint
-
-THRESHOLD_FILE = "pruner_threshold.json"
-DETECTIONS_FILE = "detections.csv"
-CANDIDATES_FILE = "candidates.csv"
 
 
 def _segmentation(
@@ -71,7 +68,7 @@ def _segmentation(
         seg = predicted
         if seg is None:
             seg = neurons.segment_with_trained_models(config.neurons, workdir, volume.raw)
-        path = workdir / "predictions" / f"{volume.name}_segmentation.zarr"
+        path = workdir / layout.volume_segmentation(volume.name)
         out = create_volume(str(path), seg.shape, np.uint64, volume.resolution, overwrite=True)
         out[...] = seg
         logging.info(
@@ -264,7 +261,7 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         config,
         trained,
         volume.raw,
-        workdir / "predictions" / "train_proximity.zarr",
+        workdir / layout.TRAIN_PROXIMITY,
         volume.resolution,
         step=unet["step"],
         **source,
@@ -334,7 +331,7 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
         config,
         trained,
         volume.raw,
-        workdir / "predictions" / "proximity.zarr",
+        workdir / layout.PROXIMITY,
         volume.resolution,
         step=unet["step"],
         **_input_source(config, "test"),
@@ -353,17 +350,17 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
     table.to_csv(workdir / DETECTIONS_FILE)
     threshold = choice["threshold"]
     kept = table.filter_by_score(threshold)
-    kept.to_csv(workdir / "synapses.csv")
+    kept.to_csv(workdir / layout.SYNAPSES_CSV_FILE)
     if len(kept):
         write_cremi(
-            workdir / "synapses.h5",
+            workdir / layout.SYNAPSES_CREMI_FILE,
             CremiVolume(raw=None, resolution=volume.resolution, annotations=kept.to_annotations()),
             overwrite=True,
         )
     slices.plot_slices(
         volume.raw,
         {"proximity": prox, "clefts (truth)": volume.clefts},
-        workdir / "example_slices.png",
+        workdir / layout.EXAMPLE_SLICES_FILE,
         slices.pick_slices(volume.raw.shape, weights=(volume.clefts > 0).sum(axis=(1, 2))),
         title="test volume: predicted signed proximity (red pre, blue post)",
     )
@@ -372,8 +369,8 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
 
 
 def _saved_prediction(workdir: pathlib.Path, name: str) -> np.ndarray:
-    """A volume that `_predict` wrote under `predictions/`."""
-    path = workdir / "predictions" / name
+    """A volume that `_predict` wrote (`name` relative to the workdir)."""
+    path = workdir / name
     if not path.exists():
         raise DataError(f"{path} not found: run the predict step before evaluate")
     return open_volume(str(path)).read()
@@ -415,10 +412,10 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
     every = SynapseTable.from_csv(workdir / CANDIDATES_FILE)
     threshold = files.read_json(workdir / THRESHOLD_FILE)["threshold"]
     # The sites of the candidates, as `_predict` found them, for the paper's criterion.
-    sites = site_components(_saved_prediction(workdir, "proximity.zarr"), config.candidates.tau)
+    sites = site_components(_saved_prediction(workdir, layout.PROXIMITY), config.candidates.tau)
     segmentation = volume.neuron_ids
     if config.segmentation.source == "predicted":
-        segmentation = _saved_prediction(workdir, f"{volume.name}_segmentation.zarr")
+        segmentation = _saved_prediction(workdir, layout.volume_segmentation(volume.name))
 
     pairs = _table_pairs(detections, volume)
     kept_rows = pairs.scores >= threshold
@@ -444,7 +441,7 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
     )
     curve = _curve(pairs, volume.truth, config)
     plot_precision_recall(
-        curve, workdir / "precision_recall.png", "test volume, CREMI partner metric"
+        curve, workdir / layout.PRECISION_RECALL_FILE, "test volume, CREMI partner metric"
     )
 
     def scores(s):
@@ -473,7 +470,7 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
             "precision": rand.precision,
             "recall": rand.recall,
         }
-    files.write_json(workdir / "metrics.json", metrics)
+    files.write_json(workdir / layout.METRICS_FILE, metrics)
     logging.info(
         "Test partners: CREMI F %.3f (P %.3f R %.3f), paper criterion F %.3f, same ids within "
         "%g nm F %.3f, no pruning (%d candidates) CREMI F %.3f, paper F %.3f",

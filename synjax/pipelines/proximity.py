@@ -27,7 +27,7 @@ from synjax.data.sampling import PatchSampler
 from synjax.errors import ConfigError, DataError
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.blockwise import RESUME_MODES, manifest_differences, predict_blockwise
-from synjax.io import create_volume, open_volume
+from synjax.io import create_volume, layout, open_volume
 from synjax.io.provenance import input_fingerprint, model_provenance
 from synjax.models.losses import weighted_mse
 from synjax.models.unet3d import UNet3D, UNet3DConfig
@@ -194,7 +194,7 @@ def predict_proximity(
     resume = config.predict.get("resume", "auto")
     if resume not in RESUME_MODES:
         raise ConfigError(f"config.predict.resume={resume!r}: expected one of {RESUME_MODES}")
-    manifest = dest_path.with_name(dest_path.name + ".blocks.jsonl")
+    manifest = layout.blocks_manifest(dest_path)
     stale = manifest_differences(manifest, grid, provenance) if dest_path.exists() else None
     if stale == []:
         dest = open_volume(str(dest_path), mode="r+")

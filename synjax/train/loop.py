@@ -26,6 +26,7 @@ from absl import flags, logging
 from jax.sharding import Mesh
 
 from synjax.errors import ConfigError, SynjaxError
+from synjax.io import layout
 from synjax.report.progress import progress_bar
 from synjax.train.batches import to_global_batch
 from synjax.train.checkpoint import Checkpointer
@@ -33,8 +34,6 @@ from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
 from synjax.train.settings import TrainSettings
 from synjax.train.state import TrainState, create_train_state
 
-METRICS_DIR = "metrics"
-TENSORBOARD_DIR = "tensorboard"
 # Prefix of evaluation metrics in the JSONL lines and TensorBoard tags.
 EVAL_PREFIX = "eval/"
 
@@ -142,7 +141,7 @@ class _MetricWriter:
 
     def __init__(self, workdir: Path, name: str):
         self.enabled = jax.process_index() == 0
-        self.path = workdir / METRICS_DIR / f"{name}.jsonl"
+        self.path = layout.training_log(workdir, name)
         self._tb = None
         if self.enabled:
             # Imported here: tensorboardX pulls in protobuf, which only the
@@ -150,7 +149,7 @@ class _MetricWriter:
             from tensorboardX import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(workdir / TENSORBOARD_DIR / name))
+            self._tb = SummaryWriter(str(layout.tensorboard_dir(workdir, name)))
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
