@@ -581,7 +581,7 @@ def test_cli_non_finite_loss_names_the_step_and_keeps_a_readable_checkpoint(tmp_
     # The kept checkpoint restores, with finite parameters.
     import jax
 
-    from synjax.pipelines import proximity
+    from synjax.stages import proximity
 
     config = _config("demo")
     for (block, key), value in TINY_UNET_BLOWS_UP.items():

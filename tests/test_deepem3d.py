@@ -258,7 +258,7 @@ def _centre_slice(x):
 
 def test_trained_ensemble_saves_and_reapplies_its_normalization(tmp_path, monkeypatch):
     from synjax.data.intensity import INTENSITY_FILE, IntensityNormalization
-    from synjax.pipelines import boundary_models
+    from synjax.stages import boundary_models
 
     batches = []
 

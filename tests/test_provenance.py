@@ -25,8 +25,9 @@ from synjax.io.provenance import (
     sample_boxes,
 )
 from synjax.models.unet3d import UNet3D
-from synjax.pipelines import neurons, partners, proximity
+from synjax.pipelines import neurons, partners
 from synjax.report import files
+from synjax.stages import proximity
 from synjax.train.checkpoint import checkpoint_provenance
 from synjax.train.loop import train
 from synjax.train.settings import TrainSettings

@@ -10,7 +10,7 @@ import pytest
 
 from synjax.data.intensity import INTENSITY_FILE, IntensityNormalization, TrainedParams
 from synjax.models.unet3d import UNet3D
-from synjax.pipelines import proximity
+from synjax.stages import proximity
 
 SHAPE = (4, 24, 24)
 

@@ -284,7 +284,7 @@ def test_windows_identical_for_copies_and_only_windows_read():
 
 def test_scores_identical_for_uint16_and_float_copies(fast_compile):
     from synjax.data.intensity import DTYPE_RANGE, TrainedParams
-    from synjax.pipelines import pruner
+    from synjax.stages import pruner
 
     config = _pruner_config()
     raw, prox, seg, cands = _pruner_volumes()
@@ -304,7 +304,7 @@ def test_scores_identical_for_uint16_and_float_copies(fast_compile):
 
 def test_trained_pruner_saves_its_normalization_and_loading_reapplies_it(tmp_path, fast_compile):
     from synjax.data.intensity import INTENSITY_FILE, IntensityNormalization
-    from synjax.pipelines import pruner
+    from synjax.stages import pruner
 
     config = _pruner_config("percentiles")
     raw, prox, seg, cands = _pruner_volumes()

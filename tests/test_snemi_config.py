@@ -15,7 +15,8 @@ import tifffile
 
 from synjax.errors import ConfigError, DataError
 from synjax.io import open_volume
-from synjax.pipelines import boundary_models, neuron_data, neurons
+from synjax.pipelines import neuron_data, neurons
+from synjax.stages import boundary_models
 from tests.conftest import REPO_ROOT
 
 SNEMI = REPO_ROOT / "configs" / "snemi.py"

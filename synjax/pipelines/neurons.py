@@ -34,10 +34,11 @@ from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_informat
 from synjax.io import create_volume, layout, open_volume
 from synjax.io.layout import BOUNDARIES, SEGMENTATION, WATERSHED_FILE, WATERSHED_ONLY
 from synjax.io.provenance import describe_model, differences, input_fingerprint
-from synjax.pipelines import boundary_models, neuron_data
+from synjax.pipelines import neuron_data
 from synjax.postprocess.agglomeration import agglomerate
 from synjax.postprocess.watershed import grid_search, segment
 from synjax.report import files, slices
+from synjax.stages import boundary_models
 from synjax.train.checkpoint import checkpoint_provenance
 
 OURS, OVERSEG, CLASSICAL = "deepem3d", "oversegmentation", "classical_watershed"

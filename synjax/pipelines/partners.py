@@ -40,13 +40,14 @@ from synjax.io.cremi import RAW
 from synjax.io.layout import CANDIDATES_FILE, DETECTIONS_FILE, THRESHOLD_FILE
 from synjax.io.provenance import describe_model, differences, input_fingerprint, model_provenance
 from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
-from synjax.pipelines import neurons, partner_data, proximity, pruner
+from synjax.pipelines import neurons, partner_data
 from synjax.pipelines.partner_data import PartnerVolume
 from synjax.postprocess.candidates import Candidates, generate_candidates, site_components
 from synjax.postprocess.partner_nms import suppress_duplicates
 from synjax.postprocess.pruning_windows import label_candidates
 from synjax.report import files, slices
 from synjax.report.precision_recall import plot_precision_recall
+from synjax.stages import proximity, pruner
 from synjax.train import checkpoint
 
 

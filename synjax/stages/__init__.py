@@ -1,0 +1,1 @@
+"""Stages: one per trained model (build from settings, train, load, predict)."""
