@@ -105,10 +105,12 @@ def get_config(arg: str | None = None):
                 "features": (4, 4, 4, 4, 4) if smoke else (16, 32, 64, 64, 128),
                 "pools": ((1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
                 "dense_features": 8 if smoke else 256,
-                "steps": 10 if smoke else 20000,
-                "batch_size": 8 if smoke else 32,
-                "learning_rate": 1e-4,
-                "label_distance_nm": 400.0,
+                "train": {
+                    "steps": 10 if smoke else 20000,
+                    "batch_size": 8 if smoke else 32,
+                    "learning_rate": 1e-4,
+                    "label_distance_nm": 400.0,
+                },
             },
             "evaluation": {"cremi_distance_nm": 400.0, "same_ids_distance_nm": 400.0},
         }

@@ -176,11 +176,14 @@ def get_config(arg: str | None = None):
                 "features": (4, 4, 8, 8, 8) if smoke else (8, 16, 16, 32, 32),
                 "pools": ((1, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)),
                 "dense_features": 16 if smoke else 64,
-                "steps": 6 if smoke else 300,
-                "batch_size": 4 if smoke else 16,
-                "learning_rate": 1e-3,
-                # Candidate within this distance of a true pair can be positive.
-                "label_distance_nm": 400.0,
+                "train": {
+                    "steps": 6 if smoke else 300,
+                    # Also the batch of windows scored at once.
+                    "batch_size": 4 if smoke else 16,
+                    "learning_rate": 1e-3,
+                    # Candidate within this distance of a true pair can be positive.
+                    "label_distance_nm": 400.0,
+                },
             },
             "evaluation": {
                 # CREMI partner metric: matched pairs lie within this distance.

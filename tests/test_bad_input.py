@@ -586,5 +586,5 @@ def test_cli_non_finite_loss_names_the_step_and_keeps_a_readable_checkpoint(tmp_
     config = _config("demo")
     for (block, key), value in TINY_UNET_BLOWS_UP.items():
         config[block][key] = value
-    leaves = jax.tree.leaves(proximity.load_unet_params(config, workdir).params)
+    leaves = jax.tree.leaves(proximity.ProximityStage.from_config(config).load(workdir).params)
     assert leaves and all(np.all(np.isfinite(np.asarray(leaf))) for leaf in leaves)

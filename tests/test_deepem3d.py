@@ -272,7 +272,7 @@ def test_trained_ensemble_saves_and_reapplies_its_normalization(tmp_path, monkey
     neuron_ids = np.ones(raw.shape, np.uint64)
     neuron_ids[:, :, 8:] = 2
     config = _ensemble_config("percentiles")
-    boundary_models.train_models(config, raw, neuron_ids, tmp_path)
+    boundary_models.BoundaryEnsembleStage.from_config(config).train(raw, neuron_ids, tmp_path)
     saved = tmp_path / "checkpoints" / "tiny" / INTENSITY_FILE
     low, high = np.percentile(raw, [5.0, 95.0], method="nearest")
     fitted = IntensityNormalization("percentiles", 5.0, 95.0, float(low), float(high))
@@ -283,14 +283,18 @@ def test_trained_ensemble_saves_and_reapplies_its_normalization(tmp_path, monkey
     assert patch.shape == (1, 3, 16, 16, 1)
     assert any(np.allclose(patch[0, ..., 0], normalised[z : z + 3], atol=1e-6) for z in range(2))
     # Prediction feeds the network the saved percentiles' values.
-    got = boundary_models.predict_ensemble(config, tmp_path, raw, [_centre_slice])
+    got = boundary_models.BoundaryEnsembleStage.from_config(config).predict(
+        tmp_path, raw, [_centre_slice]
+    )
     np.testing.assert_allclose(got, normalised, atol=1e-6)
     # A workdir from before the file existed falls back to the dtype range.
     saved.unlink()
     u16 = raw.astype(np.uint16) * 257
-    fallback = boundary_models.predict_ensemble(config, tmp_path, u16, [_centre_slice])
+    fallback = boundary_models.BoundaryEnsembleStage.from_config(config).predict(
+        tmp_path, u16, [_centre_slice]
+    )
     np.testing.assert_array_equal(fallback, raw / np.float32(255))
     # Checkpoints trained on the dtype range refuse to be resumed under percentiles.
     (tmp_path / "checkpoints" / "tiny" / "1").mkdir()
     with pytest.raises(ConfigError, match="trained with intensity"):
-        boundary_models.train_models(config, raw, neuron_ids, tmp_path)
+        boundary_models.BoundaryEnsembleStage.from_config(config).train(raw, neuron_ids, tmp_path)

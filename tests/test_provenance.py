@@ -281,7 +281,7 @@ def test_predict_proximity_redoes_outputs_of_another_model_or_input(
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 255, (8, 32, 32), dtype=np.uint8)
     other_raw = rng.integers(0, 255, raw.shape, dtype=np.uint8)  # same shape, other "file"
-    model = UNet3D(proximity.unet_config(config))
+    model = UNet3D(proximity.ProximityStage.from_config(config).unet_settings())
     sample = jnp.zeros((1, 6, 24, 24, 1))
     trained = model.init(jax.random.key(0), sample)["params"]
     retrained = model.init(jax.random.key(1), sample)["params"]  # "trained further"
@@ -289,8 +289,7 @@ def test_predict_proximity_redoes_outputs_of_another_model_or_input(
     source = {"input_path": tmp_path / "sample_A.h5", "input_dataset": "volumes/raw"}
 
     def predict(params, volume, step, path=dest, intensity=DTYPE_RANGE, **overrides):
-        return proximity.predict_proximity(
-            config,
+        return proximity.ProximityStage.from_config(config).predict(
             TrainedParams(params, intensity),
             volume,
             path,

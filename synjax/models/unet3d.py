@@ -5,13 +5,13 @@ three max-poolings of (1, 2, 2) (depth 3, four resolution levels), two valid
 3x3x3 convolutions with PReLU per level, features doubling per level,
 up-sampling by (1, 2, 2) with a PReLU'd convolution, crop-and-concat skips and
 a linear 1x1x1 output. With valid padding an input of 32x316x316 (z-y-x) gives
-an output of 4x228x228, which `UNet3DConfig()` reproduces:
+an output of 4x228x228, which `UNet3DSettings()` reproduces:
 
     z: 32 -4-> 28 | 24 | 20 | 16 -> up 16 -4-> 12 -4-> 8 -4-> 4
     y: 316 -4-> 312 /2 156 -4-> 152 /2 76 -4-> 72 /2 36 -4-> 32
          -> x2 64 -4-> 60 -> x2 120 -4-> 116 -> x2 232 -4-> 228
 
-A valid U-Net needs a fixed context around every output voxel; `UNet3DConfig`
+A valid U-Net needs a fixed context around every output voxel; `UNet3DSettings`
 gives the output shape of an input, the input box an output box needs (for
 block-wise prediction) and the smallest valid input for a wanted output.
 """
@@ -35,7 +35,7 @@ _MAX_BOTTOM_SIZE = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
-class UNet3DConfig:
+class UNet3DSettings:
     """Settings of `UNet3D`; defaults are the paper's proximity regressor.
 
     Attributes:
@@ -215,10 +215,10 @@ class UNet3D(nn.Module):
     """3D U-Net with PReLU, crop-and-concat skips and a linear output.
 
     Attributes:
-      config: the network's settings.
+      settings: the network's settings.
     """
 
-    config: UNet3DConfig = UNet3DConfig()
+    settings: UNet3DSettings = UNet3DSettings()
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -226,13 +226,13 @@ class UNet3D(nn.Module):
 
         Args:
           x: [batch, z, y, x, channels] any float dtype; the spatial shape must
-            be valid (see `UNet3DConfig.valid_input_shape`).
+            be valid (see `UNet3DSettings.valid_input_shape`).
 
         Returns:
           [batch, z', y', x', out_channels] linear outputs, z'-y'-x' given by
-          `config.output_shape`; dtype `config.dtype`, or x's when None.
+          `settings.output_shape`; dtype `settings.dtype`, or x's when None.
         """
-        cfg = self.config
+        cfg = self.settings
         expected = cfg.output_shape(x.shape)
         if cfg.dtype is not None:
             x = x.astype(cfg.dtype)

@@ -48,6 +48,8 @@ from synjax.postprocess.pruning_windows import label_candidates
 from synjax.report import files, slices
 from synjax.report.precision_recall import plot_precision_recall
 from synjax.stages import proximity, pruner
+from synjax.stages.proximity import ProximityStage
+from synjax.stages.pruner import PrunerStage
 from synjax.train import checkpoint
 
 
@@ -197,7 +199,7 @@ def _curve(pairs: partner_metrics.PartnerPairs, truth, config):
 def _input_source(config, name: str) -> dict:
     """Where the `name` volume's raw was read from (None for generated volumes).
 
-    Keyword arguments of `proximity.predict_proximity`, recorded with outputs.
+    Keyword arguments of `ProximityStage.predict`, recorded with outputs.
     """
     if config.data.source == "cremi":
         return {"input_path": config.data[f"{name}_path"], "input_dataset": RAW}
@@ -253,13 +255,18 @@ def _check_threshold(workdir: pathlib.Path, choice: dict, unet: dict, trained_pr
         )
 
 
+def train(config, workdir: pathlib.Path) -> None:
+    """Trains the U-Net and the pruner on the training volume; chooses the score threshold."""
+    _train(config, workdir, partner_data.load_volume(config, "train"))
+
+
 def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
+    unet_stage, pruner_stage = ProximityStage.from_config(config), PrunerStage.from_config(config)
     targets = partner_data.proximity_targets(volume, config)
-    trained = proximity.train_unet(config, [targets], workdir)
+    trained = unet_stage.train([targets], workdir)
     unet = _model(workdir, proximity.MODEL_NAME, trained)
     source = _input_source(config, "train")
-    prox = proximity.predict_proximity(
-        config,
+    prox = unet_stage.predict(
         trained,
         volume.raw,
         workdir / layout.TRAIN_PROXIMITY,
@@ -276,7 +283,7 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         volume.neuron_ids,
         volume.truth,
         volume.resolution,
-        config.pruner.label_distance_nm,
+        pruner_stage.settings.train.label_distance_nm,
     )
     if len(candidates) == 0 or labels.all() or not labels.any():
         # Nothing to tell apart (e.g. a very short run): rank candidates by
@@ -288,12 +295,10 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         )
         scores, use_pruner, pruner_model = candidates.score, False, None
     else:
-        trained_pruner = pruner.train_pruner(
-            config, volume.raw, prox, segmentation, candidates, labels, workdir
+        trained_pruner = pruner_stage.train(
+            volume.raw, prox, segmentation, candidates, labels, workdir
         )
-        scores = pruner.score_candidates(
-            config, trained_pruner, volume.raw, prox, segmentation, candidates
-        )
+        scores = pruner_stage.score(trained_pruner, volume.raw, prox, segmentation, candidates)
         use_pruner, pruner_model = True, _model(workdir, pruner.MODEL_NAME, trained_pruner)
     candidates, scores = _best_of_duplicates(config, candidates, scores)
     threshold, train_fscore = 0.0, 0.0
@@ -308,7 +313,7 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
             "train_fscore": train_fscore,
             "train_candidates": len(candidates),
             "train_positive_candidates": int(labels.sum()),
-            # What the threshold was chosen with; `_predict` refuses other models.
+            # What the threshold was chosen with; `predict` refuses other models.
             "provenance": {
                 "proximity": unet,
                 "pruner": pruner_model,
@@ -321,15 +326,21 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
     logging.info("Score threshold %.3f (training F %.3f)", threshold, train_fscore)
 
 
-def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTable:
-    trained = proximity.load_unet_params(config, workdir)
+def load_test(config) -> PartnerVolume:
+    """The test volume that predict and evaluate read."""
+    return partner_data.load_volume(config, "test")
+
+
+def predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTable:
+    """Detects partners in the test volume; writes the candidate and synapse tables."""
+    unet_stage, pruner_stage = ProximityStage.from_config(config), PrunerStage.from_config(config)
+    trained = unet_stage.load(workdir)
     unet = _model(workdir, proximity.MODEL_NAME, trained)
     # Checked before the long prediction: a threshold chosen for other models is an error.
     choice = _read_threshold(workdir)
-    trained_pruner = pruner.load_pruner_params(config, workdir) if choice["pruner"] else None
+    trained_pruner = pruner_stage.load(workdir) if choice["pruner"] else None
     _check_threshold(workdir, choice, unet, trained_pruner)
-    prox = proximity.predict_proximity(
-        config,
+    prox = unet_stage.predict(
         trained,
         volume.raw,
         workdir / layout.PROXIMITY,
@@ -341,9 +352,7 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
     candidates = _candidates(config, prox, segmentation, volume)
     scores = candidates.score
     if choice["pruner"] and len(candidates):
-        scores = pruner.score_candidates(
-            config, trained_pruner, volume.raw, prox, segmentation, candidates
-        )
+        scores = pruner_stage.score(trained_pruner, volume.raw, prox, segmentation, candidates)
     # Every candidate, before duplicate suppression: the "no pruning" row.
     _synapse_table(candidates, scores, volume.resolution).to_csv(workdir / CANDIDATES_FILE)
     candidates, scores = _best_of_duplicates(config, candidates, scores)
@@ -370,7 +379,7 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
 
 
 def _saved_prediction(workdir: pathlib.Path, name: str) -> np.ndarray:
-    """A volume that `_predict` wrote (`name` relative to the workdir)."""
+    """A volume that `predict` wrote (`name` relative to the workdir)."""
     path = workdir / name
     if not path.exists():
         raise DataError(f"{path} not found: run the predict step before evaluate")
@@ -408,11 +417,12 @@ def _detection_clefts(
     return np.concatenate(found, axis=1)
 
 
-def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
+def evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
+    """Scores the detections of the test volume; writes the metrics and the PR curve."""
     detections = SynapseTable.from_csv(workdir / DETECTIONS_FILE)
     every = SynapseTable.from_csv(workdir / CANDIDATES_FILE)
     threshold = files.read_json(workdir / THRESHOLD_FILE)["threshold"]
-    # The sites of the candidates, as `_predict` found them, for the paper's criterion.
+    # The sites of the candidates, as `predict` found them, for the paper's criterion.
     sites = site_components(_saved_prediction(workdir, layout.PROXIMITY), config.candidates.tau)
     segmentation = volume.neuron_ids
     if config.segmentation.source == "predicted":
@@ -485,19 +495,4 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
         unpruned.fscore,
         unpruned_paper.fscore,
     )
-    return metrics
-
-
-def run(config, workdir: pathlib.Path) -> dict:
-    """Runs the partner pipeline's `config.mode` phases in `workdir`."""
-    mode = config.mode
-    metrics: dict = {}
-    if mode in ("train", "all"):
-        _train(config, workdir, partner_data.load_volume(config, "train"))
-    if mode in ("predict", "evaluate", "all"):
-        test = partner_data.load_volume(config, "test")
-        if mode in ("predict", "all"):
-            _predict(config, workdir, test)
-        if mode in ("evaluate", "all"):
-            metrics = _evaluate(config, workdir, test)
     return metrics

@@ -1,23 +1,34 @@
-"""Training: device mesh, train state, checkpoints and the training loop."""
+"""Training: device mesh, host batches to sharded arrays, settings, state, loop, checkpoints.
 
-from synjax.train.checkpoint import Checkpointer, latest_step, restore_params, restore_variables
-from synjax.train.loop import make_train_step, train
-from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
-from synjax.train.settings import TrainSettings
-from synjax.train.state import TrainState, create_train_state, make_optimizer
+`train(model, loss_fn, batch_fn, settings, workdir, name)` runs any Linen
+model; `TrainSettings` (JAX-free, `settings.py`) says how. May import io,
+data, targets, models and detection. Names are re-exported lazily, so that
+reading `TrainSettings` (the config checks do) needs no JAX.
+"""
 
-__all__ = [
-    "Checkpointer",
-    "TrainSettings",
-    "TrainState",
-    "batch_sharding",
-    "create_train_state",
-    "latest_step",
-    "make_mesh",
-    "make_optimizer",
-    "make_train_step",
-    "replicated_sharding",
-    "restore_params",
-    "restore_variables",
-    "train",
-]
+import importlib
+
+_EXPORTS = {
+    "Checkpointer": "checkpoint",
+    "latest_step": "checkpoint",
+    "restore_params": "checkpoint",
+    "restore_variables": "checkpoint",
+    "make_train_step": "loop",
+    "train": "loop",
+    "batch_sharding": "parallel",
+    "make_mesh": "parallel",
+    "replicated_sharding": "parallel",
+    "TrainSettings": "settings",
+    "TrainState": "state",
+    "create_train_state": "state",
+    "make_optimizer": "state",
+    "to_global_batch": "batches",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
