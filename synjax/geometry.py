@@ -56,6 +56,21 @@ def spatial_triple(value: Any, what: str, minimum: int = 1, broadcast: bool = Fa
     return triple  # type: ignore[return-value]
 
 
+def voxel_size(value: Any, what: str = "resolution") -> np.ndarray:
+    """A voxel size `[3]` float64 in nm (z, y, x): three finite positive numbers.
+
+    Raises:
+      ConfigError: naming `what`, for anything else.
+    """
+    try:
+        size = np.asarray(value, np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        size = np.zeros(0)
+    if size.shape != (SPATIAL_DIMS,) or not np.all(np.isfinite(size)) or np.any(size <= 0):
+        raise ConfigError(f"{what}={value}: expected three positive sizes in nm (z, y, x)")
+    return size
+
+
 @dataclasses.dataclass(frozen=True)
 class Box:
     """The voxels `[start, stop)` of each axis (usually z, y, x).
@@ -86,6 +101,12 @@ class Box:
     def at(cls, start: Sequence[int], shape: Sequence[int]) -> Box:
         """The box of `shape` whose first voxel is `start`."""
         return cls(tuple(start), tuple(int(a) + int(n) for a, n in zip(start, shape, strict=True)))
+
+    @classmethod
+    def bounding(cls, voxels: Any) -> Box:
+        """The smallest box holding every voxel index of `voxels` `[k, ndim]` (k >= 1)."""
+        voxels = np.asarray(voxels)
+        return cls(tuple(voxels.min(axis=0)), tuple(voxels.max(axis=0) + 1))
 
     @classmethod
     def from_slices(cls, slices: Sequence[slice]) -> Box:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from synjax.errors import ConfigError, DataError
-from synjax.geometry import Box, read_padded, reflect_indices, spatial_triple
+from synjax.geometry import Box, read_padded, reflect_indices, spatial_triple, voxel_size
 
 
 def test_box_shape_slices_and_unpacking():
@@ -69,3 +69,13 @@ def test_reflect_and_read_padded_by_hand():
     )
     with pytest.raises(ConfigError, match="pad_mode"):
         read_padded(vol, Box((0, 0, 0), (1, 1, 1)), "wrap")
+
+
+def test_bounding_box_and_voxel_size():
+    voxels = np.array([[2, 5, 1], [4, 3, 7]])
+    assert Box.bounding(voxels) == Box((2, 3, 1), (5, 6, 8))
+    np.testing.assert_array_equal(voxel_size((40, 4, 4)), [40.0, 4.0, 4.0])
+    assert voxel_size([8.0, 8.0, 8.0]).dtype == np.float64
+    for bad in ((4.0, 4.0), (40.0, 0.0, 4.0), (40.0, float("nan"), 4.0), "abc"):
+        with pytest.raises(ConfigError, match="config.data.resolution=.*three positive sizes"):
+            voxel_size(bad, "config.data.resolution")

@@ -32,7 +32,7 @@ FLOW = (
     ("main",),  # the command line
 )
 # Importable from anywhere; they themselves import only these and the first line.
-ANYWHERE = ("errors", "geometry", "settings", "report", "runtime")
+ANYWHERE = ("errors", "geometry", "settings", "lazy", "report", "runtime")
 # The config files' helper: configs import it, library code never does.
 CONFIG_HELPER = "configlib"
 # Earlier packages that a package may still not import. Evaluation judges

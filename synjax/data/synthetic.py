@@ -37,6 +37,7 @@ from synjax.data.synthetic_fluorescence import (
     make_fluorescence_volume,
 )
 from synjax.errors import ConfigError
+from synjax.geometry import voxel_size
 from synjax.io.cremi_volume import (
     CREMI_BACKGROUND,
     POSTSYNAPTIC_SITE,
@@ -80,8 +81,7 @@ def _settings_from(settings: EMSyntheticSettings | None, overrides: dict) -> EMS
 def _check_geometry(shape: Sequence[int], resolution: Sequence[float]) -> None:
     if len(shape) != 3 or min(shape) < 2:
         raise ConfigError(f"shape {tuple(shape)}: expected 3 sizes (z, y, x), each >= 2")
-    if len(resolution) != 3 or min(resolution) <= 0:
-        raise ConfigError(f"resolution {tuple(resolution)}: expected 3 positive sizes in nm")
+    voxel_size(resolution)
 
 
 def _texture(rng, labels, resolution, s: EMSyntheticSettings) -> np.ndarray:

@@ -1,34 +1,32 @@
 """Training: device mesh, host batches to sharded arrays, settings, state, loop, checkpoints.
 
-`train(model, loss_fn, batch_fn, settings, workdir, name)` runs any Linen
-model; `TrainSettings` (JAX-free, `settings.py`) says how. May import io,
-data, targets, models and detection. Names are re-exported lazily, so that
-reading `TrainSettings` (the config checks do) needs no JAX.
+`train(model, loss_fn, batch_fn, settings, workdir, name)` trains any Linen
+model as `TrainSettings` (JAX-free, `settings.py`) says; `checkpoint.py` is the
+only orbax user. May import io, data, targets, models and detection.
 """
 
-import importlib
+from synjax.lazy import lazy_exports
 
-_EXPORTS = {
-    "Checkpointer": "checkpoint",
-    "latest_step": "checkpoint",
-    "restore_params": "checkpoint",
-    "restore_variables": "checkpoint",
-    "make_train_step": "loop",
-    "train": "loop",
-    "batch_sharding": "parallel",
-    "make_mesh": "parallel",
-    "replicated_sharding": "parallel",
-    "TrainSettings": "settings",
-    "TrainState": "state",
-    "create_train_state": "state",
-    "make_optimizer": "state",
-    "to_global_batch": "batches",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "Checkpointer": "checkpoint",
+        "checkpoint_provenance": "checkpoint",
+        "latest_step": "checkpoint",
+        "restore_params": "checkpoint",
+        "restore_variables": "checkpoint",
+        "NonFiniteLossError": "loop",
+        "make_train_step": "loop",
+        "train": "loop",
+        "batch_sharding": "parallel",
+        "make_mesh": "parallel",
+        "replicated_sharding": "parallel",
+        "TrainSettings": "settings",
+        "TrainState": "state",
+        "create_train_state": "state",
+        "make_optimizer": "state",
+        "host_batch_size": "batches",
+        "process_batch_fn": "batches",
+        "to_global_batch": "batches",
+    },
+)
