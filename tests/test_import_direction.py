@@ -161,6 +161,41 @@ def test_no_import_cycle():
     assert _cycle(graph) is None
 
 
+def test_no_export_hides_a_module():
+    """A package must not re-export a name of one of its own modules.
+
+    `from synjax.targets.signed_proximity import signed_proximity` in the
+    package's `__init__` would make `from synjax.targets import
+    signed_proximity` give the function, not the module.
+    """
+    clashes = []
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        modules = {p.stem for p in init.parent.glob("*.py")} | {
+            p.name for p in init.parent.iterdir() if (p / "__init__.py").is_file()
+        }
+        package = _module_name(init)
+        tree = ast.parse(init.read_text())
+        # `from synjax.x.module import name` re-exports a name; `from synjax.x
+        # import module` (the package's own module) does not.
+        exported = {
+            a.asname or a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module != package
+            for a in n.names
+        }
+        # Lazy exports: the keys of the dict passed to `lazy_exports`.
+        exported |= {
+            k.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "lazy_exports"
+            for arg in n.args
+            if isinstance(arg, ast.Dict)
+            for k in arg.keys
+        }
+        clashes += [f"{init.relative_to(ROOT)}: {name}" for name in sorted(exported & modules)]
+    assert clashes == []
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
 def test_configs_import_only_their_helper(config):
     """Configs hold their own values: no library constant, only `synjax.configlib`."""

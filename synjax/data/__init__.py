@@ -4,7 +4,7 @@ the one intensity normalisation, voxel features of the classical baseline.
 May import io (and `errors`, `geometry`, `report`).
 """
 
-from synjax.data.augment import AugmentSettings, augment
+from synjax.data.augment import AugmentSettings
 from synjax.data.intensity import (
     DTYPE_RANGE,
     IntensityNormalization,
@@ -21,7 +21,6 @@ from synjax.data.synthetic_fluorescence import (
     FluorescenceSyntheticSettings,
     make_fluorescence_volume,
 )
-from synjax.data.voxel_features import voxel_features
 
 __all__ = [
     "DTYPE_RANGE",
@@ -32,7 +31,6 @@ __all__ = [
     "NormalizedVolume",
     "PatchSampler",
     "TrainedParams",
-    "augment",
     "center_crop",
     "load_normalization",
     "make_em_volume",
@@ -40,5 +38,4 @@ __all__ = [
     "normalize_intensity",
     "save_em_volume",
     "save_normalization",
-    "voxel_features",
 ]

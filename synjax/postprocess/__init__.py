@@ -7,7 +7,7 @@ May import io, data, targets, models, train and inference; never evaluation
 
 from synjax.postprocess.agglomeration import agglomerate, region_graph
 from synjax.postprocess.candidates import Candidates, generate_candidates, site_components
-from synjax.postprocess.instance_watershed import instance_watershed, tune_instance_watershed
+from synjax.postprocess.instance_watershed import tune_instance_watershed
 from synjax.postprocess.partner_nms import suppress_duplicates
 from synjax.postprocess.pruning_windows import extract_windows, label_candidates
 from synjax.postprocess.watershed import GridResult, grid_search, segment
@@ -19,7 +19,6 @@ __all__ = [
     "extract_windows",
     "generate_candidates",
     "grid_search",
-    "instance_watershed",
     "label_candidates",
     "region_graph",
     "segment",

@@ -106,10 +106,6 @@ class BoundaryEnsembleStage:
             intensity=IntensityNormalization.from_config(config.get("data", {}).get("intensity")),
         )
 
-    @property
-    def names(self) -> list[str]:
-        return [model.name for model in self.models]
-
     @staticmethod
     def network_settings(model: BoundaryModelSettings) -> DeepEM3DSettings:
         """`DeepEM3DSettings` of one model."""

@@ -14,7 +14,6 @@ from synjax.targets.instances import (
 from synjax.targets.signed_proximity import (
     balanced_weights,
     partner_masks,
-    signed_proximity,
     signed_proximity_target,
     three_class_target,
 )
@@ -28,7 +27,6 @@ __all__ = [
     "instance_masks",
     "instance_targets",
     "partner_masks",
-    "signed_proximity",
     "signed_proximity_target",
     "three_class_target",
 ]
