@@ -34,7 +34,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
 
-from synjax.models import UNet3D, UNet3DConfig, weighted_mse
+from synjax.models import UNet3D, UNet3DSettings, weighted_mse
 from synjax.models.conv import Conv3D, auto_implementation
 
 IMPLEMENTATIONS = ("native", "folded", "folded_sum")
@@ -49,7 +49,7 @@ LAYER_CASES = (
     ((2, 8, 32, 32, 32), 32, (3, 3, 3)),
     ((2, 8, 64, 64, 8), 8, (3, 1, 1)),
 )
-SMALL_UNET = UNet3DConfig(
+SMALL_UNET = UNet3DSettings(
     depth=2,
     base_features=8,
     pool_factors=((1, 2, 2), (1, 2, 2)),
@@ -58,7 +58,7 @@ SMALL_UNET = UNet3DConfig(
 )
 # The paper's regressor (depth 3, 24 features, valid 3x3x3) at a CPU-sized
 # patch: the smallest valid input with an output of at least 4x16x16.
-PAPER_UNET = UNet3DConfig()
+PAPER_UNET = UNet3DSettings()
 PAPER_MIN_OUTPUT = (4, 16, 16)
 COLUMNS = ("case", "impl", "compile_s", "step_s", "min_s", "speedup")
 

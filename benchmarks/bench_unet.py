@@ -30,7 +30,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
 
-from synjax.models import UNet3D, UNet3DConfig, weighted_mse
+from synjax.models import UNet3D, UNet3DSettings, weighted_mse
 
 LEARNING_RATE = 1e-4
 # Inputs are normalised EM intensities; the exact values do not change timing.
@@ -288,7 +288,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    cfg = UNet3DConfig(
+    cfg = UNet3DSettings(
         base_features=args.base_features,
         feature_growth=args.feature_growth,
         upsample=args.upsample,

@@ -12,8 +12,6 @@ point the paths at them:
 `:smoke` keeps the paths but shrinks networks and steps (a check of the files).
 """
 
-from ml_collections import config_dict
-
 from synjax import configlib
 
 VARIANTS = ("default", "smoke")
@@ -21,17 +19,10 @@ VARIANTS = ("default", "smoke")
 
 def get_config(arg: str | None = None):
     variant = configlib.variant(arg, VARIANTS, "configs/cremi.py")
-    smoke = variant == "smoke"
-    return configlib.config_dict(
+    config = configlib.config_dict(
         {
-            # Which end-to-end job runs (see synjax.pipelines.PIPELINES).
-            "pipeline": "partners",
-            # train, predict, evaluate, or all three in turn.
-            "mode": "all",
-            # Seed of parameter initialisation and patch sampling.
-            "seed": 0,
-            # Call jax.distributed.initialize() first (multi-host runs).
-            "distributed": False,
+            # pipeline, mode, seed, distributed (see synjax.configlib.job_fields).
+            **configlib.job_fields("partners"),
             "data": {
                 # CREMI-layout HDF5 files with raw, neuron_ids, clefts, annotations.
                 "source": "cremi",
@@ -44,12 +35,8 @@ def get_config(arg: str | None = None):
                 "test_seed": 0,
                 "n_synapses": 0,
                 "polyadic_fraction": 0.0,
-                # How raw intensities become the networks' [0, 1] input (saved with each
-                # checkpoint as checkpoints/<model>/intensity.json, re-applied at prediction):
-                # "dtype": uint8 / 255, uint16 / 65535, floats must already lie in [0, 1];
-                # "percentiles": the training volume's low/high percentiles map to 0 and 1
-                # (clipped), measured once on it and never on the test volume.
-                "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0},
+                # Raw intensities -> [0, 1] (see synjax.configlib.intensity_block).
+                "intensity": configlib.intensity_block(),
             },
             # "groundtruth": candidates on the file's neuron_ids.
             "segmentation": {"source": "groundtruth"},
@@ -63,7 +50,7 @@ def get_config(arg: str | None = None):
             "unet": {
                 # The authors' network: 3 poolings of (1, 2, 2), features doubling.
                 "depth": 3,
-                "base_features": 4 if smoke else 24,
+                "base_features": 24,
                 "feature_growth": 2,
                 "pool_factors": ((1, 2, 2), (1, 2, 2), (1, 2, 2)),
                 "conv_kernels": ((3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
@@ -75,21 +62,19 @@ def get_config(arg: str | None = None):
                 # Only for SAME padding: context read around each block.
                 "predict_context": (0, 0, 0),
             },
-            "train": {
-                "steps": 10 if smoke else 100000,
-                "batch_size": 1,
-                "learning_rate": 1e-4,
-                "optimizer": "adam",
-                "schedule": "constant",
-                "warmup_steps": 0,
-                "log_every": 5 if smoke else 100,
-                "checkpoint_every": 10 if smoke else 2000,
-                "keep_checkpoints": 3,
+            "train": configlib.train_block(
+                steps=100000,
+                batch_size=1,
+                learning_rate=1e-4,
+                optimizer="adam",
+                schedule="constant",
+                warmup_steps=0,
+                log_every=100,
+                checkpoint_every=2000,
+                keep_checkpoints=3,
                 # Share of patches centred on a synapse.
-                "positive_fraction": 0.5,
-                # None: all local devices.
-                "num_devices": config_dict.placeholder(int),
-            },
+                positive_fraction=0.5,
+            ),
             "predict": {
                 "batch_size": 1,
                 "executor": "local",
@@ -102,14 +87,32 @@ def get_config(arg: str | None = None):
             "pruner": {
                 # The paper's 16x160x160 window and five 3x3x3 convolutions.
                 "window": (16, 160, 160),
-                "features": (4, 4, 4, 4, 4) if smoke else (16, 32, 64, 64, 128),
+                "features": (16, 32, 64, 64, 128),
                 "pools": ((1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
-                "dense_features": 8 if smoke else 256,
-                "steps": 10 if smoke else 20000,
-                "batch_size": 8 if smoke else 32,
-                "learning_rate": 1e-4,
-                "label_distance_nm": 400.0,
+                "dense_features": 256,
+                "train": configlib.train_block(
+                    steps=20000,
+                    # Also the batch of windows scored at once.
+                    batch_size=32,
+                    learning_rate=1e-4,
+                    optimizer="adam",
+                    schedule="constant",
+                    warmup_steps=0,
+                    log_every=10,
+                    checkpoint_every=100,
+                    keep_checkpoints=2,
+                    # Candidate within this distance of a true pair can be positive.
+                    label_distance_nm=400.0,
+                ),
             },
             "evaluation": {"cremi_distance_nm": 400.0, "same_ids_distance_nm": 400.0},
         }
     )
+    if variant == "smoke":
+        # The same files, with small networks and few steps: a check of the files.
+        config.unet.base_features = 4
+        config.train.update(steps=10, log_every=5, checkpoint_every=10)
+        config.pruner.features = (4, 4, 4, 4, 4)
+        config.pruner.dense_features = 8
+        config.pruner.train.update(steps=10, batch_size=8)
+    return config

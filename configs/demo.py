@@ -18,17 +18,10 @@ VARIANTS = ("default", "smoke", "predicted_segmentation")
 
 def get_config(arg: str | None = None):
     variant = configlib.variant(arg, VARIANTS, "configs/demo.py")
-    smoke = variant == "smoke"
     config = configlib.config_dict(
         {
-            # Which end-to-end job runs (see synjax.pipelines.PIPELINES).
-            "pipeline": "partners",
-            # train, predict, evaluate, or all three in turn.
-            "mode": "all",
-            # Seed of parameter initialisation and patch sampling.
-            "seed": 0,
-            # Call jax.distributed.initialize() first (multi-host runs).
-            "distributed": False,
+            # pipeline, mode, seed, distributed (see synjax.configlib.job_fields).
+            **configlib.job_fields("partners"),
             "data": {
                 # "synthetic" (generated here) or "cremi" (files below).
                 "source": "synthetic",
@@ -36,65 +29,58 @@ def get_config(arg: str | None = None):
                 "train_path": "",
                 "test_path": "",
                 # Synthetic volumes: shape z-y-x in voxels, voxel size in nm.
-                "shape": (24, 160, 160) if smoke else (32, 384, 384),
+                "shape": (32, 384, 384),
                 "resolution": (40.0, 4.0, 4.0),
                 # Seeds of the training and the held-out test volume.
                 "train_seed": 1,
                 "test_seed": 2,
                 # Synapses per synthetic volume and the share with several posts.
-                "n_synapses": 4 if smoke else 24,
+                "n_synapses": 24,
                 "polyadic_fraction": 0.5,
-                # How raw intensities become the networks' [0, 1] input (saved with each
-                # checkpoint as checkpoints/<model>/intensity.json, re-applied at prediction):
-                # "dtype": uint8 / 255, uint16 / 65535, floats must already lie in [0, 1];
-                # "percentiles": the training volume's low/high percentiles map to 0 and 1
-                # (clipped), measured once on it and never on the test volume.
-                "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0},
+                # Raw intensities -> [0, 1] (see synjax.configlib.intensity_block).
+                "intensity": configlib.intensity_block(),
             },
             # Neuron segmentation that candidates are built on: "predicted"
             # (DeepEM3D + watershed of `neurons`, trained on the training
             # volume) or "groundtruth" (the volume's own neuron_ids).
             # The default and `smoke` use the ground truth; the
             # `predicted_segmentation` variant trains DeepEM3D first.
-            "segmentation": {
-                "source": "predicted" if variant == "predicted_segmentation" else "groundtruth"
-            },
+            "segmentation": {"source": "groundtruth"},
             # The neuron segmentation (synjax.pipelines.neurons; fields as in
             # configs/fib25.py), used when segmentation.source == "predicted".
             "neurons": {
                 "seed": 0,
                 # The segmentation models' own intensity settings (as data.intensity).
-                "data": {
-                    "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0}
-                },
+                "data": {"intensity": configlib.intensity_block()},
                 # One DeepEM3D-Net: 3 input slices, 3x3x3 boundary kernel.
                 "models": (
                     {
                         "name": "deepem3d_s3",
                         "slices": 3,
                         "kernel": "c3",
-                        "width": 1 / 32 if smoke else 0.125,
-                        "side_features": 4 if smoke else 16,
-                        "steps": 4 if smoke else 500,
+                        "width": 0.125,
+                        "side_features": 16,
+                        "steps": 500,
                         "seed": 0,
                     },
                 ),
-                "train": {
-                    "patch_yx": 64 if smoke else 128,
-                    "batch_size": 2 if smoke else 4,
-                    "learning_rate": 1e-3,
-                    "optimizer": "adam",
-                    "schedule": "warmup_cosine",
-                    "warmup_steps": 1 if smoke else 50,
-                    "log_every": 2 if smoke else 100,
-                    "checkpoint_every": 4 if smoke else 500,
-                    "keep_checkpoints": 1,
-                    "augment": True,
-                    "num_devices": config_dict.placeholder(int),
-                },
+                "train": configlib.train_block(
+                    batch_size=4,
+                    learning_rate=1e-3,
+                    optimizer="adam",
+                    schedule="warmup_cosine",
+                    warmup_steps=50,
+                    log_every=100,
+                    checkpoint_every=500,
+                    keep_checkpoints=1,
+                    # yx size of the training patches (a multiple of 16).
+                    patch_yx=128,
+                    # Flips, yx rotations, z flip, intensity jitter.
+                    augment=True,
+                ),
                 "predict": {
                     # Test-time augmentation over this many of the 16 transforms.
-                    "tta": not smoke,
+                    "tta": True,
                     "tta_transforms": 4,
                     "batch_size": 4,
                     "progress": True,
@@ -106,12 +92,12 @@ def get_config(arg: str | None = None):
                     # Anisotropic sections: smooth each slice on its own.
                     "smoothing": "2d",
                     # Grid searched on the training volume's boundary map.
-                    "sigmas": (1.0,) if smoke else (1.0, 2.0),
-                    "hs": (0.2,) if smoke else (0.1, 0.2, 0.3),
+                    "sigmas": (1.0, 2.0),
+                    "hs": (0.1, 0.2, 0.3),
                     # Mean-boundary agglomeration thresholds (empty: watershed
                     # alone, as in the README's measured figures; smoke runs
                     # one threshold so that tests cover the path).
-                    "thresholds": (0.5,) if smoke else (),
+                    "thresholds": (),
                 },
             },
             "targets": {
@@ -123,7 +109,7 @@ def get_config(arg: str | None = None):
             },
             "unet": {
                 "depth": 2,
-                "base_features": 4 if smoke else 8,
+                "base_features": 8,
                 "feature_growth": 2,
                 "pool_factors": ((1, 2, 2), (1, 2, 2)),
                 # Finest level in-plane only: z voxels are 10x thicker than xy.
@@ -131,27 +117,25 @@ def get_config(arg: str | None = None):
                 # "SAME" keeps patches small on a CPU; "VALID" is the paper's.
                 "padding": "SAME",
                 # Wanted output of a training patch (z, y, x).
-                "train_output": (8, 48, 48) if smoke else (8, 64, 64),
+                "train_output": (8, 64, 64),
                 # Output block of block-wise prediction (z, y, x).
-                "predict_output": (24, 160, 160) if smoke else (16, 192, 192),
+                "predict_output": (16, 192, 192),
                 # SAME padding: real context read around each block (z, y, x).
                 "predict_context": (2, 16, 16),
             },
-            "train": {
-                "steps": 8 if smoke else 500,
-                "batch_size": 2 if smoke else 4,
-                "learning_rate": 2e-3,
-                "optimizer": "adam",
-                "schedule": "warmup_cosine",
-                "warmup_steps": 2 if smoke else 50,
-                "log_every": 4 if smoke else 50,
-                "checkpoint_every": 8 if smoke else 200,
-                "keep_checkpoints": 2,
+            "train": configlib.train_block(
+                steps=500,
+                batch_size=4,
+                learning_rate=2e-3,
+                optimizer="adam",
+                schedule="warmup_cosine",
+                warmup_steps=50,
+                log_every=50,
+                checkpoint_every=200,
+                keep_checkpoints=2,
                 # Share of patches centred on a synapse (targets are sparse).
-                "positive_fraction": 0.7,
-                # None: all local devices.
-                "num_devices": config_dict.placeholder(int),
-            },
+                positive_fraction=0.7,
+            ),
             "predict": {
                 "batch_size": 1,
                 # "local" or "dask" (needs the `distributed` extra).
@@ -164,7 +148,7 @@ def get_config(arg: str | None = None):
             "candidates": {
                 # Site threshold |p| > tau and minimum site/segment overlap (voxels).
                 "tau": 0.3,
-                "omega": 20 if smoke else 100,
+                "omega": 100,
                 # Largest gap between a pre and a post site of one candidate.
                 "max_gap_nm": 200.0,
                 # Same-pair candidates closer than this are one synapse: keep the best.
@@ -172,15 +156,24 @@ def get_config(arg: str | None = None):
             },
             "pruner": {
                 # Window (z, y, x) around a candidate; the paper uses 16x160x160.
-                "window": (8, 32, 32) if smoke else (8, 64, 64),
-                "features": (4, 4, 8, 8, 8) if smoke else (8, 16, 16, 32, 32),
+                "window": (8, 64, 64),
+                "features": (8, 16, 16, 32, 32),
                 "pools": ((1, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)),
-                "dense_features": 16 if smoke else 64,
-                "steps": 6 if smoke else 300,
-                "batch_size": 4 if smoke else 16,
-                "learning_rate": 1e-3,
-                # Candidate within this distance of a true pair can be positive.
-                "label_distance_nm": 400.0,
+                "dense_features": 64,
+                "train": configlib.train_block(
+                    steps=300,
+                    # Also the batch of windows scored at once.
+                    batch_size=16,
+                    learning_rate=1e-3,
+                    optimizer="adam",
+                    schedule="constant",
+                    warmup_steps=0,
+                    log_every=10,
+                    checkpoint_every=100,
+                    keep_checkpoints=2,
+                    # Candidate within this distance of a true pair can be positive.
+                    label_distance_nm=400.0,
+                ),
             },
             "evaluation": {
                 # CREMI partner metric: matched pairs lie within this distance.
@@ -191,4 +184,26 @@ def get_config(arg: str | None = None):
             },
         }
     )
+    if variant == "smoke":
+        # A few seconds on a CPU, for tests: small volumes and networks, few steps.
+        config.data.shape = (24, 160, 160)
+        config.data.n_synapses = 4
+        neurons = config.neurons
+        neurons.models[0].update(width=1 / 32, side_features=4, steps=4)
+        neurons.train.update(
+            patch_yx=64, batch_size=2, warmup_steps=1, log_every=2, checkpoint_every=4
+        )
+        neurons.predict.tta = False
+        neurons.watershed.update(sigmas=(1.0,), hs=(0.2,), thresholds=(0.5,))
+        config.unet.base_features = 4
+        config.unet.train_output = (8, 48, 48)
+        config.unet.predict_output = (24, 160, 160)
+        config.train.update(steps=8, batch_size=2, warmup_steps=2, log_every=4, checkpoint_every=8)
+        config.candidates.omega = 20
+        config.pruner.window = (8, 32, 32)
+        config.pruner.features = (4, 4, 8, 8, 8)
+        config.pruner.dense_features = 16
+        config.pruner.train.update(steps=6, batch_size=4)
+    if variant == "predicted_segmentation":
+        config.segmentation.source = "predicted"
     return config

@@ -17,26 +17,21 @@ cores; goal: adapted Rand error <= 0.12 on z >= 150. Measured (2 CPU cores,
 import pathlib
 
 from synjax import configlib
-from synjax.postprocess.agglomeration import THRESHOLD_GRID
 
 VARIANTS = ("default", "smoke")
+# Mean-boundary agglomeration thresholds tried: 0.3, 0.35, ..., 0.9 (boundary
+# probability); below 0.3 nearly nothing merges, above 0.9 true membranes do.
+THRESHOLD_GRID = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 DATA_FILE = pathlib.Path(__file__).resolve().parent.parent.parent / "shared/data/fib-medulla-250.h5"
 
 
 def get_config(arg: str | None = None):
     variant = configlib.variant(arg, VARIANTS, "configs/fib25.py")
-    smoke = variant == "smoke"
     path = str(DATA_FILE)
     config = configlib.config_dict(
         {
-            # Which end-to-end job runs (see synjax.pipelines.PIPELINES).
-            "pipeline": "neurons",
-            # train, predict, evaluate, or all three in turn.
-            "mode": "all",
-            # Seed of parameter initialisation and patch sampling (per-model seeds below).
-            "seed": 0,
-            # Call jax.distributed.initialize() first (multi-host runs).
-            "distributed": False,
+            # pipeline, mode, seed, distributed (see synjax.configlib.job_fields).
+            **configlib.job_fields("neurons"),
             "data": {
                 # Named in the error when a file below is missing.
                 "dataset": "FIB-25 medulla volume (fib-medulla-250.h5)",
@@ -54,80 +49,61 @@ def get_config(arg: str | None = None):
                 # agglomeration threshold is chosen on a boundary map as
                 # uncertain as the test part's (on the nets' own training
                 # slices the map is cleaner and the chosen threshold too high).
-                "train_z": (0, 16) if smoke else (0, 100),
-                "tune_z": (16, 24) if smoke else (100, 150),
-                "test_z": (24, 32) if smoke else (150, 250),
+                "train_z": (0, 100),
+                "tune_z": (100, 150),
+                "test_z": (150, 250),
                 # yx crop (y0, y1, x0, x1) of every part; None: whole slices.
-                "crop_yx": (0, 48, 0, 48) if smoke else None,
-                # How raw intensities become the networks' [0, 1] input (saved with each
-                # checkpoint as checkpoints/<model>/intensity.json, re-applied at prediction):
-                # "dtype": uint8 / 255, uint16 / 65535, floats must already lie in [0, 1];
-                # "percentiles": the training volume's low/high percentiles map to 0 and 1
-                # (clipped), measured once on it and never on the test volume.
-                "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0},
+                "crop_yx": None,
+                # Raw intensities -> [0, 1] (see synjax.configlib.intensity_block).
+                "intensity": configlib.intensity_block(),
             },
             # The ensemble (DeepEM3D's Table 2 style): slices s (1, 3, 5),
             # boundary kernel (c5, c3, l3), width (x the paper's features),
             # steps, seed; side_features/blocks/dilations as DeepEM3DSettings.
             "models": (
-                (
-                    {
-                        "name": "s3_c3",
-                        "slices": 3,
-                        "kernel": "c3",
-                        "width": 1 / 32,
-                        "side_features": 4,
-                        "steps": 2,
-                        "seed": 0,
-                    },
-                )
-                if smoke
-                else (
-                    {
-                        "name": "s5_c3",
-                        "slices": 5,
-                        "kernel": "c3",
-                        "width": 0.125,
-                        "side_features": 16,
-                        "steps": 6000,
-                        "seed": 0,
-                    },
-                    {
-                        "name": "s3_c3",
-                        "slices": 3,
-                        "kernel": "c3",
-                        "width": 0.125,
-                        "side_features": 16,
-                        "steps": 6000,
-                        "seed": 1,
-                    },
-                )
+                {
+                    "name": "s5_c3",
+                    "slices": 5,
+                    "kernel": "c3",
+                    "width": 0.125,
+                    "side_features": 16,
+                    "steps": 6000,
+                    "seed": 0,
+                },
+                {
+                    "name": "s3_c3",
+                    "slices": 3,
+                    "kernel": "c3",
+                    "width": 0.125,
+                    "side_features": 16,
+                    "steps": 6000,
+                    "seed": 1,
+                },
             ),
-            "train": {
+            "train": configlib.train_block(
+                batch_size=4,
+                learning_rate=1e-3,
+                optimizer="adam",
+                schedule="warmup_cosine",
+                warmup_steps=50,
+                log_every=100,
+                checkpoint_every=200,
+                keep_checkpoints=2,
+                num_devices=1,
                 # yx size of the training patches (a multiple of 16).
-                "patch_yx": 32 if smoke else 128,
-                "batch_size": 2 if smoke else 4,
-                "learning_rate": 1e-3,
-                "optimizer": "adam",
-                "schedule": "warmup_cosine",
-                "warmup_steps": 1 if smoke else 50,
-                "log_every": 1 if smoke else 100,
-                "checkpoint_every": 2 if smoke else 200,
-                "keep_checkpoints": 2,
+                patch_yx=128,
                 # Flips, yx rotations, z flip, intensity jitter.
-                "augment": True,
-                # None: all local devices.
-                "num_devices": 1,
-            },
+                augment=True,
+            ),
             "predict": {
                 # Test-time augmentation, over this many of the 16 transforms
                 # (1, 2, 4, 8, 16; 16 = the paper's).
                 "tta": True,
-                "tta_transforms": 2 if smoke else 4,
+                "tta_transforms": 4,
                 # Output slices per compiled call.
-                "batch_size": 2 if smoke else 4,
+                "batch_size": 4,
                 # tqdm bar per batch of slices.
-                "progress": not smoke,
+                "progress": True,
                 # Tile size for slices larger than this (None: whole slices).
                 "max_tile": None,
                 # Slicing axes, voxel-wise maximum over them: the voxels are
@@ -135,7 +111,7 @@ def get_config(arg: str | None = None):
                 # found in the zy and zx slices that cut across them (on the
                 # test part: adapted Rand error 0.109 with z, y, x against
                 # 0.193 with z alone, same nets, each tuned on z 100-150).
-                "orientations": ("z", "x") if smoke else ("z", "y", "x"),
+                "orientations": ("z", "y", "x"),
             },
             "watershed": {
                 # Per-slice ("2d", DeepEM3D's choice for anisotropic sections)
@@ -143,21 +119,21 @@ def get_config(arg: str | None = None):
                 # isotropic, and 3D smoothing removes the boundary map's
                 # single-slice false walls (measured on z 130-150: ARE 0.23 3D
                 # vs 0.49 2D at sigma 4 with an undertrained ensemble).
-                "smoothing": "2d" if smoke else "3d",
+                "smoothing": "3d",
                 # Grid searched on the tuning part's ensemble boundary map.
-                "sigmas": (1.0,) if smoke else (1.0, 2.0),
+                "sigmas": (1.0, 2.0),
                 # Shallow seeds: the watershed over-segments and the
                 # agglomeration below does the merging.
-                "hs": (0.1, 0.3) if smoke else (0.02, 0.05, 0.1),
+                "hs": (0.02, 0.05, 0.1),
                 # Mean-boundary agglomeration thresholds tried on every
                 # watershed of the grid (empty: watershed alone).
-                "thresholds": (0.5,) if smoke else THRESHOLD_GRID,
+                "thresholds": THRESHOLD_GRID,
             },
             "baseline": {
                 # Classical watershed on inverted raw, tuned on the tuning part.
                 "smoothing": "2d",
-                "sigmas": (1.0,) if smoke else (1.0, 1.5, 2.5),
-                "hs": (0.2,) if smoke else (0.1, 0.2, 0.3),
+                "sigmas": (1.0, 1.5, 2.5),
+                "hs": (0.1, 0.2, 0.3),
             },
             "evaluation": {
                 # Test slices shown in example_slices.png.
@@ -165,4 +141,26 @@ def get_config(arg: str | None = None):
             },
         }
     )
+    if variant == "smoke":
+        # Seconds on a CPU, for tests: a 32-slice, 48 x 48 crop and one tiny net.
+        config.data.update(train_z=(0, 16), tune_z=(16, 24), test_z=(24, 32))
+        config.data.crop_yx = (0, 48, 0, 48)
+        config.models = (
+            {
+                "name": "s3_c3",
+                "slices": 3,
+                "kernel": "c3",
+                "width": 1 / 32,
+                "side_features": 4,
+                "steps": 2,
+                "seed": 0,
+            },
+        )
+        config.train.update(
+            patch_yx=32, batch_size=2, warmup_steps=1, log_every=1, checkpoint_every=2
+        )
+        config.predict.update(tta_transforms=2, batch_size=2, progress=False)
+        config.predict.orientations = ("z", "x")
+        config.watershed.update(smoothing="2d", sigmas=(1.0,), hs=(0.1, 0.3), thresholds=(0.5,))
+        config.baseline.update(sigmas=(1.0,), hs=(0.2,))
     return config

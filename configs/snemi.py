@@ -40,19 +40,19 @@ DEFAULT_TRAIN_LABELS = "data/snemi3d/train-labels.tif"
 DEFAULT_TEST = "data/snemi3d/test-input.tif"
 
 
-def _model(name, slices, kernel, steps, width, seed, only_slices=None):
-    """One `config.models` entry: input slices, boundary kernel, width (x the
-    paper's features), side-output features, steps, seed, and the z indices it
-    alone contributes to (None: every slice). A ConfigDict, so that
-    `only_slices` may be a reference to another field."""
+def _model(name, slices, kernel, seed, only_slices=None):
+    """One `config.models` entry at the paper's size: input slices, boundary
+    kernel, width (x the paper's features), side-output features, steps, seed,
+    and the z indices it alone contributes to (None: every slice). A
+    ConfigDict, so that `only_slices` may be a reference to another field."""
     return configlib.config_dict(
         {
             "name": name,
             "slices": slices,
             "kernel": kernel,
-            "width": width,
-            "side_features": 4 if width < 1 else 16,
-            "steps": steps,
+            "width": 1.0,
+            "side_features": 16,
+            "steps": 30000,
             "seed": seed,
             "only_slices": only_slices,
         }
@@ -61,19 +61,10 @@ def _model(name, slices, kernel, steps, width, seed, only_slices=None):
 
 def get_config(arg: str | None = None):
     variant = configlib.variant(arg, VARIANTS, "configs/snemi.py")
-    smoke = variant == "smoke"
-    steps = 2 if smoke else 30000
-    width = 1 / 32 if smoke else 1.0
     config = configlib.config_dict(
         {
-            # Which end-to-end job runs (see synjax.pipelines.PIPELINES).
-            "pipeline": "neurons",
-            # train, predict, evaluate, or all three in turn.
-            "mode": "all",
-            # Seed of parameter initialisation and patch sampling (per-model seeds below).
-            "seed": 0,
-            # Call jax.distributed.initialize() first (multi-host runs).
-            "distributed": False,
+            # pipeline, mode, seed, distributed (see synjax.configlib.job_fields).
+            **configlib.job_fields("neurons"),
             "data": {
                 # Named in the error when a file below is missing.
                 "dataset": DATASET,
@@ -97,11 +88,11 @@ def get_config(arg: str | None = None):
                 # training; None: all) and of the tuning part used to choose the
                 # watershed's sigma and h: held out of network training, so
                 # that they are chosen on a map as uncertain as the test's.
-                "train_z": (0, 8) if smoke else (0, 80),
-                "tune_z": (8, 12) if smoke else (80, 100),
-                "test_z": (0, 6) if smoke else None,
+                "train_z": (0, 80),
+                "tune_z": (80, 100),
+                "test_z": None,
                 # yx crop (y0, y1, x0, x1) of every part; None: whole 1024 x 1024 slices.
-                "crop_yx": (0, 32, 0, 32) if smoke else None,
+                "crop_yx": None,
                 # z indices (0-based, within the test part) of the misaligned
                 # test slices, the only ones the s5_c3 net contributes to.
                 # Which slices are misaligned is data-specific, and neither the
@@ -114,40 +105,34 @@ def get_config(arg: str | None = None):
                 # models' maxima without calling them misaligned; they are not
                 # used here.
                 "misaligned_slices": (),
-                # How raw intensities become the networks' [0, 1] input (saved with each
-                # checkpoint as checkpoints/<model>/intensity.json, re-applied at prediction):
-                # "dtype": uint8 / 255, uint16 / 65535, floats must already lie in [0, 1];
-                # "percentiles": the training volume's low/high percentiles map to 0 and 1
-                # (clipped), measured once on it and never on the test volume.
-                "intensity": {"method": "dtype", "low_percent": 1.0, "high_percent": 99.0},
+                # Raw intensities -> [0, 1] (see synjax.configlib.intensity_block).
+                "intensity": configlib.intensity_block(),
             },
-            "train": {
+            "train": configlib.train_block(
+                batch_size=8,
+                learning_rate=1e-3,
+                optimizer="adam",
+                schedule="warmup_cosine",
+                warmup_steps=500,
+                log_every=100,
+                checkpoint_every=2000,
+                keep_checkpoints=2,
                 # yx size of training patches (a multiple of 16).
-                "patch_yx": 32 if smoke else 256,
-                "batch_size": 2 if smoke else 8,
-                "learning_rate": 1e-3,
-                "optimizer": "adam",
-                "schedule": "warmup_cosine",
-                "warmup_steps": 1 if smoke else 500,
-                "log_every": 1 if smoke else 100,
-                "checkpoint_every": 2 if smoke else 2000,
-                "keep_checkpoints": 2,
+                patch_yx=256,
                 # Flips, yx rotations, z flip, intensity jitter.
-                "augment": True,
-                # None: all local devices.
-                "num_devices": 1 if smoke else config_dict.placeholder(int),
-            },
+                augment=True,
+            ),
             "predict": {
                 # Test-time augmentation over this many of the 16 transforms
                 # (16: the paper's).
                 "tta": True,
-                "tta_transforms": 2 if smoke else 16,
+                "tta_transforms": 16,
                 # Output slices per compiled call.
                 "batch_size": 2,
                 # tqdm bar per batch of slices.
-                "progress": not smoke,
+                "progress": True,
                 # 1024^2 slices in 512^2 tiles (with overlap) to bound memory.
-                "max_tile": config_dict.placeholder(int) if smoke else 512,
+                "max_tile": config_dict.FieldReference(512, field_type=int),
                 # Slicing axes (anisotropic sections: z only).
                 "orientations": ("z",),
             },
@@ -156,16 +141,16 @@ def get_config(arg: str | None = None):
                 # 3D watershed, as in the paper.
                 "smoothing": "2d",
                 # Grid searched on the tuning part's ensemble boundary map.
-                "sigmas": (1.0,) if smoke else (1.0, 2.0, 3.0),
-                "hs": (0.2,) if smoke else (0.02, 0.05, 0.1, 0.2, 0.3),
+                "sigmas": (1.0, 2.0, 3.0),
+                "hs": (0.02, 0.05, 0.1, 0.2, 0.3),
                 # Empty: the watershed alone, as in the paper (no agglomeration).
                 "thresholds": (),
             },
             "baseline": {
                 # Classical watershed on inverted raw, tuned on the tuning part.
                 "smoothing": "2d",
-                "sigmas": (1.0,) if smoke else (1.5, 2.5, 4.0),
-                "hs": (0.2,) if smoke else (0.1, 0.2, 0.3),
+                "sigmas": (1.5, 2.5, 4.0),
+                "hs": (0.1, 0.2, 0.3),
             },
             "evaluation": {
                 # Test slices shown in example_slices.png.
@@ -178,13 +163,26 @@ def get_config(arg: str | None = None):
     # to config.data.misaligned_slices so that overriding it reaches the model.
     misaligned = config.data.get_ref("misaligned_slices")
     config.models = (
-        _model("s1_l3", 1, "l3", steps, width, 0),
-        _model("s1_c3", 1, "c3", steps, width, 1),
-        _model("s1_c5", 1, "c5", steps, width, 2),
-        _model("s5_c3", 5, "c3", steps, width, 3, only_slices=misaligned),
+        _model("s1_l3", 1, "l3", 0),
+        _model("s1_c3", 1, "c3", 1),
+        _model("s1_c5", 1, "c5", 2),
+        _model("s5_c3", 5, "c3", 3, only_slices=misaligned),
     )
-    if smoke:
+    if variant == "smoke":
+        # Seconds on a CPU, for tests: 32 x 32 crops, tiny nets, two TTA transforms.
+        config.data.update(train_z=(0, 8), tune_z=(8, 12), test_z=(0, 6))
+        config.data.crop_yx = (0, 32, 0, 32)
         # Each net costs a compilation: one 2D net on every slice and the 3D
         # net on the misaligned ones keep both roles in seconds-scale runs.
         config.models = (config.models[1], config.models[3])
+        for model in config.models:
+            model.update(width=1 / 32, side_features=4, steps=2)
+        config.train.update(
+            patch_yx=32, batch_size=2, warmup_steps=1, log_every=1, checkpoint_every=2
+        )
+        config.train.num_devices = 1
+        config.predict.update(tta_transforms=2, progress=False)
+        config.predict.max_tile = None
+        config.watershed.update(sigmas=(1.0,), hs=(0.2,))
+        config.baseline.update(sigmas=(1.0,), hs=(0.2,))
     return config

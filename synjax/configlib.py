@@ -6,12 +6,12 @@ cannot import each other; what they share lives here.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import ml_collections
+from ml_collections import config_dict as ml_config_dict
 
-from synjax.errors import ConfigError, DataError
+from synjax.errors import ConfigError
 
 
 def variant(arg: str | None, known: Iterable[str], config_name: str) -> str:
@@ -37,25 +37,89 @@ def config_dict(fields: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
-def require_file(path: str, key: str, dataset: str, published_at: str) -> str:
-    """Checks that a dataset file named by a config field exists.
+def train_block(
+    *,
+    batch_size: int,
+    learning_rate: float,
+    optimizer: str,
+    schedule: str,
+    warmup_steps: int,
+    log_every: int,
+    checkpoint_every: int,
+    keep_checkpoints: int,
+    steps: int | None = None,
+    num_devices: int | None = None,
+    **stage_fields,
+) -> dict:
+    """A training block: the fields of `synjax.train.settings.TrainSettings`.
+
+    Every config's training blocks (`config.train`, `config.pruner.train`,
+    `config.neurons.train`) are made here, so that their fields are named and
+    explained once:
 
     Args:
-      path: the file path from the config, optionally with `:/dataset`.
-      key: the config key that holds the path, e.g. "config.data.train_path".
-      dataset: the dataset's name, e.g. "CREMI sample A".
-      published_at: where a user can download it.
+      batch_size: global batch size, over all devices and processes.
+      learning_rate: peak learning rate.
+      optimizer: "adam", "adamw" or "sgd".
+      schedule: "constant", "cosine" or "warmup_cosine" (cosine decay to 0
+        at the last step, after a linear warm-up from 0).
+      warmup_steps: steps of linear warm-up (fewer than the steps).
+      log_every: steps between metric lines (metrics/<model>.jsonl,
+        TensorBoard and the log); 0: never.
+      checkpoint_every: steps between checkpoints (one is saved at the end
+        too); a re-run resumes from the newest.
+      keep_checkpoints: most recent checkpoints kept.
+      steps: optimizer steps; None leaves the key out (DeepEM3D's models give
+        their own in `config.models`).
+      num_devices: local devices to use; None: all of them (the key still
+        takes an integer on the command line).
+      **stage_fields: the stage's own fields in the same block (e.g.
+        `positive_fraction`), commented where the config passes them.
 
     Returns:
-      The path unchanged.
-
-    Raises:
-      DataError: the file does not exist.
+      A dict for `config_dict`.
     """
-    file_part = path.split(":/", 1)[0] if path else path
-    if not file_part or not os.path.exists(file_part):
-        raise DataError(
-            f"{key}={path!r}: {dataset} not found; download it from {published_at} "
-            f"and set {key} to its path"
-        )
-    return path
+    block = {} if steps is None else {"steps": steps}
+    return block | {
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "warmup_steps": warmup_steps,
+        "log_every": log_every,
+        "checkpoint_every": checkpoint_every,
+        "keep_checkpoints": keep_checkpoints,
+        "num_devices": ml_config_dict.placeholder(int) if num_devices is None else num_devices,
+        **stage_fields,
+    }
+
+
+def intensity_block(
+    method: str = "dtype", low_percent: float = 1.0, high_percent: float = 99.0
+) -> dict:
+    """How raw intensities become the networks' [0, 1] input (`config.data.intensity`).
+
+    The choice is saved with each checkpoint (checkpoints/<model>/intensity.json)
+    and re-applied at prediction (`synjax.data.intensity`).
+
+    Args:
+      method: "dtype": uint8 / 255, uint16 / 65535, floats must already lie in
+        [0, 1]; "percentiles": the training volume's low/high percentiles map
+        to 0 and 1 (clipped), measured once on it and never on the test volume.
+      low_percent: the low percentile of "percentiles".
+      high_percent: the high percentile of "percentiles".
+    """
+    return {"method": method, "low_percent": low_percent, "high_percent": high_percent}
+
+
+def job_fields(pipeline: str) -> dict:
+    """The fields every config starts with (override them like any other).
+
+    Returns:
+      `pipeline`: the end-to-end job (see `synjax.pipelines.PIPELINES`);
+      `mode`: "train", "predict", "evaluate", or "all" three in turn;
+      `seed`: seed of parameter initialisation and patch sampling (a
+      `config.models` entry may have its own); `distributed`: call
+      `jax.distributed.initialize()` first (multi-host runs).
+    """
+    return {"pipeline": pipeline, "mode": "all", "seed": 0, "distributed": False}

@@ -110,7 +110,13 @@ def test_grid_search_tunes_threshold():
     # h 0.05 seeds all three basins; each contact's mean takes its wall voxel
     # and the basin voxel beside it: about 0.15 for A|B, 0.45 for B|C.
     _, _, table = grid_search(
-        boundary, gt, (0.0,), (0.05,), thresholds=(0.1, 0.3, 0.9), rescale=False
+        boundary,
+        gt,
+        (0.0,),
+        (0.05,),
+        metric=adapted_rand_error,
+        thresholds=(0.1, 0.3, 0.9),
+        rescale=False,
     )
     assert [row.threshold for row in table] == [0.1, 0.3, 0.9]
     best = min(table, key=lambda row: row.score)

@@ -147,12 +147,13 @@ def _write_slices(path):
 
 def _write_precision_recall(path):
     from synjax.evaluation import partners
+    from synjax.report.precision_recall import plot_precision_recall
 
     def at(threshold):
         return types.SimpleNamespace(tp=1, fp=0, fn=1)
 
     curve = partners.precision_recall_curve(np.array([0.2, 0.8]), at, np.array([0.2, 0.8]))
-    partners.plot_precision_recall(curve, path)
+    plot_precision_recall(curve, path)
 
 
 WRITERS = {

@@ -159,7 +159,8 @@ def test_every_shipped_config_passes(name, variant):
 
 def test_mirrored_constants_match_the_library():
     from synjax.data import intensity
-    from synjax.inference import blockwise, predict
+    from synjax.inference import blockwise
+    from synjax.inference import slicewise as predict
     from synjax.models import deepem3d, pruning, unet3d
     from synjax.targets import boundaries
     from synjax.train import state
@@ -580,10 +581,10 @@ def test_cli_non_finite_loss_names_the_step_and_keeps_a_readable_checkpoint(tmp_
     # The kept checkpoint restores, with finite parameters.
     import jax
 
-    from synjax.pipelines import proximity
+    from synjax.stages import proximity
 
     config = _config("demo")
     for (block, key), value in TINY_UNET_BLOWS_UP.items():
         config[block][key] = value
-    leaves = jax.tree.leaves(proximity.load_unet_params(config, workdir).params)
+    leaves = jax.tree.leaves(proximity.ProximityStage.from_config(config).load(workdir).params)
     assert leaves and all(np.all(np.isfinite(np.asarray(leaf))) for leaf in leaves)

@@ -8,7 +8,8 @@ import pytest
 import scipy.ndimage
 
 from synjax.errors import ConfigError, DataError
-from synjax.inference.block_grid import BlockGrid, read_padded
+from synjax.geometry import Box, read_padded
+from synjax.inference.block_grid import BlockGrid
 from synjax.inference.blockwise import (
     BlockManifest,
     LazyPredictor,
@@ -126,12 +127,12 @@ def test_read_padded_one_axis_by_hand():
         "zero": [0, 0, 0, 1, 2, 3, 0, 0],
     }
     for mode, values in expected.items():
-        got = read_padded(vol, (-2, 0, 0), (6, 1, 1), mode)
+        got = read_padded(vol, Box((-2, 0, 0), (6, 1, 1)), mode)
         assert got.dtype == np.int16
         np.testing.assert_array_equal(got[:, 0, 0], values, err_msg=mode)
     # A pad wider than the volume keeps mirroring: [0 1 2] -> ... 1 0 1 2 1 0 ...
     small = np.arange(3).reshape(3, 1, 1)
-    got = read_padded(small, (-5, 0, 0), (5, 1, 1), "reflect")[:, 0, 0]
+    got = read_padded(small, Box((-5, 0, 0), (5, 1, 1)), "reflect")[:, 0, 0]
     np.testing.assert_array_equal(got, [1, 0, 1, 2, 1, 0, 1, 2, 1, 0])
 
 
@@ -146,7 +147,7 @@ def test_read_padded_matches_numpy_pad(mode):
         ((-3, -3, -3), (9, 10, 11)),
     ]:
         window = tuple(slice(a + pad, b + pad) for a, b in zip(start, stop, strict=True))
-        np.testing.assert_array_equal(read_padded(vol, start, stop, mode), padded[window])
+        np.testing.assert_array_equal(read_padded(vol, Box(start, stop), mode), padded[window])
 
 
 def test_reads_only_block_input_regions():

@@ -8,7 +8,8 @@ import pytest
 
 from synjax.errors import DataError
 from synjax.train.checkpoint import checkpoint_dir, latest_step, restore_params
-from synjax.train.loop import TrainSettings, train
+from synjax.train.loop import train
+from synjax.train.settings import TrainSettings
 
 BATCH = 4
 PATCH = (3, 4, 4)

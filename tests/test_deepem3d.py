@@ -10,17 +10,11 @@ import optax
 import pytest
 
 from synjax.errors import ConfigError, DataError
+from synjax.inference.slicewise import pad_end
 from synjax.models import deepem3d
-from synjax.models.deepem3d import (
-    TOTAL_STRIDE,
-    DeepEM3DNet,
-    DeepEM3DSettings,
-    class_weights_from_labels,
-    crop_to,
-    make_apply_fn,
-    pad_to_multiple,
-    weighted_softmax_ce,
-)
+from synjax.models.deepem3d import DeepEM3DNet, DeepEM3DSettings, make_apply_fn
+from synjax.models.losses import class_weighted_softmax_cross_entropy as weighted_softmax_ce
+from synjax.targets.boundaries import class_weights
 
 TINY_WIDTH = 1 / 16
 
@@ -100,8 +94,9 @@ def test_even_dilation_leaves_holes():
 def test_class_weights_by_hand():
     labels = np.array([[0, 0, 0, 1]])
     # freq = (3/4, 1/4); w = 1 / (2 * freq).
-    np.testing.assert_allclose(class_weights_from_labels(labels), [2 / 3, 2.0], rtol=1e-6)
-    np.testing.assert_allclose(class_weights_from_labels(np.zeros(5, int)), [0.5, 0.0])
+    np.testing.assert_allclose(class_weights(labels, 2), [2 / 3, 2.0], rtol=1e-6)
+    # One class present: weight 1, so the mean weight over the voxels stays 1.
+    np.testing.assert_allclose(class_weights(np.zeros(5, int), 2), [1.0, 0.0])
 
 
 def test_weighted_softmax_ce_by_hand():
@@ -120,12 +115,12 @@ def test_weighted_softmax_ce_by_hand():
 
 def test_pad_to_multiple_and_crop():
     x = np.arange(3, dtype=np.float32).reshape(1, 1, 3, 1, 1) + 1
-    padded, sizes = pad_to_multiple(x, 4)
+    padded = pad_end(x, (4, 4), axes=(2, 3))
     assert padded.shape == (1, 1, 4, 4, 1)
     np.testing.assert_array_equal(padded[0, 0, :, 0, 0], [1, 2, 3, 2])  # reflect
     np.testing.assert_array_equal(padded[0, 0, 0, :, 0], [1, 1, 1, 1])  # size 1: repeated
-    np.testing.assert_array_equal(crop_to(padded, sizes), x)
-    same, _ = pad_to_multiple(np.zeros((1, 1, 32, 16, 1)), TOTAL_STRIDE)
+    np.testing.assert_array_equal(padded[:, :, :3, :1], x)
+    same = pad_end(np.zeros((1, 1, 32, 16, 1)), (32, 16), axes=(2, 3))
     assert same.shape == (1, 1, 32, 16, 1)
 
 
@@ -159,7 +154,7 @@ def _train_step_lowers_loss(x, labels, slices, steps=4):
     # Shapes and gradients matter here, not XLA's speed: compile fast.
     jax.config.update("jax_disable_most_optimizations", True)
     model = DeepEM3DNet(DeepEM3DSettings(slices=slices, width=TINY_WIDTH, side_features=4))
-    weights = jnp.asarray(class_weights_from_labels(labels))
+    weights = jnp.asarray(class_weights(labels, 2))
 
     @jax.jit
     def train():
@@ -263,7 +258,7 @@ def _centre_slice(x):
 
 def test_trained_ensemble_saves_and_reapplies_its_normalization(tmp_path, monkeypatch):
     from synjax.data.intensity import INTENSITY_FILE, IntensityNormalization
-    from synjax.pipelines import boundary_models
+    from synjax.stages import boundary_models
 
     batches = []
 
@@ -277,7 +272,7 @@ def test_trained_ensemble_saves_and_reapplies_its_normalization(tmp_path, monkey
     neuron_ids = np.ones(raw.shape, np.uint64)
     neuron_ids[:, :, 8:] = 2
     config = _ensemble_config("percentiles")
-    boundary_models.train_models(config, raw, neuron_ids, tmp_path)
+    boundary_models.BoundaryEnsembleStage.from_config(config).train(raw, neuron_ids, tmp_path)
     saved = tmp_path / "checkpoints" / "tiny" / INTENSITY_FILE
     low, high = np.percentile(raw, [5.0, 95.0], method="nearest")
     fitted = IntensityNormalization("percentiles", 5.0, 95.0, float(low), float(high))
@@ -288,14 +283,18 @@ def test_trained_ensemble_saves_and_reapplies_its_normalization(tmp_path, monkey
     assert patch.shape == (1, 3, 16, 16, 1)
     assert any(np.allclose(patch[0, ..., 0], normalised[z : z + 3], atol=1e-6) for z in range(2))
     # Prediction feeds the network the saved percentiles' values.
-    got = boundary_models.predict_ensemble(config, tmp_path, raw, [_centre_slice])
+    got = boundary_models.BoundaryEnsembleStage.from_config(config).predict(
+        tmp_path, raw, [_centre_slice]
+    )
     np.testing.assert_allclose(got, normalised, atol=1e-6)
     # A workdir from before the file existed falls back to the dtype range.
     saved.unlink()
     u16 = raw.astype(np.uint16) * 257
-    fallback = boundary_models.predict_ensemble(config, tmp_path, u16, [_centre_slice])
+    fallback = boundary_models.BoundaryEnsembleStage.from_config(config).predict(
+        tmp_path, u16, [_centre_slice]
+    )
     np.testing.assert_array_equal(fallback, raw / np.float32(255))
     # Checkpoints trained on the dtype range refuse to be resumed under percentiles.
     (tmp_path / "checkpoints" / "tiny" / "1").mkdir()
     with pytest.raises(ConfigError, match="trained with intensity"):
-        boundary_models.train_models(config, raw, neuron_ids, tmp_path)
+        boundary_models.BoundaryEnsembleStage.from_config(config).train(raw, neuron_ids, tmp_path)

@@ -15,7 +15,8 @@ from synjax.errors import DataError
 from synjax.io import open_volume
 from synjax.pipelines import neurons
 from synjax.train.checkpoint import latest_step, restore_variables
-from synjax.train.loop import TrainSettings, train
+from synjax.train.loop import train
+from synjax.train.settings import TrainSettings
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synjax.data.pipeline import host_batch_size, process_batch_fn, to_global_batch
 from synjax.errors import ConfigError
-from synjax.train.loop import TrainSettings, make_train_step
+from synjax.train.batches import host_batch_size, process_batch_fn, to_global_batch
+from synjax.train.loop import make_train_step
 from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
+from synjax.train.settings import TrainSettings
 from synjax.train.state import create_train_state
 
 BATCH = 8

@@ -87,7 +87,7 @@ def _workdir(tmp_path, candidates=(BEST, DUPLICATE, LOW), detections=(BEST, LOW)
 
 
 def test_evaluate_scores_every_candidate_without_pruning(tmp_path):
-    metrics = partners._evaluate(CONFIG, _workdir(tmp_path), _volume())
+    metrics = partners.evaluate(CONFIG, _workdir(tmp_path), _volume())
     assert metrics == json.loads((tmp_path / "metrics.json").read_text())
     assert (metrics["candidates"], metrics["detections"], metrics["truth_pairs"]) == (3, 2, 2)
 
@@ -111,7 +111,7 @@ def test_paper_criterion_in_evaluate_needs_the_cleft(tmp_path):
     # BEST, the paper's criterion does not.
     volume = _volume()
     volume.truth_clefts = np.array([9, 4])
-    metrics = partners._evaluate(CONFIG, _workdir(tmp_path), volume)
+    metrics = partners.evaluate(CONFIG, _workdir(tmp_path), volume)
     assert metrics["cremi_partners"]["tp"] == 1
     assert metrics["same_ids_within_400nm"]["tp"] == 1
     assert (metrics["paper_criterion"]["tp"], metrics["paper_criterion"]["fp"]) == (0, 1)
@@ -123,4 +123,4 @@ def test_site_outside_its_component_is_a_data_error(tmp_path):
     stray = (1, 2, (0, 5, 0), (0, 2, 8), 0.9)
     workdir = _workdir(tmp_path, candidates=(stray,), detections=(stray,))
     with pytest.raises(DataError, match="detections.csv: a site point is not in its"):
-        partners._evaluate(CONFIG, workdir, _volume())
+        partners.evaluate(CONFIG, workdir, _volume())

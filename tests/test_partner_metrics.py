@@ -7,7 +7,9 @@ import scipy.ndimage
 from synjax.errors import DataError
 from synjax.evaluation import partners as pm
 from synjax.io import segment_ids_at
+from synjax.pipelines.partners import candidate_pairs
 from synjax.postprocess.candidates import Candidates
+from synjax.report.precision_recall import plot_precision_recall
 
 # A truth at the origin: pre site 0 nm, post site 20 nm further in x.
 PRE_LOC = np.array([1000.0, 1000.0, 1000.0])
@@ -204,7 +206,7 @@ def test_from_candidates_uses_closest_points():
         gap_nm=np.array([4.0]),
         score=np.array([0.7]),
     )
-    pairs = pm.PartnerPairs.from_candidates(cands, (40.0, 4.0, 4.0), offset=(100.0, 0.0, 0.0))
+    pairs = candidate_pairs(cands, (40.0, 4.0, 4.0), offset=(100.0, 0.0, 0.0))
     np.testing.assert_allclose(pairs.pre_locations, [[140.0, 8.0, 8.0]])
     np.testing.assert_allclose(pairs.post_locations, [[140.0, 8.0, 12.0]])
     np.testing.assert_allclose(pairs.scores, [0.7])
@@ -234,6 +236,6 @@ def test_precision_recall_sweep_hand_computed():
 
 
 def test_plot_precision_recall_writes_png(tmp_path):
-    path = pm.plot_precision_recall(_sweep_example(), tmp_path / "plots" / "pr.png")
+    path = plot_precision_recall(_sweep_example(), tmp_path / "plots" / "pr.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["pr.png"]  # no temporary left

@@ -14,8 +14,10 @@ import numpy as np
 
 from synjax import pipelines
 from synjax.io import SynapseTable, create_volume
-from synjax.pipelines import partner_data, proximity, pruner
+from synjax.pipelines import partner_data
 from synjax.report import files
+from synjax.stages.proximity import ProximityStage
+from synjax.stages.pruner import PrunerStage
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -27,10 +29,10 @@ def _smoke_config():
     config = module.get_config("smoke")
     # The U-Net's training still runs (its parameters are recorded) but its
     # prediction is replaced; the pruner's is the one that matters here.
-    config.pruner.steps = 4
+    config.pruner.train.steps = 4
     # The test process has several host devices; one keeps the small batches whole.
     config.train.num_devices = 1
-    config.pruner.num_devices = 1
+    config.pruner.train.num_devices = 1
     return config
 
 
@@ -43,7 +45,7 @@ def test_predict_loads_the_trained_pruner(tmp_path, monkeypatch):
         volumes[split] = real_load(config, split)
         return volumes[split]
 
-    def true_proximity(config, trained, raw, dest_path, resolution, **kwargs):
+    def true_proximity(stage, trained, raw, dest_path, resolution, **kwargs):
         volume = next(v for v in volumes.values() if v.raw is raw)
         target = partner_data.proximity_targets(volume, config)["target"]
         out = create_volume(str(dest_path), raw.shape, np.float32, resolution, overwrite=True)
@@ -51,15 +53,15 @@ def test_predict_loads_the_trained_pruner(tmp_path, monkeypatch):
         return target
 
     loads = []
-    real_load_pruner = pruner.load_pruner_params
+    real_load_pruner = PrunerStage.load
 
-    def load_pruner_params(config, workdir):
+    def load_pruner(stage, workdir):
         loads.append(workdir)
-        return real_load_pruner(config, workdir)
+        return real_load_pruner(stage, workdir)
 
     monkeypatch.setattr(partner_data, "load_volume", load_volume)
-    monkeypatch.setattr(proximity, "predict_proximity", true_proximity)
-    monkeypatch.setattr(pruner, "load_pruner_params", load_pruner_params)
+    monkeypatch.setattr(ProximityStage, "predict", true_proximity)
+    monkeypatch.setattr(PrunerStage, "load", load_pruner)
 
     metrics = pipelines.run(config, tmp_path)
 

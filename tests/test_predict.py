@@ -8,15 +8,15 @@ import pytest
 
 from synjax.data.intensity import IntensityNormalization
 from synjax.errors import ConfigError, DataError
-from synjax.inference import predict
-from synjax.inference.predict import (
+from synjax.geometry import reflect_indices
+from synjax.inference import slicewise as predict
+from synjax.inference.slicewise import (
     ensemble_max,
     predict_orientations,
     predict_slices,
-    reflect_indices,
 )
 from synjax.inference.tta import TRANSFORMS_NO_TRANSPOSE
-from synjax.models.deepem3d import DeepEM3DNet, DeepEM3DSettings, make_apply_fn
+from synjax.models.deepem3d import TOTAL_STRIDE, DeepEM3DNet, DeepEM3DSettings, make_apply_fn
 
 SLICES = 5
 
@@ -77,14 +77,18 @@ def test_tiles_partition_by_hand():
 @pytest.mark.parametrize("tta", [False, True])
 def test_centre_slice_reproduces_volume(tta):
     vol = _volume()
-    got = predict_slices(centre_slice, vol, SLICES, batch_size=3, tta=tta, progress=False)
+    got = predict_slices(
+        centre_slice, vol, SLICES, batch_size=3, tta=tta, stride=TOTAL_STRIDE, progress=False
+    )
     assert got.shape == vol.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, vol, rtol=1e-6)
 
 
 def test_stack_reflects_at_volume_ends():
     vol = _volume((6, 16, 16))
-    got = predict_slices(first_slice, vol, SLICES, batch_size=4, tta=False, progress=False)
+    got = predict_slices(
+        first_slice, vol, SLICES, batch_size=4, tta=False, stride=TOTAL_STRIDE, progress=False
+    )
     # Output z reads the stack's first slice, z - 2, reflected: 2, 1, 0, 1, 2, 3.
     np.testing.assert_array_equal(got, vol[[2, 1, 0, 1, 2, 3]])
 
@@ -92,7 +96,9 @@ def test_stack_reflects_at_volume_ends():
 def test_integer_volume_scaled_and_read_in_batches():
     data = np.random.default_rng(1).integers(0, 256, (9, 16, 16), dtype=np.uint8)
     vol = LoggedVolume(data)
-    got = predict_slices(centre_slice, vol, SLICES, batch_size=2, tta=False, progress=False)
+    got = predict_slices(
+        centre_slice, vol, SLICES, batch_size=2, tta=False, stride=TOTAL_STRIDE, progress=False
+    )
     np.testing.assert_allclose(got, data / 255.0, rtol=1e-6)
     # Never the whole volume at once: at most batch + s - 1 slices per read.
     assert max(stop - start for start, stop in vol.reads) <= 2 + SLICES - 1
@@ -101,9 +107,19 @@ def test_integer_volume_scaled_and_read_in_batches():
 
 def test_tiled_equals_untiled_for_local_model():
     vol = _volume((3, 40, 50), seed=2)
-    whole = predict_slices(box3, vol, 3, batch_size=3, tta=True, progress=False)
+    whole = predict_slices(
+        box3, vol, 3, batch_size=3, tta=True, stride=TOTAL_STRIDE, progress=False
+    )
     tiled = predict_slices(
-        box3, vol, 3, batch_size=3, tta=True, progress=False, max_tile=16, tile_overlap=4
+        box3,
+        vol,
+        3,
+        batch_size=3,
+        tta=True,
+        stride=TOTAL_STRIDE,
+        progress=False,
+        max_tile=16,
+        tile_overlap=4,
     )
     np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-5)
     # Box sum of the interior by hand.
@@ -117,7 +133,15 @@ def test_no_transpose_transforms_and_out_array():
     vol = _volume((4, 16, 32), seed=3)
     out = np.full(vol.shape, -1.0, np.float32)
     got = predict_slices(
-        centre_slice, vol, 3, 2, True, False, transforms=TRANSFORMS_NO_TRANSPOSE, out=out
+        centre_slice,
+        vol,
+        3,
+        2,
+        True,
+        False,
+        stride=TOTAL_STRIDE,
+        transforms=TRANSFORMS_NO_TRANSPOSE,
+        out=out,
     )
     assert got is out
     np.testing.assert_allclose(out, vol, rtol=1e-6)
@@ -125,11 +149,15 @@ def test_no_transpose_transforms_and_out_array():
 
 def test_bad_arguments_raise():
     with pytest.raises(DataError, match=r"\[z, y, x\]"):
-        predict_slices(centre_slice, np.zeros((4, 4)), progress=False)
+        predict_slices(centre_slice, np.zeros((4, 4)), stride=TOTAL_STRIDE, progress=False)
     with pytest.raises(ConfigError, match="odd"):
-        predict_slices(centre_slice, np.zeros((4, 4, 4)), slices=4, progress=False)
+        predict_slices(
+            centre_slice, np.zeros((4, 4, 4)), slices=4, stride=TOTAL_STRIDE, progress=False
+        )
     with pytest.raises(ConfigError, match="max_tile"):
-        predict_slices(centre_slice, np.zeros((4, 4, 4)), max_tile=20, progress=False)
+        predict_slices(
+            centre_slice, np.zeros((4, 4, 4)), max_tile=20, stride=TOTAL_STRIDE, progress=False
+        )
 
 
 def test_ensemble_max_with_slice_masks_by_hand():
@@ -161,7 +189,9 @@ def test_deepem3d_on_real_em_stack(shared_data):
     with h5py.File(shared_data / "vnc-larva-left.h5", "r") as f:
         # 40 x 40 is no multiple of 16: exercises the yx padding with the real network.
         crop = LoggedVolume(f["volumes/raw"][:4, :40, :40])
-    got = predict_slices(make_apply_fn(model, variables), crop, 3, batch_size=4, progress=False)
+    got = predict_slices(
+        make_apply_fn(model, variables), crop, 3, batch_size=4, stride=TOTAL_STRIDE, progress=False
+    )
     assert got.shape == (4, 40, 40)
     assert np.all((got >= 0) & (got <= 1)) and np.isfinite(got).all()
 
@@ -203,7 +233,9 @@ def test_deepem3d_predictions_identical_for_uint16_and_float_copies():
         "float32": raw.astype(np.float32) / np.float32(255),
     }
     got = {
-        dtype: predict_slices(fn, copy, 3, batch_size=4, tta=False, progress=False)
+        dtype: predict_slices(
+            fn, copy, 3, batch_size=4, tta=False, stride=TOTAL_STRIDE, progress=False
+        )
         for dtype, copy in copies.items()
     }
     assert np.ptp(got["uint8"]) > 0
@@ -215,11 +247,20 @@ def test_deepem3d_predictions_identical_for_uint16_and_float_copies():
     fitted = {dtype: settings.fit([copies[dtype]], dtype) for dtype in ("uint8", "uint16")}
     by_percentiles = {
         dtype: predict_slices(
-            fn, copies[dtype], 3, batch_size=4, tta=False, progress=False, intensity=fit
+            fn,
+            copies[dtype],
+            3,
+            batch_size=4,
+            tta=False,
+            stride=TOTAL_STRIDE,
+            progress=False,
+            intensity=fit,
         )
         for dtype, fit in fitted.items()
     }
     np.testing.assert_array_equal(by_percentiles["uint16"], by_percentiles["uint8"])
     assert not np.array_equal(by_percentiles["uint8"], got["uint8"])
     with pytest.raises(DataError, match=r"test raw: float intensities span"):
-        predict_slices(fn, copies["float32"] * 255, 3, progress=False, name="test raw")
+        predict_slices(
+            fn, copies["float32"] * 255, 3, stride=TOTAL_STRIDE, progress=False, name="test raw"
+        )

@@ -25,10 +25,12 @@ from synjax.io.provenance import (
     sample_boxes,
 )
 from synjax.models.unet3d import UNet3D
-from synjax.pipelines import neurons, partners, proximity
+from synjax.pipelines import neurons, partners
 from synjax.report import files
+from synjax.stages import proximity
 from synjax.train.checkpoint import checkpoint_provenance
-from synjax.train.loop import TrainSettings, train
+from synjax.train.loop import train
+from synjax.train.settings import TrainSettings
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -279,7 +281,7 @@ def test_predict_proximity_redoes_outputs_of_another_model_or_input(
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 255, (8, 32, 32), dtype=np.uint8)
     other_raw = rng.integers(0, 255, raw.shape, dtype=np.uint8)  # same shape, other "file"
-    model = UNet3D(proximity.unet_config(config))
+    model = UNet3D(proximity.ProximityStage.from_config(config).unet_settings())
     sample = jnp.zeros((1, 6, 24, 24, 1))
     trained = model.init(jax.random.key(0), sample)["params"]
     retrained = model.init(jax.random.key(1), sample)["params"]  # "trained further"
@@ -287,8 +289,7 @@ def test_predict_proximity_redoes_outputs_of_another_model_or_input(
     source = {"input_path": tmp_path / "sample_A.h5", "input_dataset": "volumes/raw"}
 
     def predict(params, volume, step, path=dest, intensity=DTYPE_RANGE, **overrides):
-        return proximity.predict_proximity(
-            config,
+        return proximity.ProximityStage.from_config(config).predict(
             TrainedParams(params, intensity),
             volume,
             path,

@@ -10,7 +10,7 @@ import pytest
 
 from synjax.data.intensity import INTENSITY_FILE, IntensityNormalization, TrainedParams
 from synjax.models.unet3d import UNet3D
-from synjax.pipelines import proximity
+from synjax.stages import proximity
 
 SHAPE = (4, 24, 24)
 
@@ -56,13 +56,15 @@ def _raw():
 
 
 def _random_params(config):
-    model = UNet3D(proximity.unet_config(config))
+    model = UNet3D(proximity.ProximityStage.from_config(config).unet_settings())
     x = jnp.zeros((1, 2, 16, 16, 1))
     return jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"]
 
 
 def _predict(config, trained, raw, path):
-    return proximity.predict_proximity(config, trained, raw, path, (40.0, 4.0, 4.0))
+    return proximity.ProximityStage.from_config(config).predict(
+        trained, raw, path, (40.0, 4.0, 4.0)
+    )
 
 
 def test_predictions_identical_for_uint16_and_float_copies(tmp_path):
@@ -113,7 +115,7 @@ def test_training_saves_percentiles_that_prediction_reapplies(tmp_path, monkeypa
 
     monkeypatch.setattr(proximity, "train", fake_train)
     monkeypatch.setattr(proximity, "PatchSampler", RecordingSampler)
-    trained = proximity.train_unet(config, [source], tmp_path)
+    trained = proximity.ProximityStage.from_config(config).train([source], tmp_path)
     low, high = np.percentile(raw, [5.0, 95.0], method="nearest")
     assert trained.intensity == IntensityNormalization("percentiles", 5.0, 95.0, low, high)
     saved = tmp_path / "checkpoints" / proximity.MODEL_NAME / INTENSITY_FILE

@@ -162,6 +162,7 @@ def test_candidates_to_labels_windows_and_metric():
     """Generated candidates flow through labelling, windows and the CREMI metric."""
     from synjax.evaluation import partners as pm
     from synjax.io import segment_ids_at
+    from synjax.pipelines.partners import candidate_pairs
     from synjax.postprocess.candidates import generate_candidates
 
     seg = np.zeros((4, 16, 20), np.uint64)
@@ -181,7 +182,7 @@ def test_candidates_to_labels_windows_and_metric():
     win = pw.extract_windows(raw, prox, seg, found, window_shape=(4, 8, 8))
     # Centre (0, 6, 9.5) rounds to x = 10, so the window's centre column is post.
     assert win[0, 2, 4, 4, pw.CHANNEL_POST] == 1.0 and win[0, 2, 4, 3, pw.CHANNEL_PRE] == 1.0
-    pred = pm.PartnerPairs.from_candidates(found, RESOLUTION)
+    pred = candidate_pairs(found, RESOLUTION)
     pred = pm.PartnerPairs(
         segment_ids_at(gt, pred.pre_locations, RESOLUTION),
         segment_ids_at(gt, pred.post_locations, RESOLUTION),
@@ -229,13 +230,16 @@ def _pruner_config(method="dtype", steps=2):
                 "features": (2, 2, 2, 2, 2),
                 "pools": ((1, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)),
                 "dense_features": 4,
-                "batch_size": 4,
-                "steps": steps,
-                "learning_rate": 1e-3,
-                "log_every": 0,
-                "checkpoint_every": steps,
-                "keep_checkpoints": 1,
-                "num_devices": 1,
+                "train": {
+                    "batch_size": 4,
+                    "steps": steps,
+                    "learning_rate": 1e-3,
+                    "log_every": 0,
+                    "checkpoint_every": steps,
+                    "keep_checkpoints": 1,
+                    "num_devices": 1,
+                    "label_distance_nm": 400.0,
+                },
             },
         }
     )
@@ -283,44 +287,46 @@ def test_windows_identical_for_copies_and_only_windows_read():
 
 def test_scores_identical_for_uint16_and_float_copies(fast_compile):
     from synjax.data.intensity import DTYPE_RANGE, TrainedParams
-    from synjax.pipelines import pruner
+    from synjax.stages import pruner
 
     config = _pruner_config()
     raw, prox, seg, cands = _pruner_volumes()
-    model = pruner.pruning_model(config)
+    model = pruner.PrunerStage.from_config(config).model()
     params = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, *PRUNER_WINDOW, 4)))["params"]
     trained = TrainedParams(params, DTYPE_RANGE)
     scores = {
-        dtype: pruner.score_candidates(config, trained, copy, prox, seg, cands)
+        dtype: pruner.PrunerStage.from_config(config).score(trained, copy, prox, seg, cands)
         for dtype, copy in _copies(raw).items()
     }
     assert scores["uint8"].shape == (len(cands),) and np.ptp(scores["uint8"]) > 0
     for dtype in ("uint16", "float32"):
         np.testing.assert_array_equal(scores[dtype], scores["uint8"])
     with pytest.raises(TypeError, match="TrainedParams"):
-        pruner.score_candidates(config, params, raw, prox, seg, cands)
+        pruner.PrunerStage.from_config(config).score(params, raw, prox, seg, cands)
 
 
 def test_trained_pruner_saves_its_normalization_and_loading_reapplies_it(tmp_path, fast_compile):
     from synjax.data.intensity import INTENSITY_FILE, IntensityNormalization
-    from synjax.pipelines import pruner
+    from synjax.stages import pruner
 
     config = _pruner_config("percentiles")
     raw, prox, seg, cands = _pruner_volumes()
     labels = np.arange(len(cands)) % 3 == 0
-    trained = pruner.train_pruner(config, raw, prox, seg, cands, labels, tmp_path)
+    trained = pruner.PrunerStage.from_config(config).train(raw, prox, seg, cands, labels, tmp_path)
     low, high = np.percentile(raw, [2.0, 98.0], method="nearest")
     assert trained.intensity == IntensityNormalization("percentiles", 2.0, 98.0, low, high)
     folder = tmp_path / "checkpoints" / pruner.MODEL_NAME
     # orbax keeps its step folder beside the file and still finds the step.
     assert sorted(p.name for p in folder.iterdir()) == ["2", INTENSITY_FILE]
-    loaded = pruner.load_pruner_params(config, tmp_path)
+    loaded = pruner.PrunerStage.from_config(config).load(tmp_path)
     assert loaded.intensity == trained.intensity
     # The saved percentiles are re-applied, never re-measured on the volume
     # scored: against uint8 percentiles a uint16 copy saturates, scores change.
     u16 = raw.astype(np.uint16) * 257
-    same = pruner.score_candidates(config, loaded, raw, prox, seg, cands)
+    same = pruner.PrunerStage.from_config(config).score(loaded, raw, prox, seg, cands)
     np.testing.assert_array_equal(
-        same, pruner.score_candidates(config, trained, raw, prox, seg, cands)
+        same, pruner.PrunerStage.from_config(config).score(trained, raw, prox, seg, cands)
     )
-    assert not np.array_equal(pruner.score_candidates(config, loaded, u16, prox, seg, cands), same)
+    assert not np.array_equal(
+        pruner.PrunerStage.from_config(config).score(loaded, u16, prox, seg, cands), same
+    )

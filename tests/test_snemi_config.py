@@ -15,7 +15,8 @@ import tifffile
 
 from synjax.errors import ConfigError, DataError
 from synjax.io import open_volume
-from synjax.pipelines import boundary_models, neuron_data, neurons
+from synjax.pipelines import neuron_data, neurons
+from synjax.stages import boundary_models
 from tests.conftest import REPO_ROOT
 
 SNEMI = REPO_ROOT / "configs" / "snemi.py"
@@ -138,7 +139,7 @@ def test_ensemble_uses_the_3d_net_only_on_the_misaligned_slices(
     # s1_l3, s1_c3, s1_c5 (every slice), s5_c3 (misaligned slices only).
     fns = [_constant(p) for p in (0.2, 0.3, 0.4, s5_value)]
     raw = np.zeros((5, 16, 16), np.uint8)
-    got = boundary_models.predict_ensemble(config, tmp_path, raw, fns)
+    got = boundary_models.BoundaryEnsembleStage.from_config(config).predict(tmp_path, raw, fns)
     per_slice = np.broadcast_to(np.float32(expected)[:, None, None], raw.shape)
     np.testing.assert_allclose(got, per_slice, rtol=1e-6)
 
@@ -278,5 +279,7 @@ def test_slice_lists_are_left_out_on_other_volumes(tmp_path):
     config.data.misaligned_slices = (1, 30)
     fns = [_constant(p) for p in (0.2, 0.3, 0.4, 0.9)]
     raw = np.zeros((5, 16, 16), np.uint8)
-    got = boundary_models.predict_ensemble(config, tmp_path, raw, fns, slice_lists=False)
+    got = boundary_models.BoundaryEnsembleStage.from_config(config).predict(
+        tmp_path, raw, fns, slice_lists=False
+    )
     np.testing.assert_allclose(got, np.full(raw.shape, 0.4, np.float32), rtol=1e-6)

@@ -6,7 +6,7 @@ import pytest
 
 from synjax.data import synthetic, synthetic_em
 from synjax.errors import ConfigError, DataError
-from synjax.io.cremi import partner_table
+from synjax.io.cremi import SynapseSummary, partner_table, synapse_pairs, synapse_summary
 from synjax.io.cremi_volume import (
     CREMI_BACKGROUND,
     POSTSYNAPTIC_SITE,
@@ -86,7 +86,7 @@ def test_em_same_seed_same_volume_different_seed_differs(small_volume):
 
 
 def test_dyadic_and_polyadic_present_by_default(default_volume):
-    summary = synthetic.synapse_summary(default_volume)
+    summary = synapse_summary(default_volume)
     assert len(summary) >= 6
     n_posts = [len(s.post_segments) for s in summary]
     assert 1 in n_posts
@@ -97,9 +97,9 @@ def test_dyadic_and_polyadic_present_by_default(default_volume):
 
 def test_polyadic_fraction_extremes():
     dyadic = synthetic.make_em_volume(SMALL_SHAPE, seed=1, n_synapses=3, polyadic_fraction=0.0)
-    assert all(not s.polyadic for s in synthetic.synapse_summary(dyadic))
+    assert all(not s.polyadic for s in synapse_summary(dyadic))
     poly = synthetic.make_em_volume(SMALL_SHAPE, seed=1, n_synapses=3, polyadic_fraction=1.0)
-    summary = synthetic.synapse_summary(poly)
+    summary = synapse_summary(poly)
     assert summary and all(s.polyadic for s in summary)
 
 
@@ -107,7 +107,7 @@ def test_polyadic_fraction_extremes():
 def test_partners_are_touching_neurons(fixture, request):
     volume = request.getfixturevalue(fixture)
     touching = _touching_pairs(volume.neuron_ids)
-    pairs = synthetic.synapse_pairs(synthetic.synapse_summary(volume))
+    pairs = synapse_pairs(synapse_summary(volume))
     assert len(pairs)
     for _, pre, post in pairs.tolist():
         assert pre != post and (pre, post) in touching
@@ -117,7 +117,7 @@ def test_partners_are_touching_neurons(fixture, request):
 def test_every_cleft_voxel_lies_between_pre_and_a_post(fixture, request):
     """Cleft voxel: in pre or a post, with pre and a post among itself + 6 face neighbours."""
     volume = request.getfixturevalue(fixture)
-    summary = synthetic.synapse_summary(volume)
+    summary = synapse_summary(volume)
     labelled = volume.clefts != CREMI_BACKGROUND
     assert set(np.unique(volume.clefts[labelled]).tolist()) == {s.cleft_id for s in summary}
     for s in summary:
@@ -139,7 +139,7 @@ def test_sites_inside_their_neurons_near_the_cleft(fixture, request):
     assert len(np.unique(ann.ids)) == len(ann.ids)
     type_of = dict(zip(ann.ids.tolist(), ann.types.tolist(), strict=True))
     sites = _site_voxels(volume)
-    for s in synthetic.synapse_summary(volume):
+    for s in synapse_summary(volume):
         assert type_of[s.pre_annotation] == PRESYNAPTIC_SITE
         cleft_nm = np.argwhere(volume.clefts == s.cleft_id) * RES
         # The segment under each site is a partner the cleft itself touches.
@@ -183,7 +183,7 @@ def test_cleft_darker_than_cytoplasm_and_cues_show_direction(default_volume):
     dist = edt.edt(~cleft_mask, anisotropy=tuple(RES), black_border=False)
     pre_near = np.zeros(v.raw.shape, bool)
     post_near = np.zeros(v.raw.shape, bool)
-    for s in synthetic.synapse_summary(v):
+    for s in synapse_summary(v):
         near = dist <= 200.0
         pre_near |= near & (v.neuron_ids == s.pre_segment)
         post_near |= near & np.isin(v.neuron_ids, s.post_segments)
@@ -209,17 +209,17 @@ def test_unknown_setting_and_bad_arguments_raise():
 
 def test_summary_needs_ground_truth():
     with pytest.raises(DataError, match="annotations"):
-        synthetic.synapse_summary(CremiVolume(raw=None, resolution=(40.0, 4.0, 4.0)))
+        synapse_summary(CremiVolume(raw=None, resolution=(40.0, 4.0, 4.0)))
 
 
 def test_synapse_pairs_rows():
     summary = [
-        synthetic.SynapseSummary(3, 7, (8,), 1, (2,), False),
-        synthetic.SynapseSummary(5, 9, (1, 2), 3, (4, 6), True),
+        SynapseSummary(3, 7, (8,), 1, (2,), False),
+        SynapseSummary(5, 9, (1, 2), 3, (4, 6), True),
     ]
     expected = [[3, 7, 8], [5, 9, 1], [5, 9, 2]]
-    assert synthetic.synapse_pairs(summary).tolist() == expected
-    assert synthetic.synapse_pairs([]).shape == (0, 3)
+    assert synapse_pairs(summary).tolist() == expected
+    assert synapse_pairs([]).shape == (0, 3)
 
 
 def test_summary_on_hand_made_volume():
@@ -234,7 +234,7 @@ def test_summary_on_hand_made_volume():
         partners=np.array([[10, 11]], np.uint64),
     )
     volume = CremiVolume(None, (40.0, 4.0, 4.0), (100.0, 0.0, 0.0), labels, clefts, ann)
-    (s,) = synthetic.synapse_summary(volume)
+    (s,) = synapse_summary(volume)
     assert (s.cleft_id, s.pre_segment, s.post_segments, s.polyadic) == (9, 1, (2,), False)
 
 
@@ -252,7 +252,7 @@ def test_summary_rounds_half_voxels_up_like_partner_table():
         partners=np.array([[10, 11]], np.uint64),
     )
     volume = CremiVolume(None, (40.0, 4.0, 4.0), (0.0, 0.0, 0.0), labels, clefts, ann)
-    (s,) = synthetic.synapse_summary(volume)
+    (s,) = synapse_summary(volume)
     assert (s.pre_segment, s.post_segments) == (2, (1,))
     table = partner_table(volume)
     assert (table["pre_segment"].tolist(), table["post_segment"].tolist()) == ([2], [1])

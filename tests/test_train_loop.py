@@ -15,7 +15,8 @@ from tensorboardX.proto import event_pb2
 
 from synjax.errors import ConfigError, SynjaxError
 from synjax.train.checkpoint import checkpoint_dir, restore_params
-from synjax.train.loop import NonFiniteLossError, TrainSettings, train
+from synjax.train.loop import NonFiniteLossError, train
+from synjax.train.settings import TrainSettings
 from synjax.train.state import make_optimizer, make_schedule
 
 BATCH = 4

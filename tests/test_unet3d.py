@@ -11,10 +11,11 @@ import optax
 import pytest
 
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import Box
 from synjax.models import (
     PReLU,
     UNet3D,
-    UNet3DConfig,
+    UNet3DSettings,
     weighted_mse,
     weighted_softmax_cross_entropy,
 )
@@ -33,7 +34,7 @@ PAPER_INPUT = (32, 316, 316)
 PAPER_OUTPUT = (4, 228, 228)
 
 # Depth 2 with a z-flat first level and z pooling at the second one.
-SMALL = UNet3DConfig(
+SMALL = UNet3DSettings(
     depth=2,
     base_features=2,
     pool_factors=((1, 2, 2), (2, 2, 2)),
@@ -49,7 +50,7 @@ def abstract_output(config, spatial, channels=1, batch=1, dtype=jnp.float32):
 
 
 def test_paper_config_shape():
-    cfg = UNet3DConfig()
+    cfg = UNet3DSettings()
     assert cfg.output_shape(PAPER_INPUT) == PAPER_OUTPUT
     out = abstract_output(cfg, PAPER_INPUT)
     assert out.shape == (1, *PAPER_OUTPUT, 1)
@@ -79,7 +80,7 @@ def test_valid_input_shape_is_smallest():
 
 
 def test_box_mapping_matches_output_shape():
-    cfg = UNet3DConfig()
+    cfg = UNet3DSettings()
     context = cfg.required_context()
     assert context == (14, 44, 44)
     out_box = ((10, 100, 200), (14, 328, 428))
@@ -95,10 +96,10 @@ def test_box_mapping_matches_output_shape():
 
 
 def test_same_padding_keeps_shape_and_box():
-    cfg = UNet3DConfig(depth=2, base_features=2, padding="SAME", upsample="resize_conv")
+    cfg = UNet3DSettings(depth=2, base_features=2, padding="SAME", upsample="resize_conv")
     assert cfg.output_shape((4, 16, 12)) == (4, 16, 12)
     assert cfg.required_context() == (0, 0, 0)
-    assert cfg.input_box_for(((0, 0, 0), (4, 16, 12))) == ((0, 0, 0), (4, 16, 12))
+    assert cfg.input_box_for(((0, 0, 0), (4, 16, 12))) == Box((0, 0, 0), (4, 16, 12))
     with pytest.raises(ConfigError):
         cfg.output_shape((4, 16, 14))  # 14 does not pool twice by 2
     model = UNet3D(cfg)
@@ -109,11 +110,11 @@ def test_same_padding_keeps_shape_and_box():
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="pool_factors"):
-        UNet3DConfig(depth=2, pool_factors=((1, 2, 2),))
+        UNet3DSettings(depth=2, pool_factors=((1, 2, 2),))
     with pytest.raises(ConfigError, match="odd"):
-        UNet3DConfig(depth=1, pool_factors=((1, 2, 2),), conv_kernels=((2, 3, 3), (3, 3, 3)))
+        UNet3DSettings(depth=1, pool_factors=((1, 2, 2),), conv_kernels=((2, 3, 3), (3, 3, 3)))
     with pytest.raises(ConfigError, match="padding"):
-        UNet3DConfig(padding="valid")
+        UNet3DSettings(padding="valid")
 
 
 def test_prelu_per_channel_by_hand():
@@ -159,13 +160,13 @@ def test_weighted_softmax_cross_entropy_by_hand():
 
 
 def test_bfloat16_compute():
-    cfg = UNet3DConfig(depth=1, base_features=2, pool_factors=((1, 2, 2),), dtype=jnp.bfloat16)
+    cfg = UNet3DSettings(depth=1, base_features=2, pool_factors=((1, 2, 2),), dtype=jnp.bfloat16)
     out = abstract_output(cfg, cfg.valid_input_shape((1, 4, 4)))
     assert out.dtype == jnp.bfloat16
 
 
 def test_train_step_lowers_loss():
-    cfg = UNet3DConfig(
+    cfg = UNet3DSettings(
         depth=1,
         base_features=4,
         pool_factors=((1, 2, 2),),

@@ -114,7 +114,9 @@ def test_bad_arguments():
 def test_grid_search_finds_best_pair():
     image, gt = _two_cubes(noise=0.05)
     sigmas, hs = (0.0, 1.0), (0.01, 0.2, 0.35)
-    best_sigma, best_h, table = grid_search(image, gt, sigmas, hs, rescale=False)
+    best_sigma, best_h, table = grid_search(
+        image, gt, sigmas, hs, metric=adapted_rand_error, rescale=False
+    )
     assert [(row.sigma, row.h) for row in table] == [(s, h) for s in sigmas for h in hs]
     for row in table:
         expected = adapted_rand_error(segment(image, row.sigma, row.h, rescale=False), gt).error
@@ -131,8 +133,13 @@ def test_grid_search_finds_best_pair():
 def test_grid_search_over_several_volumes():
     volumes = [_two_cubes(noise=0.05, seed=seed) for seed in (1, 2)]
     _, best_h, table = grid_search(
-        [v[0] for v in volumes], [v[1] for v in volumes], (0.0,), (0.2, 0.35), rescale=False
+        [v[0] for v in volumes],
+        [v[1] for v in volumes],
+        (0.0,),
+        (0.2, 0.35),
+        metric=adapted_rand_error,
+        rescale=False,
     )
     assert best_h == 0.2 and len(table) == 2
     with pytest.raises(DataError, match="ground truths"):
-        grid_search([volumes[0][0]], [], (0.0,), (0.2,))
+        grid_search([volumes[0][0]], [], (0.0,), (0.2,), metric=adapted_rand_error)

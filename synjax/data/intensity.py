@@ -37,13 +37,12 @@ import numpy as np
 from absl import logging
 
 from synjax.errors import ConfigError, DataError
+from synjax.io.layout import INTENSITY_FILE
 from synjax.report import files
 
 DTYPE = "dtype"
 PERCENTILES = "percentiles"
 METHODS = (DTYPE, PERCENTILES)
-# Name of the file saved in a model's checkpoint folder (orbax ignores it).
-INTENSITY_FILE = "intensity.json"
 # Percentiles are measured on at most this many voxels of the training volume.
 MAX_STATISTICS_VOXELS = 4_000_000
 CONFIG_KEY = "config.data.intensity"

@@ -17,10 +17,10 @@ import numpy as np
 from synjax.data.augment import AugmentSettings, augment
 from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, normalize_intensity
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import SPATIAL_DIMS, Box
 from synjax.io.cremi_volume import CREMI_BACKGROUND
 
 INPUT_KEY = "input"
-SPATIAL_DIMS = 3
 
 
 def is_positive(values: np.ndarray) -> np.ndarray:
@@ -46,7 +46,7 @@ def center_crop(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     i.e. what a valid-padding network removes.
     """
     start = [(size - out) // 2 for size, out in zip(array.shape[:SPATIAL_DIMS], shape, strict=True)]
-    return array[tuple(slice(s, s + out) for s, out in zip(start, shape, strict=True))]
+    return array[Box.at(start, shape).slices()]
 
 
 class PatchSampler:
@@ -188,10 +188,7 @@ class PatchSampler:
         if mask_key is None and positive_key is None:
             return np.zeros((0,), np.int64)
         lo = [p // 2 for p in self.input_shape]
-        box = tuple(
-            slice(start, start + n)
-            for start, n in zip(lo, _box_of(source, self.input_shape), strict=True)
-        )
+        box = Box.at(lo, _box_of(source, self.input_shape)).slices()
         allowed = None
         for key in (mask_key, positive_key):
             if key is not None:
@@ -235,7 +232,7 @@ class PatchSampler:
           other key centre-cropped to `output_shape`, `[z, y, x]` or
           `[z, y, x, c]` in its stored dtype.
         """
-        window = tuple(slice(o, o + p) for o, p in zip(origin, self.input_shape, strict=True))
+        window = Box.at(origin, self.input_shape).slices()
         patch = {key: np.asarray(array[window]) for key, array in self.sources[index].items()}
         for key in self.input_keys:
             patch[key] = normalize_intensity(

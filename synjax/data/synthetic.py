@@ -36,7 +36,8 @@ from synjax.data.synthetic_fluorescence import (
     FluorescenceSyntheticSettings,
     make_fluorescence_volume,
 )
-from synjax.errors import ConfigError, DataError
+from synjax.errors import ConfigError
+from synjax.geometry import voxel_size
 from synjax.io.cremi_volume import (
     CREMI_BACKGROUND,
     POSTSYNAPTIC_SITE,
@@ -44,17 +45,13 @@ from synjax.io.cremi_volume import (
     Annotations,
     CremiVolume,
 )
-from synjax.io.voxels import world_to_voxel
 
 __all__ = [
     "EMSyntheticSettings",
     "FluorescenceSyntheticSettings",
-    "SynapseSummary",
     "make_em_volume",
     "make_fluorescence_volume",
     "save_em_volume",
-    "synapse_pairs",
-    "synapse_summary",
 ]
 
 _log = logging.getLogger(__name__)
@@ -68,27 +65,6 @@ _MITO_SYNAPSE_CLEARANCE_NM = 300.0
 _SITE_DEPTH_CAP_NM = 40.0
 _MITO_RIM_Q = 0.8
 _MITO_TRIES = 50
-
-
-@dataclasses.dataclass(frozen=True)
-class SynapseSummary:
-    """One synapse as seen through a volume's ground truth.
-
-    Attributes:
-      cleft_id: id in `clefts`.
-      pre_segment: presynaptic neuron id.
-      post_segments: postsynaptic neuron ids, in annotation order.
-      pre_annotation: id of the presynaptic site annotation.
-      post_annotations: ids of the postsynaptic site annotations.
-      polyadic: more than one postsynaptic partner.
-    """
-
-    cleft_id: int
-    pre_segment: int
-    post_segments: tuple[int, ...]
-    pre_annotation: int
-    post_annotations: tuple[int, ...]
-    polyadic: bool
 
 
 def _settings_from(settings: EMSyntheticSettings | None, overrides: dict) -> EMSyntheticSettings:
@@ -105,8 +81,7 @@ def _settings_from(settings: EMSyntheticSettings | None, overrides: dict) -> EMS
 def _check_geometry(shape: Sequence[int], resolution: Sequence[float]) -> None:
     if len(shape) != 3 or min(shape) < 2:
         raise ConfigError(f"shape {tuple(shape)}: expected 3 sizes (z, y, x), each >= 2")
-    if len(resolution) != 3 or min(resolution) <= 0:
-        raise ConfigError(f"resolution {tuple(resolution)}: expected 3 positive sizes in nm")
+    voxel_size(resolution)
 
 
 def _texture(rng, labels, resolution, s: EMSyntheticSettings) -> np.ndarray:
@@ -376,66 +351,3 @@ def save_em_volume(path, volume: CremiVolume) -> None:
     from synjax.io.cremi import write_cremi
 
     write_cremi(path, volume)
-
-
-def synapse_summary(volume: CremiVolume) -> list[SynapseSummary]:
-    """Synapses of a volume from its annotations, segmentation and clefts.
-
-    Works on any CREMI volume with `neuron_ids`, `clefts` and `annotations`
-    (not only synthetic ones): each presynaptic annotation with partners is one
-    synapse; segments are the neuron ids under the sites, and the cleft is the
-    cleft instance nearest the presynaptic site.
-
-    Returns:
-      One `SynapseSummary` per presynaptic annotation, in annotation order.
-
-    Raises:
-      DataError: the volume lacks annotations, neuron_ids or clefts, or a site
-        lies outside the volume.
-    """
-    ann = volume.annotations
-    if ann is None or volume.neuron_ids is None or volume.clefts is None:
-        raise DataError("synapse_summary needs a volume with annotations, neuron_ids and clefts")
-    res = np.asarray(volume.resolution, np.float64)
-    voxels = world_to_voxel(ann.locations, res, volume.offset)
-    if voxels.size and (
-        (voxels < 0).any() or (voxels >= np.asarray(volume.neuron_ids.shape)).any()
-    ):
-        raise DataError("synapse_summary: annotation locations lie outside the volume")
-    segment_of = dict(
-        zip(ann.ids.tolist(), volume.neuron_ids[tuple(voxels.T)].tolist(), strict=True)
-    )
-    row_of = {a: i for i, a in enumerate(ann.ids.tolist())}
-    cleft_voxels = np.stack(np.nonzero(volume.clefts != CREMI_BACKGROUND), axis=1)
-    cleft_tree = cKDTree(cleft_voxels * res) if len(cleft_voxels) else None
-
-    out = []
-    for pre in ann.ids[ann.types == PRESYNAPTIC_SITE].tolist():
-        posts = tuple(ann.partners[ann.partners[:, 0] == pre, 1].tolist())
-        if not posts:
-            continue
-        cleft_id = -1
-        if cleft_tree is not None:
-            _, nearest = cleft_tree.query(voxels[row_of[pre]] * res)
-            cleft_id = int(volume.clefts[tuple(cleft_voxels[nearest])])
-        out.append(
-            SynapseSummary(
-                cleft_id=cleft_id,
-                pre_segment=int(segment_of[pre]),
-                post_segments=tuple(int(segment_of[p]) for p in posts),
-                pre_annotation=int(pre),
-                post_annotations=posts,
-                polyadic=len(posts) > 1,
-            )
-        )
-    return out
-
-
-def synapse_pairs(summary: Sequence[SynapseSummary]) -> np.ndarray:
-    """[m, 3] int64 rows (cleft id, pre segment, post segment), one per partner.
-
-    The column order matches `synjax.targets.signed_proximity` (PAIR_CLEFT,
-    PAIR_PRE, PAIR_POST).
-    """
-    rows = [(x.cleft_id, x.pre_segment, post) for x in summary for post in x.post_segments]
-    return np.asarray(rows, np.int64).reshape(-1, 3)

@@ -26,6 +26,8 @@ import fastremap
 import numpy as np
 from scipy.spatial import cKDTree
 
+from synjax.geometry import Box
+
 # Axes of the in-plane face neighbours (y, x) on which clefts are drawn; z faces
 # between sections are excluded so that clefts are lines in every section, as
 # annotators draw them in anisotropic ssTEM.
@@ -334,9 +336,7 @@ def box_around(
 ) -> tuple[slice, ...]:
     """Slices of the bounding box of `voxels` ([k, 3] indices) grown by `reach_nm`, clipped."""
     grow = np.ceil(reach_nm / resolution).astype(int)
-    lo = np.maximum(voxels.min(axis=0) - grow, 0)
-    hi = np.minimum(voxels.max(axis=0) + grow + 1, shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    return Box.bounding(voxels).pad(grow).intersect(Box.from_shape(shape)).slices()
 
 
 def local_box(center: np.ndarray, half_nm: float, resolution: np.ndarray, shape) -> tuple:

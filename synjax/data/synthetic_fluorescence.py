@@ -18,6 +18,7 @@ import scipy.ndimage
 from scipy.spatial import cKDTree
 
 from synjax.errors import ConfigError
+from synjax.geometry import spatial_triple, voxel_size
 
 # Each voxel considers this many nearest puncta centres; more than any voxel
 # can overlap at the supported densities.
@@ -99,10 +100,8 @@ def make_fluorescence_volume(
     if density is not None:
         overrides["density"] = density
     s = dataclasses.replace(s, **overrides)
-    if len(shape) != 3 or min(shape) < 1 or len(resolution) != 3 or min(resolution) <= 0:
-        raise ConfigError(
-            f"shape {tuple(shape)} / resolution {tuple(resolution)}: expected 3 positive sizes each"
-        )
+    spatial_triple(shape, "shape")
+    voxel_size(resolution)
     if s.density < 0:
         raise ConfigError(f"density={s.density}: expected puncta per um^3 >= 0")
     shape = tuple(int(n) for n in shape)

@@ -53,6 +53,7 @@ from skimage.feature import (
 )
 
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import voxel_size
 
 # Ilastik's default scales are 0.3, 0.7, 1.0, 1.6, 3.5, 5.0, 10.0; puncta are
 # about 5 in-plane voxels across (0.5 um at 96 nm), so the middle ones matter.
@@ -82,13 +83,6 @@ FEATURES_PER_SCALE = (
 )
 
 
-def _check_resolution(resolution: Sequence[float]) -> np.ndarray:
-    res = np.asarray(resolution, np.float64)
-    if res.shape != (3,) or not np.all(np.isfinite(res)) or res.min() <= 0:
-        raise ConfigError(f"resolution {tuple(resolution)}: expected 3 positive nm sizes, z-y-x")
-    return res
-
-
 def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     scales = tuple(float(s) for s in scales)
     if not scales or min(scales) <= 0 or not all(np.isfinite(scales)):
@@ -106,7 +100,7 @@ def sigmas_per_axis(scale: float, resolution: Sequence[float]) -> tuple[float, f
     Returns:
         `(sigma_z, sigma_y, sigma_x)` = `scale * min(resolution) / resolution`.
     """
-    res = _check_resolution(resolution)
+    res = voxel_size(resolution)
     return tuple(float(s) for s in scale * res.min() / res)
 
 
@@ -183,7 +177,7 @@ def voxel_features(
     if not np.all(np.isfinite(image)):
         raise DataError("voxel features: the image holds NaN or infinite values")
     scales = _check_scales(scales)
-    res = _check_resolution(resolution)
+    res = voxel_size(resolution)
     spacing = res / res.min()
 
     out = np.empty((*image.shape, len(FEATURES_PER_SCALE) * len(scales)), np.float32)

@@ -1,43 +1,42 @@
-"""3D detection ops as XLA programs: anchors, box coding, IoU, matching, NMS, ROIAlign, proposals.
+"""Detection: 3D Mask R-CNN's parts as Flax modules (FPN, RPN head, box and mask
+heads) and fixed-shape JAX ops (anchors, box coding, IoU, matching, NMS, ROIAlign,
+proposals; padded outputs with validity masks, boxes (z0, y0, x0, z1, y1, x1) in voxels).
 
-Fixed shapes inside `jax.jit` (padded outputs with validity masks), batched with
-`jax.vmap`; boxes are (z0, y0, x0, z1, y1, x1) in voxels. These ops import only
-jax, numpy and `synjax.errors`.
+On the level of models: may import io, data, targets and models. Names are
+re-exported lazily (JAX).
 """
 
-from synjax.detection.anchors import cartesian_sizes, level_anchors, pyramid_anchors
-from synjax.detection.box_coder import (
-    DEFAULT_SCALE_CLAMP,
-    DEFAULT_WEIGHTS,
-    centres_and_sizes,
-    clip_boxes,
-    decode_boxes,
-    encode_boxes,
-)
-from synjax.detection.iou import box_volume, pairwise_intersection, pairwise_iou
-from synjax.detection.matcher import match, sample_labels
-from synjax.detection.nms import nms
-from synjax.detection.proposals import select_proposals
-from synjax.detection.roi_align import assign_levels, multilevel_roi_align, roi_align
+from synjax.lazy import lazy_exports
 
-__all__ = [
-    "DEFAULT_SCALE_CLAMP",
-    "DEFAULT_WEIGHTS",
-    "assign_levels",
-    "box_volume",
-    "cartesian_sizes",
-    "centres_and_sizes",
-    "clip_boxes",
-    "decode_boxes",
-    "encode_boxes",
-    "level_anchors",
-    "match",
-    "multilevel_roi_align",
-    "nms",
-    "pairwise_intersection",
-    "pairwise_iou",
-    "pyramid_anchors",
-    "roi_align",
-    "sample_labels",
-    "select_proposals",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "BoxHead": "heads",
+        "BoxHeadSettings": "heads",
+        "DEFAULT_SCALE_CLAMP": "box_coder",
+        "DEFAULT_WEIGHTS": "box_coder",
+        "FPN3D": "fpn",
+        "FPNSettings": "fpn",
+        "MaskHead": "heads",
+        "MaskHeadSettings": "heads",
+        "RPNHead": "rpn",
+        "RPNSettings": "rpn",
+        "assign_levels": "roi_align",
+        "box_volume": "iou",
+        "cartesian_sizes": "anchors",
+        "centres_and_sizes": "box_coder",
+        "clip_boxes": "box_coder",
+        "decode_boxes": "box_coder",
+        "encode_boxes": "box_coder",
+        "level_anchors": "anchors",
+        "match": "matcher",
+        "multilevel_roi_align": "roi_align",
+        "nms": "nms",
+        "pairwise_intersection": "iou",
+        "pairwise_iou": "iou",
+        "pyramid_anchors": "anchors",
+        "roi_align": "roi_align",
+        "sample_labels": "matcher",
+        "select_proposals": "proposals",
+    },
+)

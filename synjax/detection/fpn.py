@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import Triple, spatial_triple
 from synjax.models.conv import Conv3D
-from synjax.models.resnet3d import Triple, spatial_triple
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,8 +35,9 @@ import jax
 
 from synjax.detection.rpn import BOX_DIM
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import Triple, spatial_triple
 from synjax.models.conv import IMPLEMENTATIONS, Conv3D, ConvTranspose3D
-from synjax.models.resnet3d import HE_NORMAL, Triple, group_norm, spatial_triple
+from synjax.models.resnet3d import HE_NORMAL, group_norm
 
 # detectron2's initial spreads of the predictors: class scores near uniform,
 # box deltas near zero (the proposals), mask logits near zero.

@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import Triple, spatial_triple
 from synjax.models.conv import Conv3D
-from synjax.models.resnet3d import Triple, spatial_triple
 
 # Values per 3D box delta: centre offsets and log sizes along z, y and x.
 BOX_DIM = 6

@@ -36,17 +36,13 @@ empty truth is perfect and a PR curve starts at precision 1.
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from synjax.errors import DataError
-from synjax.io.atomic import atomic_open
 from synjax.io.voxels import inside_volume, segment_ids_at
-from synjax.postprocess.candidates import Candidates
 
 CREMI_MATCHING_THRESHOLD_NM = 400.0
 DEFAULT_SAME_IDS_DISTANCE_NM = 400.0
@@ -101,27 +97,6 @@ class PartnerPairs:
             self.pre_locations[index],
             self.post_locations[index],
             self.scores[index],
-        )
-
-    @classmethod
-    def from_candidates(
-        cls,
-        candidates: Candidates,
-        resolution: Sequence[float],
-        offset: Sequence[float] = (0.0, 0.0, 0.0),
-        scores: np.ndarray | None = None,
-    ) -> PartnerPairs:
-        """Pairs from candidates: their closest points in nm, shifted by `offset`.
-
-        `scores` (e.g. pruning probabilities) default to the candidates' own.
-        """
-        res, off = np.asarray(resolution, np.float64), np.asarray(offset, np.float64)
-        return cls(
-            candidates.pre_segment,
-            candidates.post_segment,
-            candidates.pre_point * res + off,
-            candidates.post_point * res + off,
-            candidates.score if scores is None else scores,
         )
 
 
@@ -472,33 +447,3 @@ def precision_recall_curve(
         best_threshold=float(values[best]),
         best_fscore=float(stats[best, 2]),
     )
-
-
-def plot_precision_recall(
-    curve: PrecisionRecallCurve, path: str | os.PathLike, title: str = "synaptic partners"
-) -> pathlib.Path:
-    """Writes the curve as a PNG, atomically (`synjax.io.atomic`: temporary file, fsync, rename).
-
-    Returns:
-      The path written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = pathlib.Path(path)
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(curve.recall, curve.precision, marker=".", label="precision / recall")
-    best = int(np.argmax(curve.thresholds == curve.best_threshold))
-    ax.plot(
-        curve.recall[best],
-        curve.precision[best],
-        "o",
-        label=f"best F {curve.best_fscore:.3f} at {curve.best_threshold:.3g}",
-    )
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title=title)
-    ax.legend(loc="lower left")
-    with atomic_open(path, "wb") as stream:
-        fig.savefig(stream, format="png", dpi=100)
-    return path

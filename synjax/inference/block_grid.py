@@ -14,12 +14,8 @@ the same chunk).
 Each block's input box is its output box grown by ``context`` voxels on each
 side, which is what a valid-padding network needs:
 ``context = (input_shape - output_shape) // 2``. Input voxels outside the volume
-are filled by ``pad_mode``:
-
-* ``"reflect"``: mirror about the edge voxel without repeating it
-  (numpy's ``reflect``, scipy.ndimage's ``mirror``): ``[a b c | b a]``.
-* ``"edge"``: repeat the edge voxel (scipy.ndimage's ``nearest``).
-* ``"zero"``: zeros (scipy.ndimage's ``constant`` with ``cval=0``).
+are filled by ``pad_mode`` (``synjax.geometry.read_padded``: "reflect",
+"edge" or "zero").
 
 Block ids are the C-order (z slowest, x fastest) linear indices of the block
 positions, so they are stable for a given volume and block shape.
@@ -34,19 +30,7 @@ from typing import Any
 import numpy as np
 
 from synjax.errors import ConfigError
-
-PAD_MODES = ("reflect", "edge", "zero")
-SPATIAL_DIMS = 3
-
-
-def _triple(value: Sequence[int] | int, name: str, minimum: int) -> tuple[int, int, int]:
-    """Returns ``value`` as three ints >= ``minimum``; an int is used on all axes."""
-    if isinstance(value, int | np.integer):
-        value = (int(value),) * SPATIAL_DIMS
-    value = tuple(int(v) for v in value)
-    if len(value) != SPATIAL_DIMS or min(value) < minimum:
-        raise ConfigError(f"BlockGrid {name}={value}: expected 3 ints (z, y, x) >= {minimum}")
-    return value  # type: ignore[return-value]
+from synjax.geometry import PAD_MODES, Box, spatial_triple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +50,10 @@ class BlockGrid:
     pad_mode: str = "reflect"
 
     def __post_init__(self):
-        object.__setattr__(self, "volume_shape", _triple(self.volume_shape, "volume_shape", 1))
-        object.__setattr__(self, "block_shape", _triple(self.block_shape, "block_shape", 1))
-        object.__setattr__(self, "context", _triple(self.context, "context", 0))
+        for name, minimum in (("volume_shape", 1), ("block_shape", 1), ("context", 0)):
+            value = getattr(self, name)
+            triple = spatial_triple(value, f"BlockGrid {name}", minimum, broadcast=True)
+            object.__setattr__(self, name, triple)
         if self.pad_mode not in PAD_MODES:
             raise ConfigError(f"BlockGrid pad_mode={self.pad_mode!r}: expected one of {PAD_MODES}")
 
@@ -89,7 +74,7 @@ class BlockGrid:
             even and non-negative on every axis (the output is centred).
           pad_mode: See the module docstring.
         """
-        diff = np.subtract(_triple(input_shape, "input_shape", 1), output_shape)
+        diff = np.subtract(spatial_triple(input_shape, "BlockGrid input_shape", 1), output_shape)
         if np.any(diff < 0) or np.any(diff % 2):
             raise ConfigError(
                 f"BlockGrid input_shape={tuple(input_shape)} output_shape={tuple(output_shape)}: "
@@ -123,24 +108,21 @@ class BlockGrid:
         self._check_id(block_id)
         return tuple(int(i) for i in np.unravel_index(block_id, self.grid_shape))
 
-    def block_start(self, block_id: int) -> np.ndarray:
-        """Output-box start ``[3]`` (voxels) of a block, before cropping."""
-        return np.multiply(self.block_index(block_id), self.block_shape)
+    def block_box(self, block_id: int) -> Box:
+        """Output box of a block before cropping: ``block_shape`` at its grid position."""
+        return Box.at(np.multiply(self.block_index(block_id), self.block_shape), self.block_shape)
 
     def output_box(self, block_id: int) -> tuple[slice, slice, slice]:
         """Slices of the volume that this block writes (cropped to the volume)."""
-        start = self.block_start(block_id)
-        stop = np.minimum(start + self.block_shape, self.volume_shape)
-        return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+        return self.block_box(block_id).intersect(Box.from_shape(self.volume_shape)).slices()
 
     def output_crop(self, block_id: int) -> tuple[slice, slice, slice]:
         """Slices of the block's ``block_shape`` output that lie inside the volume."""
         return tuple(slice(0, s.stop - s.start) for s in self.output_box(block_id))
 
-    def input_box(self, block_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Unclipped input box ``(start [3], stop [3])``; may leave the volume."""
-        start = self.block_start(block_id) - self.context
-        return start, start + self.input_shape
+    def input_box(self, block_id: int) -> Box:
+        """Unclipped input box: the output box grown by ``context``; may leave the volume."""
+        return self.block_box(block_id).pad(self.context)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly description, used to check a manifest belongs to this grid."""
@@ -150,75 +132,3 @@ class BlockGrid:
             "context": list(self.context),
             "pad_mode": self.pad_mode,
         }
-
-
-def _source_indices(start: int, stop: int, size: int, pad_mode: str) -> np.ndarray:
-    """Maps positions ``[start, stop)`` on one axis to in-volume indices.
-
-    Args:
-      start: First position, may be negative.
-      stop: One past the last position, may exceed ``size``.
-      size: Length of the volume along this axis.
-      pad_mode: ``"reflect"`` or ``"edge"``.
-
-    Returns:
-      ``[stop - start]`` int indices in ``[0, size)``.
-    """
-    idx = np.arange(start, stop)
-    if pad_mode == "edge" or size == 1:
-        return np.clip(idx, 0, size - 1)
-    # Mirror without repeating the edge is periodic with period 2 * (size - 1),
-    # so any pad width (even one larger than the volume) maps correctly.
-    period = 2 * (size - 1)
-    idx = np.abs(idx) % period
-    return np.where(idx >= size, period - idx, idx)
-
-
-def read_padded(
-    source: Any,
-    start: Sequence[int],
-    stop: Sequence[int],
-    pad_mode: str = "reflect",
-) -> np.ndarray:
-    """Reads the box ``[start, stop)`` of ``source``, padding outside the volume.
-
-    Only the part of ``source`` that the box (and, for reflection, its mirror
-    image) touches is read, so ``source`` may be a lazy on-disk volume.
-
-    Args:
-      source: ``[z, y, x]`` or ``[z, y, x, channels]`` array-like with ``.shape``
-        and numpy slicing.
-      start: Box start ``[3]``; may be negative.
-      stop: Box stop ``[3]``; may exceed the volume.
-      pad_mode: One of ``PAD_MODES``.
-
-    Returns:
-      ``[stop - start]`` spatial array (plus the channel axis of ``source``), in
-      the dtype of ``source``.
-    """
-    if pad_mode not in PAD_MODES:
-        raise ConfigError(f"read_padded pad_mode={pad_mode!r}: expected one of {PAD_MODES}")
-    size = np.asarray(source.shape[:SPATIAL_DIMS])
-    start = np.asarray(start, dtype=np.int64)
-    stop = np.asarray(stop, dtype=np.int64)
-    lo = np.clip(start, 0, size)
-    hi = np.clip(stop, 0, size)
-    if np.all(lo == start) and np.all(hi == stop):
-        return np.asarray(source[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))])
-
-    if pad_mode == "zero":
-        out_shape = tuple(stop - start) + tuple(source.shape[SPATIAL_DIMS:])
-        out = np.zeros(out_shape, dtype=source.dtype)
-        if np.all(hi > lo):
-            read = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-            into = tuple(slice(a, b) for a, b in zip(lo - start, hi - start, strict=True))
-            out[into] = np.asarray(source[read])
-        return out
-
-    indices = [
-        _source_indices(int(a), int(b), int(n), pad_mode)
-        for a, b, n in zip(start, stop, size, strict=True)
-    ]
-    read = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
-    local = np.asarray(source[read])
-    return local[np.ix_(*(i - s.start for i, s in zip(indices, read, strict=True)))]

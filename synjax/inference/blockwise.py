@@ -60,7 +60,8 @@ from typing import Any
 import numpy as np
 
 from synjax.errors import ConfigError, DataError
-from synjax.inference.block_grid import SPATIAL_DIMS, BlockGrid, read_padded
+from synjax.geometry import SPATIAL_DIMS, read_padded
+from synjax.inference.block_grid import BlockGrid
 from synjax.io.atomic import write_text_atomic
 from synjax.io.provenance import differences, plain
 from synjax.report.progress import progress_bar
@@ -328,7 +329,7 @@ class _BlockJob:
         grid, dest = self.grid, self.dest
         for first in range(0, len(block_ids), self.batch_size):
             ids = list(block_ids[first : first + self.batch_size])
-            inputs = [read_padded(self.source, *grid.input_box(i), grid.pad_mode) for i in ids]
+            inputs = [read_padded(self.source, grid.input_box(i), grid.pad_mode) for i in ids]
             if self.pad_batches:
                 inputs += inputs[-1:] * (self.batch_size - len(inputs))
             batch = np.stack(inputs)

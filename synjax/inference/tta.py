@@ -12,7 +12,7 @@ Arrays are channels-last with y and x at axes -3 and -2:
   slice).
 
 Rotations by 90 and 270 degrees swap y and x, so they need y == x: pad to a
-square (as `synjax.inference.predict` does) or use `TRANSFORMS_NO_TRANSPOSE`
+square (as `synjax.inference.slicewise` does) or use `TRANSFORMS_NO_TRANSPOSE`
 (the 8 transforms with rotations by 0 and 180 only).
 """
 

@@ -1,12 +1,15 @@
-"""Checks of the values read from a volume, shared by every loader.
+"""Checks of input files and of the values read from them, shared by every loader.
 
-A single NaN in a raw EM volume spreads through smoothing, watersheds and
-networks and ends as an empty result with no hint of why; loaders call
-`require_finite` right after reading so that the file and dataset are named
-instead.
+`require_file` names the config key, the dataset and where to download it when
+a file named by a config is absent. A single NaN in a raw EM volume spreads
+through smoothing, watersheds and networks and ends as an empty result with
+no hint of why; loaders call `require_finite` right after reading so that the
+file and dataset are named instead.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -14,6 +17,30 @@ from synjax.errors import DataError
 
 # dtype kinds that can hold NaN or infinity: floating and complex.
 _INEXACT_KINDS = "fc"
+
+
+def require_file(path: str, key: str, dataset: str, published_at: str) -> str:
+    """Checks that a dataset file named by a config field exists.
+
+    Args:
+      path: the file path from the config, optionally with `:/dataset`.
+      key: the config key that holds the path, e.g. "config.data.train_path".
+      dataset: the dataset's name, e.g. "CREMI sample A".
+      published_at: where a user can download it.
+
+    Returns:
+      The path unchanged.
+
+    Raises:
+      DataError: the file does not exist.
+    """
+    file_part = path.split(":/", 1)[0] if path else path
+    if not file_part or not os.path.exists(file_part):
+        raise DataError(
+            f"{key}={path!r}: {dataset} not found; download it from {published_at} "
+            f"and set {key} to its path"
+        )
+    return path
 
 
 def require_finite(array: np.ndarray, where: str) -> np.ndarray:

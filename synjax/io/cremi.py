@@ -1,4 +1,4 @@
-"""CREMI HDF5 files: read, write (atomically), clefts and partner tables.
+"""CREMI HDF5 files: read, write (atomically), clefts, partner tables and synapses.
 
 The layout follows the CREMI challenge's own reader/writer
 (cremi/cremi_python, `cremi/io/CremiFile.py`):
@@ -15,17 +15,22 @@ The layout follows the CREMI challenge's own reader/writer
 - the root attribute `file_format` = "0.2".
 
 `CremiVolume.annotations.locations` are in the world frame (annotation offset
-added), the frame of the volumes' `offset`.
+added), the frame of the volumes' `offset`. `synapse_summary` reads the
+ground truth of any such volume, file or synthetic, as one record per synapse.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 
 import h5py
 import numpy as np
+from scipy.spatial import cKDTree
 
 from synjax.errors import DataError
+from synjax.geometry import SPATIAL_DIMS, Box
 from synjax.io.atomic import atomic_path
 from synjax.io.cremi_volume import (
     CREMI_BACKGROUND,
@@ -35,7 +40,7 @@ from synjax.io.cremi_volume import (
     CremiVolume,
 )
 from synjax.io.file_volumes import hdf5_error_line, list_hdf5_datasets, open_hdf5_file
-from synjax.io.volume_base import SPATIAL_DIMS, as_triple
+from synjax.io.volume_base import as_triple
 from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
 
 RAW = "volumes/raw"
@@ -178,16 +183,20 @@ def _raw_in_frame(
                 f"{path}: /{RAW} resolution {raw_resolution} differs from labels' {resolution}"
             )
         return raw[()]
-    start = (np.asarray(offset) - np.asarray(raw_offset)) / np.asarray(resolution)
-    stop = start + np.asarray(shape)
-    aligned = np.allclose(start, np.round(start))
-    if raw_resolution != resolution or not aligned or np.any(start < 0) or np.any(stop > raw.shape):
+    try:
+        box = Box.from_nm(offset, shape, resolution, raw_offset)
+    except DataError:
+        box = None  # not on raw's voxel grid
+    if (
+        raw_resolution != resolution
+        or box is None
+        or box.intersect(Box.from_shape(raw.shape)) != box
+    ):
         raise DataError(
             f"{path}: labels of shape {shape} at offset {offset} nm do not lie on the voxel grid "
             f"inside /{RAW} (shape {raw.shape}, offset {raw_offset}, resolution {raw_resolution})"
         )
-    box = tuple(slice(int(a), int(b)) for a, b in zip(np.round(start), np.round(stop), strict=True))
-    return raw[box]
+    return raw[box.slices()]
 
 
 def _check_annotations(annotations: Annotations, path: str) -> None:
@@ -374,3 +383,85 @@ def partner_table(volume: CremiVolume) -> dict[str, np.ndarray]:
         table[f"{side}_segment"] = segments
         table[f"{side}_inside"] = inside
     return table
+
+
+@dataclasses.dataclass(frozen=True)
+class SynapseSummary:
+    """One synapse as seen through a volume's ground truth.
+
+    Attributes:
+      cleft_id: id in `clefts`.
+      pre_segment: presynaptic neuron id.
+      post_segments: postsynaptic neuron ids, in annotation order.
+      pre_annotation: id of the presynaptic site annotation.
+      post_annotations: ids of the postsynaptic site annotations.
+      polyadic: more than one postsynaptic partner.
+    """
+
+    cleft_id: int
+    pre_segment: int
+    post_segments: tuple[int, ...]
+    pre_annotation: int
+    post_annotations: tuple[int, ...]
+    polyadic: bool
+
+
+def synapse_summary(volume: CremiVolume) -> list[SynapseSummary]:
+    """Synapses of a volume from its annotations, segmentation and clefts.
+
+    Works on any CREMI volume with `neuron_ids`, `clefts` and `annotations`
+    (not only synthetic ones): each presynaptic annotation with partners is one
+    synapse; segments are the neuron ids under the sites, and the cleft is the
+    cleft instance nearest the presynaptic site.
+
+    Returns:
+      One `SynapseSummary` per presynaptic annotation, in annotation order.
+
+    Raises:
+      DataError: the volume lacks annotations, neuron_ids or clefts, or a site
+        lies outside the volume.
+    """
+    ann = volume.annotations
+    if ann is None or volume.neuron_ids is None or volume.clefts is None:
+        raise DataError("synapse_summary needs a volume with annotations, neuron_ids and clefts")
+    res = np.asarray(volume.resolution, np.float64)
+    voxels = world_to_voxel(ann.locations, res, volume.offset)
+    if not np.all(inside_volume(voxels, volume.neuron_ids.shape)):
+        raise DataError("synapse_summary: annotation locations lie outside the volume")
+    segment_of = dict(
+        zip(ann.ids.tolist(), volume.neuron_ids[tuple(voxels.T)].tolist(), strict=True)
+    )
+    row_of = {a: i for i, a in enumerate(ann.ids.tolist())}
+    cleft_voxels = np.stack(np.nonzero(volume.clefts != CREMI_BACKGROUND), axis=1)
+    cleft_tree = cKDTree(cleft_voxels * res) if len(cleft_voxels) else None
+
+    out = []
+    for pre in ann.ids[ann.types == PRESYNAPTIC_SITE].tolist():
+        posts = tuple(ann.partners[ann.partners[:, 0] == pre, 1].tolist())
+        if not posts:
+            continue
+        cleft_id = -1
+        if cleft_tree is not None:
+            _, nearest = cleft_tree.query(voxels[row_of[pre]] * res)
+            cleft_id = int(volume.clefts[tuple(cleft_voxels[nearest])])
+        out.append(
+            SynapseSummary(
+                cleft_id=cleft_id,
+                pre_segment=int(segment_of[pre]),
+                post_segments=tuple(int(segment_of[p]) for p in posts),
+                pre_annotation=int(pre),
+                post_annotations=posts,
+                polyadic=len(posts) > 1,
+            )
+        )
+    return out
+
+
+def synapse_pairs(summary: Sequence[SynapseSummary]) -> np.ndarray:
+    """[m, 3] int64 rows (cleft id, pre segment, post segment), one per partner.
+
+    The column order matches `synjax.targets.signed_proximity` (PAIR_CLEFT,
+    PAIR_PRE, PAIR_POST).
+    """
+    rows = [(x.cleft_id, x.pre_segment, post) for x in summary for post in x.post_segments]
+    return np.asarray(rows, np.int64).reshape(-1, 3)

@@ -20,9 +20,10 @@ import numpy as np
 import tifffile
 
 from synjax.errors import DataError
+from synjax.geometry import SPATIAL_DIMS, Box
 from synjax.io.atomic import fsync_path
 from synjax.io.tensorstore_volume import NM_PER_UNIT
-from synjax.io.volume_base import DEFAULT_OFFSET, DEFAULT_RESOLUTION, SPATIAL_DIMS, Box, Volume
+from synjax.io.volume_base import DEFAULT_OFFSET, DEFAULT_RESOLUTION, Volume
 
 # ImageJ writes these spellings of micrometre into its metadata.
 IMAGEJ_UNIT_ALIASES = {"micron": "um", "microns": "um", "\\u00B5m": "um"}
@@ -106,16 +107,16 @@ class Hdf5Volume(Volume):
 
     def _read(self, box: Box) -> np.ndarray:
         try:
-            return self._dataset[tuple(slice(start, stop) for start, stop in box)]
+            return self._dataset[box.slices()]
         except OSError as error:
             # e.g. a damaged compressed chunk: "filter returned failure during read".
             raise DataError(
-                f"{self.path}: cannot read region {[list(b) for b in box]} "
+                f"{self.path}: cannot read region {[list(b) for b in zip(*box, strict=True)]} "
                 f"(truncated or corrupt file?): {hdf5_error_line(error)}"
             ) from None
 
     def _write(self, box: Box, block: np.ndarray) -> None:
-        self._dataset[tuple(slice(start, stop) for start, stop in box)] = block
+        self._dataset[box.slices()] = block
 
     def flush(self) -> None:
         """Makes every write so far durable: HDF5's caches to the file, the file to the disk.
@@ -217,10 +218,10 @@ class TiffVolume(Volume):
         )
 
     def _read(self, box: Box) -> np.ndarray:
-        (z0, z1), *plane = box
-        crop = tuple(slice(start, stop) for start, stop in plane)
+        zs, *plane = box.slices()
         # Loops over sections only: each page is decoded whole, then cropped.
-        return np.stack([self._tif.pages[z].asarray()[crop] for z in range(z0, z1)])
+        pages = range(zs.start, zs.stop)
+        return np.stack([self._tif.pages[z].asarray()[tuple(plane)] for z in pages])
 
     def close(self) -> None:
         self._tif.close()

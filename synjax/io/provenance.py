@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from synjax.geometry import Box
+
 # Volumes up to this size are hashed in full (16 MiB: a fraction of a second).
 FULL_HASH_BYTES = 1 << 24
 # Larger volumes: this many boxes of at most SAMPLE_EDGE voxels per axis.
@@ -109,10 +111,7 @@ def sample_boxes(
     if count >= 2:
         fractions[1] = 1.0
     starts = np.round(fractions * span).astype(np.int64)
-    return [
-        tuple(slice(int(a), int(a) + b) for a, b in zip(start, size, strict=True))
-        for start in starts
-    ]
+    return [Box.at(start, size).slices() for start in starts]
 
 
 def input_fingerprint(

@@ -26,7 +26,8 @@ import numpy as np
 import tensorstore as ts
 
 from synjax.errors import DataError
-from synjax.io.volume_base import DEFAULT_RESOLUTION, SPATIAL_DIMS, Box, Volume
+from synjax.geometry import SPATIAL_DIMS, Box
+from synjax.io.volume_base import DEFAULT_RESOLUTION, Volume
 
 # Metadata objects that mark an existing array or group at a path.
 ZARR2_ARRAY, ZARR2_GROUP, ZARR3_NODE = ".zarray", ".zgroup", "zarr.json"
@@ -57,12 +58,10 @@ class TensorStoreVolume(Volume):
         return self._store
 
     def _read(self, box: Box) -> np.ndarray:
-        region = tuple(slice(start, stop) for start, stop in box)
-        return self._store[region].read().result()
+        return self._store[box.slices()].read().result()
 
     def _write(self, box: Box, block: np.ndarray) -> None:
-        region = tuple(slice(start, stop) for start, stop in box)
-        self._store[region].write(block).result()
+        self._store[box.slices()].write(block).result()
 
 
 def kvstore_for(location: str) -> dict | str:

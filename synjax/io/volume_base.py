@@ -15,15 +15,12 @@ from typing import Any
 import numpy as np
 
 from synjax.errors import DataError
+from synjax.geometry import SPATIAL_DIMS, Box
 from synjax.io.voxels import world_to_voxel
 
 # Physical size of a voxel (nm, z-y-x) when a source does not say.
 DEFAULT_RESOLUTION = (1.0, 1.0, 1.0)
 DEFAULT_OFFSET = (0.0, 0.0, 0.0)
-SPATIAL_DIMS = 3
-
-# Box: one (start, stop) pair per axis, 0 <= start <= stop <= size.
-Box = tuple[tuple[int, int], ...]
 
 
 def as_triple(values: Any, what: str, source: str) -> tuple[float, float, float]:
@@ -74,8 +71,8 @@ def normalize_index(key: Any, shape: Sequence[int], source: str) -> tuple[Box, t
       source: printable name of the volume, for error messages.
 
     Returns:
-      `(box, squeezed)`: the `(start, stop)` per axis and the axes that were
-      indexed by an int (dropped from the result, as numpy does).
+      `(box, squeezed)`: the `Box` over all axes (inside `shape`) and the
+      axes that were indexed by an int (dropped from the result, as numpy does).
     """
     items = key if isinstance(key, tuple) else (key,)
     ndim = len(shape)
@@ -98,7 +95,7 @@ def normalize_index(key: Any, shape: Sequence[int], source: str) -> tuple[Box, t
             f"{source}: region {_format_index(key)} is outside the volume of shape {tuple(shape)}"
         )
 
-    box, squeezed = [], []
+    starts, stops, squeezed = [], [], []
     for axis, (item, size) in enumerate(zip(items, shape, strict=True)):
         if isinstance(item, slice):
             if item.step not in (None, 1):
@@ -109,19 +106,21 @@ def normalize_index(key: Any, shape: Sequence[int], source: str) -> tuple[Box, t
             start = _axis_bound(item.start, 0, size, outside, source)
             stop = _axis_bound(item.stop, size, size, outside, source)
             # An empty range (stop before start) reads as empty, as in numpy.
-            box.append((start, max(start, stop)))
+            starts.append(start)
+            stops.append(max(start, stop))
         elif isinstance(item, int | np.integer) and not isinstance(item, bool | np.bool_):
             index = int(item) + size if item < 0 else int(item)
             if not 0 <= index < size:
                 raise outside()
-            box.append((index, index + 1))
+            starts.append(index)
+            stops.append(index + 1)
             squeezed.append(axis)
         else:
             raise DataError(
                 f"{source}: index {_format_index(key)} is not supported; use ints and "
                 "slices with step 1"
             )
-    return tuple(box), tuple(squeezed)
+    return Box(tuple(starts), tuple(stops)), tuple(squeezed)
 
 
 def _axis_bound(value: Any, default: int, size: int, outside, source: str) -> int:
@@ -228,8 +227,8 @@ class Volume(abc.ABC):
 
     def __getitem__(self, key: Any) -> np.ndarray:
         box, squeezed = normalize_index(key, self.shape, self.path)
-        if any(start == stop for start, stop in box):
-            data = np.zeros([stop - start for start, stop in box], self.dtype)
+        if box.is_empty():
+            data = np.zeros(box.shape, self.dtype)
         else:
             data = np.asarray(self._read(box), dtype=self.dtype)
         return data.squeeze(axis=squeezed) if squeezed else data
@@ -238,7 +237,7 @@ class Volume(abc.ABC):
         if not self.writable:
             raise DataError(f"{self.path} is open read-only; open it with mode='r+' to write")
         box, squeezed = normalize_index(key, self.shape, self.path)
-        region_shape = tuple(stop - start for start, stop in box)
+        region_shape = box.shape
         kept_shape = tuple(n for axis, n in enumerate(region_shape) if axis not in squeezed)
         where = f"{self.path} region {_format_index(key)}"
         array = cast_for_write(block, self.dtype, kept_shape, where).reshape(region_shape)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from synjax.errors import DataError
+from synjax.geometry import SPATIAL_DIMS
 from synjax.io.file_volumes import (
     Hdf5Volume,
     TiffVolume,
@@ -33,7 +34,7 @@ from synjax.io.file_volumes import (
     open_hdf5_file,
 )
 from synjax.io.tensorstore_volume import create_path_volume, open_path_volume, open_spec_volume
-from synjax.io.volume_base import SPATIAL_DIMS, Volume, as_triple
+from synjax.io.volume_base import Volume, as_triple
 
 PRECOMPUTED_PREFIX = "precomputed://"
 MODES = ("r", "r+")

@@ -31,8 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from synjax.errors import DataError
-
-ZYX = 3
+from synjax.geometry import SPATIAL_DIMS
 
 
 def nearest_voxel(positions: np.ndarray) -> np.ndarray:
@@ -65,7 +64,8 @@ def world_to_voxel(
     locations = np.asarray(locations_nm, np.float64)
     res = np.asarray(resolution, np.float64).reshape(-1)
     off = np.asarray(offset, np.float64).reshape(-1)
-    if locations.shape[-1:] != (ZYX,) or res.shape != (ZYX,) or off.shape != (ZYX,):
+    triple = (SPATIAL_DIMS,)
+    if locations.shape[-1:] != triple or res.shape != triple or off.shape != triple:
         raise DataError(
             f"world_to_voxel: locations {locations.shape}, resolution {res.shape}, offset "
             f"{off.shape}: expected [..., 3], 3 and 3 values (z, y, x)"
@@ -78,7 +78,7 @@ def world_to_voxel(
 def inside_volume(voxels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """[...] bool: whether each voxel index [..., 3] lies in a volume of `shape`."""
     voxels = np.asarray(voxels)
-    return np.all((voxels >= 0) & (voxels < np.asarray(shape[:ZYX])), axis=-1)
+    return np.all((voxels >= 0) & (voxels < np.asarray(shape[:SPATIAL_DIMS])), axis=-1)
 
 
 def segment_ids_at(
@@ -101,7 +101,7 @@ def segment_ids_at(
       [n] labels in `segmentation`'s dtype.
     """
     segmentation = np.asarray(segmentation)
-    voxels = world_to_voxel(np.reshape(locations_nm, (-1, ZYX)), resolution, offset)
+    voxels = world_to_voxel(np.reshape(locations_nm, (-1, SPATIAL_DIMS)), resolution, offset)
     inside = inside_volume(voxels, segmentation.shape)
     ids = np.full(len(voxels), outside, dtype=segmentation.dtype)
     ids[inside] = segmentation[tuple(voxels[inside].T)]

@@ -24,10 +24,10 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from synjax.errors import ConfigError
+from synjax.geometry import SPATIAL_DIMS, spatial_triple
 
 IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "native")
 PADDINGS = ("SAME", "VALID")
-SPATIAL_DIMS = 3
 # Layouts of lax.conv_general_dilated: channels last, kernel spatial-in-out,
 # as nn.Conv uses.
 _DIMENSION_NUMBERS_2D = ("NHWC", "HWIO", "NHWC")
@@ -204,9 +204,7 @@ class Conv3D(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """Args: x [batch, z, y, x, c]. Returns [batch, z', y', x', features]."""
-        kernel_size = tuple(int(k) for k in self.kernel_size)
-        if len(kernel_size) != SPATIAL_DIMS or min(kernel_size) < 1:
-            raise ConfigError(f"kernel_size={self.kernel_size}; expected three positive integers")
+        kernel_size = spatial_triple(self.kernel_size, "kernel_size")
         padding = self.padding.upper() if isinstance(self.padding, str) else self.padding
         if padding not in PADDINGS:
             raise ConfigError(f"padding={self.padding!r}; expected one of {PADDINGS}")
@@ -283,9 +281,7 @@ class ConvTranspose3D(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """Args: x [batch, z, y, x, c]. Returns [batch, z*fz, y*fy, x*fx, features]."""
-        factors = tuple(int(f) for f in self.factors)
-        if len(factors) != SPATIAL_DIMS or min(factors) < 1:
-            raise ConfigError(f"factors={self.factors}; expected three positive integers")
+        factors = spatial_triple(self.factors, "factors")
         kernel = self.param(
             "kernel", self.kernel_init, (*factors, x.shape[-1], self.features), self.param_dtype
         )

@@ -11,7 +11,7 @@ The network predicts, for the centre slice of a short stack of `s` EM slices
 * **Inception-residual contracting path** (Inception-ResNet-v2 modules A, B, C
   between stride-2 reductions), four stride-2 steps in all: the total pooling
   factor is `TOTAL_STRIDE` = 16, so input y and x must be multiples of 16
-  (`pad_to_multiple` pads, `crop_to` crops back).
+  (`synjax.inference.slicewise` pads whole slices to them).
 * **Pyramid dilated deconvolutions.** Four skip features (1/2, 1/4, 1/8, 1/16
   resolution) are each reduced by a 1x1 conv and brought back to full
   resolution by transposed convs with stride f, kernel 2f and several kernel
@@ -26,13 +26,11 @@ read as a softmax; `boundary_probability` gives channel `BOUNDARY_CLASS`.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from synjax.errors import ConfigError, DataError
 
@@ -202,7 +200,7 @@ class DeepEM3DNet(nn.Module):
         if x.shape[2] % TOTAL_STRIDE or x.shape[3] % TOTAL_STRIDE:
             raise DataError(
                 f"DeepEM3DNet input yx {x.shape[2:4]}: expected multiples of {TOTAL_STRIDE} "
-                "(use pad_to_multiple)"
+                "(pad them, e.g. with synjax.inference.slicewise.pad_end)"
             )
         w = self._w
         kz1, kz2 = s.z_kernels
@@ -263,7 +261,7 @@ def make_apply_fn(model: DeepEM3DNet, variables) -> Callable[[jax.Array], jax.Ar
     """Inference function `[batch, s, y, x, 1] -> boundary probability [batch, y, x, 1]`.
 
     The returned closure is what `synjax.inference.tta` and
-    `synjax.inference.predict` take; keep one object per model so that its
+    `synjax.inference.slicewise` take; keep one object per model so that its
     compiled form is reused.
     """
 
@@ -271,74 +269,3 @@ def make_apply_fn(model: DeepEM3DNet, variables) -> Callable[[jax.Array], jax.Ar
         return boundary_probability(model.apply(variables, x, train=False))
 
     return apply_fn
-
-
-def class_weights_from_labels(labels, num_classes: int = 2) -> np.ndarray:
-    """Class weights inversely proportional to class frequency.
-
-    `w_c = 1 / (num_classes * freq_c)`, so that `sum_c freq_c * w_c = 1` (the
-    weighted loss keeps the scale of the unweighted one). Absent classes get 0.
-
-    Args:
-      labels: int array of any shape, values in [0, num_classes).
-
-    Returns:
-      float32 `[num_classes]`.
-    """
-    counts = np.bincount(np.asarray(labels).ravel(), minlength=num_classes)[:num_classes]
-    freq = counts / max(counts.sum(), 1)
-    with np.errstate(divide="ignore"):
-        weights = np.where(counts > 0, 1.0 / (num_classes * freq), 0.0)
-    return weights.astype(np.float32)
-
-
-def weighted_softmax_ce(
-    logits: jax.Array, labels: jax.Array, class_weights: jax.Array | Sequence[float]
-) -> jax.Array:
-    """Class-weighted softmax cross-entropy, averaged over pixels.
-
-    Args:
-      logits: `[..., C]` float.
-      labels: `[...]` int class indices.
-      class_weights: `[C]` weight per class (see `class_weights_from_labels`).
-
-    Returns:
-      scalar `mean(w[label] * -log softmax(logits)[label])`.
-    """
-    weights = jnp.asarray(class_weights, jnp.float32)
-    if weights.shape != (logits.shape[-1],):
-        raise DataError(
-            f"class_weights shape {weights.shape}: expected ({logits.shape[-1]},) for the logits"
-        )
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.mean(weights[labels] * nll)
-
-
-def pad_to_multiple(x, multiple: int = TOTAL_STRIDE, axes: Sequence[int] = (-3, -2)):
-    """Reflect-pad `axes` of a numpy array up to multiples of `multiple`.
-
-    The padding goes after the data (end of each axis), so `crop_to` undoes it.
-
-    Args:
-      x: array, e.g. `[batch, s, y, x, 1]` (default axes are y and x).
-
-    Returns:
-      (padded array, original sizes of `axes`).
-    """
-    x = np.asarray(x)
-    sizes = tuple(x.shape[a] for a in axes)
-    for a, n in zip(axes, sizes, strict=True):
-        pad = [(0, 0)] * x.ndim
-        pad[a] = (0, math.ceil(n / multiple) * multiple - n)
-        # reflect needs >= 2 samples; a single row is simply repeated.
-        x = np.pad(x, pad, mode="reflect" if n > 1 else "edge")
-    return x, sizes
-
-
-def crop_to(x, sizes: Sequence[int], axes: Sequence[int] = (-3, -2)):
-    """Crop `axes` of `x` to `sizes` (keeps the start), undoing `pad_to_multiple`."""
-    index = [slice(None)] * x.ndim
-    for a, n in zip(axes, sizes, strict=True):
-        index[a] = slice(0, n)
-    return x[tuple(index)]

@@ -1,14 +1,20 @@
-"""Voxel-wise losses of the synaptic-partner U-Nets.
+"""Voxel-wise losses of synjax's networks, computed in float32 whatever their dtype.
 
-Both losses are weighted means: sum(w * loss) / sum(w), computed in float32
-whatever the network's dtype, so `balanced_weights` sets each class's share of
-the loss without changing its scale.
+`weighted_mse` and `weighted_softmax_cross_entropy` take a weight per voxel
+and are weighted means, sum(w * loss) / sum(w), so that `balanced_weights`
+sets each class's share of the loss without changing its scale.
+`class_weighted_softmax_cross_entropy` takes a weight per class (DeepEM3D's
+boundary nets, with `synjax.targets.boundaries.class_weights`) and is the
+plain mean of w[label] * loss. Both cross-entropies share one per-voxel
+negative log-likelihood (`softmax_nll`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import jax
 import jax.numpy as jnp
-import optax
 
 from synjax.errors import DataError
 
@@ -52,6 +58,20 @@ def weighted_mse(
     return _weighted_mean(sq, weights)
 
 
+def softmax_nll(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """Per-voxel `-log softmax(logits)[label]`, in float32.
+
+    Args:
+      logits: `[..., classes]` any float dtype.
+      labels: `[...]` integer classes.
+
+    Returns:
+      float32 `[...]`.
+    """
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
 def weighted_softmax_cross_entropy(
     logits: jnp.ndarray, labels: jnp.ndarray, weights: jnp.ndarray | None = None
 ) -> jnp.ndarray:
@@ -69,7 +89,27 @@ def weighted_softmax_cross_entropy(
         raise DataError(f"labels has shape {labels.shape}; expected {logits.shape[:-1]}")
     if weights is not None and weights.shape != labels.shape:
         raise DataError(f"weights has shape {weights.shape}; expected {labels.shape}")
-    per_voxel = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels.astype(jnp.int32)
-    )
-    return _weighted_mean(per_voxel, weights)
+    return _weighted_mean(softmax_nll(logits, labels), weights)
+
+
+def class_weighted_softmax_cross_entropy(
+    logits: jnp.ndarray, labels: jnp.ndarray, class_weights: jnp.ndarray | Sequence[float]
+) -> jnp.ndarray:
+    """Class-weighted softmax cross-entropy, averaged over voxels (DeepEM3D's loss).
+
+    Args:
+      logits: `[..., C]` any float dtype.
+      labels: `[...]` integer classes.
+      class_weights: `[C]` weight per class
+        (`synjax.targets.boundaries.class_weights`).
+
+    Returns:
+      Scalar float32 `mean(w[label] * -log softmax(logits)[label])`.
+    """
+    weights = jnp.asarray(class_weights, jnp.float32)
+    if weights.shape != (logits.shape[-1],):
+        raise DataError(
+            f"class_weights shape {weights.shape}: expected ({logits.shape[-1]},) for the logits"
+        )
+    nll = softmax_nll(logits, labels)
+    return jnp.mean(weights[labels] * nll)

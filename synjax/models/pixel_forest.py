@@ -41,11 +41,9 @@ from sklearn.ensemble import RandomForestClassifier
 
 from synjax.data.voxel_features import DEFAULT_SCALES, feature_halo, voxel_features
 from synjax.errors import ConfigError, DataError
+from synjax.io.layout import FOREST_FILE
 
 log = logging.getLogger(__name__)
-
-# Name of the saved forest inside the workdir.
-FOREST_FILE = "pixel_forest.joblib"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import SPATIAL_DIMS, Triple, spatial_triple
 from synjax.models.conv import Conv3D
 
-SPATIAL_DIMS = 3
 # Names of the feature maps, finest first: stage i (0-based) gives C{i + 2}.
 LEVELS = ("C2", "C3", "C4", "C5")
 # depth -> (block kind, blocks per stage), as in He et al. (2016), Table 1.
@@ -51,19 +50,6 @@ BOTTLENECK_EXPANSION = 4
 # He initialisation (fan out), as torchvision's ResNet: keeps the activation
 # scale through the ReLUs of a deep stack.
 HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-Triple = tuple[int, int, int]
-
-
-def spatial_triple(value: Sequence[int], what: str) -> Triple:
-    """`value` as a (z, y, x) tuple of positive ints; ConfigError naming `what` otherwise."""
-    try:
-        triple = tuple(int(v) for v in value)
-    except TypeError:
-        triple = ()
-    if len(triple) != SPATIAL_DIMS or min(triple) < 1:
-        raise ConfigError(f"{what}={value}; expected three positive integers (z, y, x)")
-    return triple
 
 
 def group_norm(features: int, groups: int, dtype: Any, name: str) -> nn.GroupNorm:

@@ -5,13 +5,13 @@ three max-poolings of (1, 2, 2) (depth 3, four resolution levels), two valid
 3x3x3 convolutions with PReLU per level, features doubling per level,
 up-sampling by (1, 2, 2) with a PReLU'd convolution, crop-and-concat skips and
 a linear 1x1x1 output. With valid padding an input of 32x316x316 (z-y-x) gives
-an output of 4x228x228, which `UNet3DConfig()` reproduces:
+an output of 4x228x228, which `UNet3DSettings()` reproduces:
 
     z: 32 -4-> 28 | 24 | 20 | 16 -> up 16 -4-> 12 -4-> 8 -4-> 4
     y: 316 -4-> 312 /2 156 -4-> 152 /2 76 -4-> 72 /2 36 -4-> 32
          -> x2 64 -4-> 60 -> x2 120 -4-> 116 -> x2 232 -4-> 228
 
-A valid U-Net needs a fixed context around every output voxel; `UNet3DConfig`
+A valid U-Net needs a fixed context around every output voxel; `UNet3DSettings`
 gives the output shape of an input, the input box an output box needs (for
 block-wise prediction) and the smallest valid input for a wanted output.
 """
@@ -26,25 +26,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from synjax.errors import ConfigError
+from synjax.geometry import SPATIAL_DIMS, Box, spatial_triple
 from synjax.models.layers import UPSAMPLE_MODES, ConvBlock, Upsample, center_crop
 
 PADDINGS = ("VALID", "SAME")
-SPATIAL_DIMS = 3
 # Upper bound of the search in `valid_input_shape`: far beyond any volume.
 _MAX_BOTTOM_SIZE = 1 << 16
 
-Box = tuple[tuple[int, int, int], tuple[int, int, int]]
-
-
-def _triple(value: Sequence[int], what: str) -> tuple[int, int, int]:
-    value = tuple(int(v) for v in value)
-    if len(value) != SPATIAL_DIMS or min(value) < 1:
-        raise ConfigError(f"{what}={value}; expected three positive integers (z, y, x)")
-    return value
-
 
 @dataclasses.dataclass(frozen=True)
-class UNet3DConfig:
+class UNet3DSettings:
     """Settings of `UNet3D`; defaults are the paper's proximity regressor.
 
     Attributes:
@@ -84,11 +75,11 @@ class UNet3DConfig:
             )
         pools = self.pool_factors
         pools = ((1, 2, 2),) * self.depth if pools is None else pools
-        pools = tuple(_triple(p, "pool_factors entry") for p in pools)
+        pools = tuple(spatial_triple(p, "pool_factors entry") for p in pools)
         if len(pools) != self.depth:
             raise ConfigError(f"pool_factors has {len(pools)} entries; expected depth={self.depth}")
         kernels = self.conv_kernels or ((3, 3, 3),) * (self.depth + 1)
-        kernels = tuple(_triple(k, "conv_kernels entry") for k in kernels)
+        kernels = tuple(spatial_triple(k, "conv_kernels entry") for k in kernels)
         if len(kernels) != self.depth + 1:
             raise ConfigError(
                 f"conv_kernels has {len(kernels)} entries; expected depth + 1 = {self.depth + 1}"
@@ -166,7 +157,7 @@ class UNet3DConfig:
 
     def valid_input_shape(self, min_output_shape: Sequence[int]) -> tuple[int, int, int]:
         """Smallest valid input (z, y, x) whose output is at least `min_output_shape`."""
-        wanted = _triple(min_output_shape, "min_output_shape")
+        wanted = spatial_triple(min_output_shape, "min_output_shape")
         result = []
         for axis, want in enumerate(wanted):
             # Every valid input is fixed by its size at the coarsest level: walk
@@ -195,24 +186,21 @@ class UNet3DConfig:
         return tuple((i - o) // 2 for i, o in zip(smallest, out, strict=True))
 
     def input_box_for(self, output_box: Box) -> Box:
-        """Input box (start, stop) that yields exactly `output_box` as output.
+        """Input box that yields exactly `output_box` as output.
 
         Args:
-          output_box: ((z0, y0, x0), (z1, y1, x1)) voxel box in volume
-            coordinates, stop exclusive; its shape must be a valid output shape.
+          output_box: voxel box in volume coordinates (a `Box`, or its
+            `(start, stop)`); its shape must be a valid output shape.
 
         Returns:
-          ((z0, y0, x0), (z1, y1, x1)) input box, grown by `required_context()`
-          on each side; it may reach outside the volume (pad there).
+          The input box: `output_box` grown by `required_context()` on each
+          side; it may reach outside the volume (pad there).
         """
-        start, stop = (tuple(int(v) for v in corner) for corner in output_box)
-        shape = tuple(b - a for a, b in zip(start, stop, strict=True))
-        context = self.required_context()
-        in_start = tuple(a - c for a, c in zip(start, context, strict=True))
-        in_stop = tuple(b + c for b, c in zip(stop, context, strict=True))
-        in_shape = tuple(b - a for a, b in zip(in_start, in_stop, strict=True))
+        start, stop = output_box
+        shape = Box(start, stop).shape
+        in_box = Box(start, stop).pad(self.required_context())
         try:
-            valid = self.output_shape(in_shape) == shape
+            valid = self.output_shape(in_box.shape) == shape
         except ConfigError:
             valid = False
         if not valid:
@@ -220,17 +208,17 @@ class UNet3DConfig:
                 f"output box shape {shape} is not an output shape of this U-Net; "
                 f"use output_shape(valid_input_shape({shape})) to pick one"
             )
-        return in_start, in_stop
+        return in_box
 
 
 class UNet3D(nn.Module):
     """3D U-Net with PReLU, crop-and-concat skips and a linear output.
 
     Attributes:
-      config: the network's settings.
+      settings: the network's settings.
     """
 
-    config: UNet3DConfig = UNet3DConfig()
+    settings: UNet3DSettings = UNet3DSettings()
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -238,13 +226,13 @@ class UNet3D(nn.Module):
 
         Args:
           x: [batch, z, y, x, channels] any float dtype; the spatial shape must
-            be valid (see `UNet3DConfig.valid_input_shape`).
+            be valid (see `UNet3DSettings.valid_input_shape`).
 
         Returns:
           [batch, z', y', x', out_channels] linear outputs, z'-y'-x' given by
-          `config.output_shape`; dtype `config.dtype`, or x's when None.
+          `settings.output_shape`; dtype `settings.dtype`, or x's when None.
         """
-        cfg = self.config
+        cfg = self.settings
         expected = cfg.output_shape(x.shape)
         if cfg.dtype is not None:
             x = x.astype(cfg.dtype)

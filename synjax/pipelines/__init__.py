@@ -1,7 +1,12 @@
-"""End-to-end jobs: each module has `run(config, workdir)`.
+"""Pipelines: the end-to-end jobs, their data loaders and the config checks.
 
-Pipelines are imported lazily so that `python -m synjax.main --help` and the
-config checks stay fast.
+`partners.py` (synaptic partners, Parag et al.) and `neurons.py` (DeepEM3D
+neuron segmentation) each define `train(config, workdir)`,
+`load_test(config)`, `predict(config, workdir, test)` and
+`evaluate(config, workdir, test)`; `run` checks the config, then runs the
+phases of `config.mode` in order. May import every package before it (the
+stages included); only `main.py` imports the pipelines. Jobs are imported
+lazily so that `python -m synjax.main --help` and the config checks stay fast.
 """
 
 from __future__ import annotations
@@ -41,5 +46,32 @@ def run(config, workdir: pathlib.Path) -> dict:
     config_checks.check_config(config)
     config_checks.check_input_files(config)
     logging.info("synjax: %s pipeline, mode %s, workdir %s", config.pipeline, config.mode, workdir)
-    module = importlib.import_module(PIPELINES[config.pipeline])
-    return module.run(config, workdir)
+    job = importlib.import_module(PIPELINES[config.pipeline])
+    return run_phases(job, config, pathlib.Path(workdir))
+
+
+def run_phases(job, config, workdir: pathlib.Path) -> dict:
+    """Runs the phases of `config.mode` of one job, in order.
+
+    "train" trains; "predict" and "evaluate" load the test data once and
+    predict, evaluate, or both ("all" does the three in turn).
+
+    Args:
+      job: a pipeline module (`train`, `load_test`, `predict`, `evaluate`).
+      config: the run's config.
+      workdir: the run folder.
+
+    Returns:
+      The metrics of "evaluate", or {} when the mode does not evaluate.
+    """
+    mode = config.mode
+    metrics: dict = {}
+    if mode in ("train", "all"):
+        job.train(config, workdir)
+    if mode in ("predict", "evaluate", "all"):
+        test = job.load_test(config)
+        if mode in ("predict", "all"):
+            job.predict(config, workdir, test)
+        if mode in ("evaluate", "all"):
+            metrics = job.evaluate(config, workdir, test)
+    return metrics

@@ -1,19 +1,28 @@
 """Checks of a whole config, and of the files it names, before any data is read.
 
 Config files are plain Python: a misspelt key (`only_slice` for
-`only_slices`) is silently ignored by code that reads fields with `.get`, and
-a value out of range surfaces only when the stage that uses it runs, maybe
-after an hour of training. `check_config` walks the config against a schema
-of the keys each pipeline reads, with the range of each value, and raises one
-`ConfigError` naming the full key (`config.models[1]: unknown key
+`only_slices`) would be silently ignored by code that reads fields with
+`.get`, and a value out of range surfaces only when the stage that uses it
+runs, maybe after an hour of training. `check_config` walks the config against
+a schema of the keys each pipeline reads, with the range of each value, and
+raises one `ConfigError` naming the full key (`config.models[1]: unknown key
 'only_slice'`). `check_input_files` then opens every input file the run will
 read, so that a missing, truncated or corrupt file is reported at once.
 
-A new config field must be added to the schema here too; the tests run every
-shipped config variant through `check_config`. The value sets below mirror
-library constants (optimizers, kernels, ...) so that these checks stay fast
-(no JAX import: a bad config is reported in a second); a test keeps them
-equal.
+The keys of a block that a stage reads (`config.unet`, `config.train`,
+`config.pruner`, each `config.models` entry, ...) are the fields of its
+settings class (`synjax.stages.settings`, `synjax.train.settings`): the
+schema takes them from there (`settings_block`), required where a field has
+no default, and adds only the range of each value. So a key is declared once,
+in its settings class, and the stages build those classes with the same
+`synjax.settings.from_config`, which refuses unknown keys too. The other
+blocks (data, candidates, watershed, ...) are declared here. A new config
+field goes in its settings class or here; the tests run every shipped config
+variant through `check_config`.
+
+The value sets below mirror library constants (optimizers, kernels, ...) so
+that these checks stay fast (no JAX import: a bad config is reported in a
+second); a test keeps them equal.
 """
 
 from __future__ import annotations
@@ -23,9 +32,19 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from synjax import configlib
 from synjax.errors import ConfigError
 from synjax.io import open_volume
+from synjax.io.checks import require_file
+from synjax.settings import config_fields, is_required, nested_class
+from synjax.stages.settings import (
+    BlockwisePredictSettings,
+    BoundaryModelSettings,
+    BoundaryTrainSettings,
+    ProximityNetworkSettings,
+    ProximityTrainSettings,
+    PrunerSettings,
+    SlicePredictSettings,
+)
 
 # Mirrors of library constants (tests/test_bad_input.py checks they agree).
 OPTIMIZERS = ("adam", "adamw", "sgd")  # synjax.train.state.OPTIMIZERS
@@ -35,8 +54,8 @@ EXECUTORS = ("local", "dask")  # synjax.inference.blockwise.EXECUTORS
 BOUNDARY_KERNELS = ("c3", "c5", "l3")  # synjax.targets.boundaries.KERNELS
 MODEL_SLICES = (1, 3, 5)  # synjax.models.deepem3d.SUPPORTED_SLICES
 DEEPEM3D_STRIDE = 16  # synjax.models.deepem3d.TOTAL_STRIDE
-TILE_OVERLAP = 64  # synjax.inference.predict.DEFAULT_TILE_OVERLAP
-ORIENTATIONS = ("z", "y", "x")  # synjax.inference.predict.ORIENTATIONS
+TILE_OVERLAP = 64  # synjax.inference.slicewise.DEFAULT_TILE_OVERLAP
+ORIENTATIONS = ("z", "y", "x")  # synjax.inference.slicewise.ORIENTATIONS
 PRUNER_CONVS = 5  # synjax.models.pruning.NUM_CONVS
 TTA_COUNTS = (1, 2, 4, 8, 16)
 SMOOTHINGS = ("2d", "3d")
@@ -264,28 +283,56 @@ def orientations() -> Value:
     )
 
 
+ANY = Value(lambda v: True, "any value")
+
+
+def settings_block(cls: type, rules: Mapping[str, Any], required: bool = True) -> Block:
+    """The schema of a block that settings class `cls` reads.
+
+    Args:
+      cls: a settings dataclass; its config fields are the block's keys, and
+        a field without a default is a key the block must hold.
+      rules: the range rule (`Value`) of some of those keys; for a nested
+        block (`synjax.settings.nested`), a mapping of its own rules. Keys
+        without a rule take any value; rules of fields that the class is
+        given elsewhere (`GIVEN`, e.g. a model's steps) are not used.
+      required: whether the block itself must be present.
+
+    Raises:
+      TypeError: a rule names no field of `cls` (a programming error).
+    """
+    fields = config_fields(cls)
+    stray = sorted(set(rules) - {field.name for field in dataclasses.fields(cls)})
+    if stray:
+        raise TypeError(f"config_checks: rules for {stray}, which are no fields of {cls.__name__}")
+    schema: dict[str, Any] = {}
+    for name, field in fields.items():
+        sub = nested_class(field)
+        if sub is not None:
+            schema[name] = settings_block(sub, rules.get(name, {}), is_required(field))
+        else:
+            schema[name] = dataclasses.replace(rules.get(name, ANY), required=is_required(field))
+    return Block(schema, required)
+
+
 # --- Schemas: the keys each pipeline reads ---------------------------------
 
-
-def _train_settings(steps: bool) -> dict[str, Value]:
-    """`synjax.train.loop.TrainSettings` fields that `TrainSettings.from_config` reads."""
-    fields = {
-        "batch_size": integer(1),
-        "learning_rate": positive(),
-        "optimizer": choice(OPTIMIZERS, required=False),
-        "schedule": choice(SCHEDULES, required=False),
-        "warmup_steps": integer(0, required=False),
-        "weight_decay": non_negative(required=False),
-        "grad_clip_norm": optional(positive()),
-        "log_every": integer(0, required=False),
-        "eval_every": integer(0, required=False),
-        "checkpoint_every": integer(1, required=False),
-        "keep_checkpoints": integer(1, required=False),
-        "num_devices": optional(integer(1)),
-    }
-    if steps:
-        fields["steps"] = integer(1)
-    return fields
+# Ranges of the `synjax.train.settings.TrainSettings` fields.
+_TRAIN_RULES = {
+    "steps": integer(1),
+    "batch_size": integer(1),
+    "learning_rate": positive(),
+    "optimizer": choice(OPTIMIZERS),
+    "schedule": choice(SCHEDULES),
+    "warmup_steps": integer(0),
+    "weight_decay": non_negative(),
+    "grad_clip_norm": optional(positive()),
+    "log_every": integer(0),
+    "eval_every": integer(0),
+    "checkpoint_every": integer(1),
+    "keep_checkpoints": integer(1),
+    "num_devices": optional(integer(1)),
+}
 
 
 _INTENSITY = Block(
@@ -310,34 +357,39 @@ _WATERSHED = {
     "hs": sequence(number(0, 1, open_low=True)),
 }
 
-_MODEL = {
-    "name": text(non_empty=True),
-    "slices": choice(MODEL_SLICES),
-    "kernel": choice(BOUNDARY_KERNELS),
-    "width": positive(),
-    "steps": integer(1),
-    "seed": integer(0, required=False),
-    "blocks": integers(3, 0, required=False),
-    "side_features": integer(1, required=False),
-    "dilations": integers(None, 1, odd=True, required=False),
-    "only_slices": optional(sequence(integer(0), 0)),
-}
+_MODEL = settings_block(
+    BoundaryModelSettings,
+    {
+        "name": text(non_empty=True),
+        "slices": choice(MODEL_SLICES),
+        "kernel": choice(BOUNDARY_KERNELS),
+        "width": positive(),
+        "steps": integer(1),
+        "seed": integer(0),
+        "blocks": integers(3, 0),
+        "side_features": integer(1),
+        "dilations": integers(None, 1, odd=True),
+        "only_slices": optional(sequence(integer(0), 0)),
+    },
+).schema
 
 # What `boundary_models` and `neurons.train_segmenter` read of a neuron config.
 _SEGMENTER = {
     "seed": integer(0),
     "models": Entries(_MODEL),
-    "train": Block(
+    "train": settings_block(
+        BoundaryTrainSettings,
         {
-            **_train_settings(steps=False),
+            **_TRAIN_RULES,
             "patch_yx": Value(
                 lambda v: _is_int(v) and v >= DEEPEM3D_STRIDE and v % DEEPEM3D_STRIDE == 0,
                 f"a positive multiple of {DEEPEM3D_STRIDE} (DeepEM3D's pooling factor)",
             ),
             "augment": boolean(),
-        }
+        },
     ),
-    "predict": Block(
+    "predict": settings_block(
+        SlicePredictSettings,
         {
             "tta": boolean(),
             "tta_transforms": choice(TTA_COUNTS),
@@ -350,7 +402,7 @@ _SEGMENTER = {
                 )
             ),
             "orientations": orientations(),
-        }
+        },
     ),
     "watershed": Block({**_WATERSHED, "thresholds": sequence(fraction(), 0, required=False)}),
     # A partner config's `neurons` block names only the segmenter's input scaling.
@@ -406,7 +458,8 @@ PARTNER_SCHEMA = {
     # The neuron segmentation trained when segmentation.source == "predicted".
     "neurons": Block(_SEGMENTER, required=False),
     "targets": Block({"alpha": positive(), "sigma": positive(), "radius_nm": positive()}),
-    "unet": Block(
+    "unet": settings_block(
+        ProximityNetworkSettings,
         {
             "depth": integer(0),
             "base_features": integer(1),
@@ -420,15 +473,18 @@ PARTNER_SCHEMA = {
             "train_output": integers(3, 1),
             "predict_output": integers(3, 1),
             "predict_context": integers(3, 0),
-        }
+        },
     ),
-    "train": Block({**_train_settings(steps=True), "positive_fraction": fraction()}),
-    "predict": Block(
+    "train": settings_block(
+        ProximityTrainSettings, {**_TRAIN_RULES, "positive_fraction": fraction()}
+    ),
+    "predict": settings_block(
+        BlockwisePredictSettings,
         {
             "batch_size": integer(1),
             "executor": choice(EXECUTORS),
-            "resume": choice(RESUME_MODES, required=False),
-        }
+            "resume": choice(RESUME_MODES),
+        },
     ),
     "candidates": Block(
         {
@@ -438,15 +494,15 @@ PARTNER_SCHEMA = {
             "nms_radius_nm": non_negative(),
         }
     ),
-    "pruner": Block(
+    "pruner": settings_block(
+        PrunerSettings,
         {
-            **_train_settings(steps=True),
             "window": integers(3, 1),
             "features": integers(PRUNER_CONVS, 1),
             "pools": triples(1),
             "dense_features": integer(1),
-            "label_distance_nm": positive(),
-        }
+            "train": {**_TRAIN_RULES, "label_distance_nm": positive()},
+        },
     ),
     "evaluation": Block({"cremi_distance_nm": positive(), "same_ids_distance_nm": positive()}),
 }
@@ -507,8 +563,7 @@ def _check_partner_relations(config) -> None:
             f"config.unet.conv_kernels has {len(unet.conv_kernels)} entries: expected "
             f"config.unet.depth + 1 = {unet.depth + 1}"
         )
-    for block in ("train", "pruner"):
-        values = config[block]
+    for values, block in ((config.train, "train"), (config.pruner.train, "pruner.train")):
         _check_warmup(
             values.get("warmup_steps", 0),
             values.steps,
@@ -598,7 +653,7 @@ def check_input_files(config) -> None:
         published_at, raw_key = data.get("published_at", "its publisher"), data.raw_key
     for split in _needed_splits(config.mode):
         key = f"{split}_path"
-        path = configlib.require_file(data[key], f"config.data.{key}", dataset, published_at)
+        path = require_file(data[key], f"config.data.{key}", dataset, published_at)
         if config.pipeline == "partners":
             _require_hdf5_dataset(path, raw_key)
             continue
@@ -608,7 +663,7 @@ def check_input_files(config) -> None:
         open_volume(volume_source(path, raw_key, key)).close()
         labels_key = f"{split}_labels_path"
         if data.get(labels_key):
-            labels = configlib.require_file(
+            labels = require_file(
                 data[labels_key], f"config.data.{labels_key}", dataset, published_at
             )
             open_volume(volume_source(labels, data.labels_key, labels_key)).close()

@@ -27,10 +27,10 @@ import dataclasses
 import h5py
 import numpy as np
 
-from synjax import configlib
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import voxel_size
 from synjax.io import open_volume
-from synjax.io.checks import require_finite
+from synjax.io.checks import require_file, require_finite
 from synjax.io.volumes import parse_source
 
 PARTS = ("train", "tune", "test")
@@ -95,7 +95,7 @@ def volume_source(path: str, dataset: str, key: str) -> str:
 
 
 def _require(data, key: str) -> str:
-    return configlib.require_file(
+    return require_file(
         data[key],
         f"config.data.{key}",
         data.get("dataset", "neuron EM volume"),
@@ -147,11 +147,7 @@ def _resolution(data, raw_volume) -> tuple[float, float, float]:
     resolution = data.get("resolution")
     if resolution is None:
         return tuple(float(r) for r in raw_volume.resolution)
-    if len(resolution) != 3 or any(float(r) <= 0 for r in resolution):
-        raise ConfigError(
-            f"config.data.resolution={resolution}: expected three positive sizes in nm (z, y, x)"
-        )
-    return tuple(float(r) for r in resolution)
+    return tuple(float(r) for r in voxel_size(resolution, "config.data.resolution"))
 
 
 def _check_misaligned(data, depth: int) -> None:

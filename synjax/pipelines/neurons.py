@@ -1,8 +1,9 @@
 """Dense neuron segmentation end to end (DeepEM3D, Zeng, Wu, Ji, Bioinformatics 2017).
 
 train:    boundary labels of the training part -> an ensemble of DeepEM3D-Nets
-          (`boundary_models`); then the ensemble's boundary map of the tuning
-          part (a z range of the training data) picks the watershed's sigma
+          (`synjax.stages.BoundaryEnsembleStage`); then the ensemble's
+          boundary map of the tuning part (a z range of the training data)
+          picks the watershed's sigma
           and h, and the threshold of the mean-boundary agglomeration that
           follows it, by grid search; the classical baseline (inverted raw
           intensity, watershed only) picks its sigma and h the same way; both
@@ -31,18 +32,16 @@ from absl import logging
 
 from synjax.errors import DataError
 from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_information
-from synjax.io import create_volume, open_volume
+from synjax.io import create_volume, layout, open_volume
+from synjax.io.layout import BOUNDARIES, SEGMENTATION, WATERSHED_FILE, WATERSHED_ONLY
 from synjax.io.provenance import describe_model, differences, input_fingerprint
-from synjax.pipelines import boundary_models, neuron_data
+from synjax.pipelines import neuron_data
 from synjax.postprocess.agglomeration import agglomerate
 from synjax.postprocess.watershed import grid_search, segment
 from synjax.report import files, slices
+from synjax.stages.boundary_models import BoundaryEnsembleStage
 from synjax.train.checkpoint import checkpoint_provenance
 
-WATERSHED_FILE = "watershed.json"
-BOUNDARIES = "predictions/boundaries.zarr"
-SEGMENTATION = "predictions/segmentation.zarr"
-WATERSHED_ONLY = "predictions/watershed.zarr"
 OURS, OVERSEG, CLASSICAL = "deepem3d", "oversegmentation", "classical_watershed"
 # Our watershed before agglomeration, scored too so the report shows what merging adds.
 OURS_WATERSHED_ONLY = "deepem3d_watershed_only"
@@ -53,7 +52,13 @@ def _tune(boundary: np.ndarray, gt: np.ndarray, block) -> dict:
     start = time.perf_counter()
     thresholds = tuple(block.get("thresholds") or ())
     _, _, table = grid_search(
-        boundary, gt, block.sigmas, block.hs, thresholds=thresholds, smoothing=block.smoothing
+        boundary,
+        gt,
+        block.sigmas,
+        block.hs,
+        metric=adapted_rand_error,
+        thresholds=thresholds,
+        smoothing=block.smoothing,
     )
     best = min(table, key=lambda row: row.score)
     logging.info(
@@ -104,15 +109,17 @@ def _read_tuned(config, workdir: pathlib.Path) -> dict:
     return tuned
 
 
-def _train(config, workdir: pathlib.Path) -> None:
-    train = neuron_data.load_part(config, "train")
-    if train.neuron_ids is None:
+def train(config, workdir: pathlib.Path) -> None:
+    """Trains the ensemble on the training part; tunes both watersheds on the tuning part."""
+    training = neuron_data.load_part(config, "train")
+    if training.neuron_ids is None:
         raise DataError(
             f"config.data.train_path={config.data.train_path!r}: no {config.data.labels_key}"
         )
-    boundary_models.train_models(config, train.raw, train.neuron_ids, workdir)
+    ensemble = BoundaryEnsembleStage.from_config(config)
+    ensemble.train(training.raw, training.neuron_ids, workdir)
     tune = neuron_data.load_part(config, "tune")
-    boundary = boundary_models.predict_ensemble(config, workdir, tune.raw, slice_lists=False)
+    boundary = ensemble.predict(workdir, tune.raw, slice_lists=False)
     files.write_json(
         workdir / WATERSHED_FILE,
         {
@@ -147,7 +154,8 @@ def _segment(config, workdir: pathlib.Path, raw: np.ndarray, apply_fns=None):
       threshold is None), float32 boundary map.
     """
     chosen = _read_tuned(config, workdir)[OURS]
-    boundary = boundary_models.predict_ensemble(config, workdir, np.asarray(raw), apply_fns)
+    ensemble = BoundaryEnsembleStage.from_config(config)
+    boundary = ensemble.predict(workdir, np.asarray(raw), apply_fns)
     return (*_segment_boundary(config, boundary, chosen), boundary)
 
 
@@ -174,7 +182,7 @@ def segment_with_trained_models(config, workdir, raw: np.ndarray, apply_fns=None
       workdir: run folder with `checkpoints/<model>` and `watershed.json`.
       raw: `[z, y, x]` uint8 EM of any size (y, x are padded internally).
       apply_fns: optional already-loaded model functions
-        (`boundary_models.load_apply_fns`), to load the checkpoints once.
+        (`BoundaryEnsembleStage.load`), to load the checkpoints once.
 
     Returns:
       uint64 `[z, y, x]` segment ids, 1..n.
@@ -182,7 +190,13 @@ def segment_with_trained_models(config, workdir, raw: np.ndarray, apply_fns=None
     return _segment(config, pathlib.Path(workdir), raw, apply_fns)[0]
 
 
-def _predict(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> np.ndarray:
+def load_test(config) -> neuron_data.NeuronVolume:
+    """The test part that predict and evaluate read."""
+    return neuron_data.load_part(config, "test")
+
+
+def predict(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> np.ndarray:
+    """Segments the test part; writes its boundary map and segmentations."""
     start = time.perf_counter()
     seg, over, boundary = _segment(config, workdir, test.raw)
     _write(workdir / BOUNDARIES, boundary, test.resolution)
@@ -211,7 +225,8 @@ def _scores(seg: np.ndarray, gt: np.ndarray) -> dict:
     }
 
 
-def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> dict:
+def evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> dict:
+    """Scores ours and both baselines on the test part; writes the metrics and slices."""
     if test.neuron_ids is None:
         logging.warning(
             "Test part has no labels (%s): scoring skipped",
@@ -244,7 +259,7 @@ def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> 
         "models": [m["name"] for m in config.models],
         "tta_transforms": config.predict.tta_transforms if config.predict.tta else 1,
     }
-    files.write_json(workdir / "metrics.json", metrics)
+    files.write_json(workdir / layout.METRICS_FILE, metrics)
     slices.plot_slices(
         test.raw,
         {
@@ -252,7 +267,7 @@ def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> 
             "classical watershed": baseline,
             "ground truth": test.neuron_ids,
         },
-        workdir / "example_slices.png",
+        workdir / layout.EXAMPLE_SLICES_FILE,
         slices.pick_slices(test.raw.shape, count=config.evaluation.plot_slices),
         title="test part: segmentations",
     )
@@ -266,22 +281,6 @@ def _evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> 
             values["voi_split"],
             values["voi_merge"],
         )
-    return metrics
-
-
-def run(config, workdir: pathlib.Path) -> dict:
-    """Runs the neuron pipeline's `config.mode` phases in `workdir`."""
-    workdir = pathlib.Path(workdir)
-    mode = config.mode
-    metrics: dict = {}
-    if mode in ("train", "all"):
-        _train(config, workdir)
-    if mode in ("predict", "evaluate", "all"):
-        test = neuron_data.load_part(config, "test")
-        if mode in ("predict", "all"):
-            _predict(config, workdir, test)
-        if mode in ("evaluate", "all"):
-            metrics = _evaluate(config, workdir, test)
     return metrics
 
 
@@ -305,8 +304,9 @@ def train_segmenter(config, workdir, raw: np.ndarray, neuron_ids: np.ndarray) ->
       boundary map is predicted once, for tuning and for this).
     """
     workdir = pathlib.Path(workdir)
-    boundary_models.train_models(config, raw, neuron_ids, workdir)
-    boundary = boundary_models.predict_ensemble(config, workdir, raw, slice_lists=False)
+    ensemble = BoundaryEnsembleStage.from_config(config)
+    ensemble.train(raw, neuron_ids, workdir)
+    boundary = ensemble.predict(workdir, raw, slice_lists=False)
     chosen = _tune(boundary, neuron_ids, config.watershed)
     files.write_json(
         workdir / WATERSHED_FILE,

@@ -11,12 +11,12 @@ import dataclasses
 import numpy as np
 from absl import logging
 
-from synjax import configlib
 from synjax.data import synthetic
 from synjax.errors import ConfigError
 from synjax.evaluation.partners import NO_CLEFT, PartnerPairs
 from synjax.io import cleft_instance_ids, cleft_instances, partner_table, read_cremi
-from synjax.io.checks import require_finite
+from synjax.io.checks import require_file, require_finite
+from synjax.io.cremi import synapse_pairs, synapse_summary
 from synjax.io.cremi_volume import CremiVolume
 from synjax.targets import signed_proximity
 from synjax.targets.signed_proximity import PAIR_CLEFT
@@ -57,7 +57,7 @@ class PartnerVolume:
 
 
 def _from_cremi(name: str, volume: CremiVolume) -> PartnerVolume:
-    summary = synthetic.synapse_summary(volume)
+    summary = synapse_summary(volume)
     table = partner_table(volume)
     # Pipeline coordinates start at voxel 0; CREMI locations are world nm.
     offset = np.asarray(volume.offset, np.float64)
@@ -69,7 +69,7 @@ def _from_cremi(name: str, volume: CremiVolume) -> PartnerVolume:
     )
     # Cleft ids as in `cleft_instances`: a CREMI cleft 0 is renumbered there,
     # and its pairs must follow or they would point at the background.
-    pairs = synthetic.synapse_pairs(summary)
+    pairs = synapse_pairs(summary)
     pairs[:, PAIR_CLEFT] = _instance_ids(pairs[:, PAIR_CLEFT], volume.clefts)
     cleft_of_pre = {s.pre_annotation: s.cleft_id for s in summary}
     truth_clefts = _instance_ids(
@@ -112,7 +112,7 @@ def load_volume(config, name: str) -> PartnerVolume:
         )
     elif data.source == "cremi":
         key = f"config.data.{name}_path"
-        path = configlib.require_file(data[f"{name}_path"], key, "CREMI sample", CREMI_PUBLISHED_AT)
+        path = require_file(data[f"{name}_path"], key, "CREMI sample", CREMI_PUBLISHED_AT)
         volume = read_cremi(path)
         require_finite(volume.raw, f"{path}:/volumes/raw")
     else:

@@ -35,21 +35,22 @@ from synjax.data.intensity import TrainedParams
 from synjax.errors import ConfigError, DataError
 from synjax.evaluation import partners as partner_metrics
 from synjax.evaluation.rand_voi import adapted_rand_error
-from synjax.io import CremiVolume, SynapseTable, create_volume, open_volume, write_cremi
+from synjax.io import CremiVolume, SynapseTable, create_volume, layout, open_volume, write_cremi
 from synjax.io.cremi import RAW
+from synjax.io.layout import CANDIDATES_FILE, DETECTIONS_FILE, THRESHOLD_FILE
 from synjax.io.provenance import describe_model, differences, input_fingerprint, model_provenance
 from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
-from synjax.pipelines import neurons, partner_data, proximity, pruner
+from synjax.pipelines import neurons, partner_data
 from synjax.pipelines.partner_data import PartnerVolume
 from synjax.postprocess.candidates import Candidates, generate_candidates, site_components
 from synjax.postprocess.partner_nms import suppress_duplicates
 from synjax.postprocess.pruning_windows import label_candidates
 from synjax.report import files, slices
+from synjax.report.precision_recall import plot_precision_recall
+from synjax.stages import proximity, pruner
+from synjax.stages.proximity import ProximityStage
+from synjax.stages.pruner import PrunerStage
 from synjax.train import checkpoint
-
-THRESHOLD_FILE = "pruner_threshold.json"
-DETECTIONS_FILE = "detections.csv"
-CANDIDATES_FILE = "candidates.csv"
 
 
 def _segmentation(
@@ -70,7 +71,7 @@ def _segmentation(
         seg = predicted
         if seg is None:
             seg = neurons.segment_with_trained_models(config.neurons, workdir, volume.raw)
-        path = workdir / "predictions" / f"{volume.name}_segmentation.zarr"
+        path = workdir / layout.volume_segmentation(volume.name)
         out = create_volume(str(path), seg.shape, np.uint64, volume.resolution, overwrite=True)
         out[...] = seg
         logging.info(
@@ -118,11 +119,28 @@ def _in_truth_ids(pairs: partner_metrics.PartnerPairs, volume) -> partner_metric
     )
 
 
-def _pairs(candidates: Candidates, scores: np.ndarray, volume) -> partner_metrics.PartnerPairs:
-    pairs = partner_metrics.PartnerPairs.from_candidates(
-        candidates, volume.resolution, scores=scores
+def candidate_pairs(
+    candidates: Candidates,
+    resolution,
+    offset=(0.0, 0.0, 0.0),
+    scores: np.ndarray | None = None,
+) -> partner_metrics.PartnerPairs:
+    """Candidates as partner pairs: their closest points in nm, shifted by `offset`.
+
+    `scores` (e.g. pruning probabilities) default to the candidates' own.
+    """
+    pre, post = candidates.points_nm(resolution, offset)
+    return partner_metrics.PartnerPairs(
+        candidates.pre_segment,
+        candidates.post_segment,
+        pre,
+        post,
+        candidates.score if scores is None else scores,
     )
-    return _in_truth_ids(pairs, volume)
+
+
+def _pairs(candidates: Candidates, scores: np.ndarray, volume) -> partner_metrics.PartnerPairs:
+    return _in_truth_ids(candidate_pairs(candidates, volume.resolution, scores=scores), volume)
 
 
 def _table_pairs(table: SynapseTable, volume) -> partner_metrics.PartnerPairs:
@@ -140,13 +158,13 @@ def _table_pairs(table: SynapseTable, volume) -> partner_metrics.PartnerPairs:
 
 
 def _synapse_table(candidates: Candidates, scores: np.ndarray, resolution) -> SynapseTable:
-    res = np.asarray(resolution)
+    pre, post = candidates.points_nm(resolution)
     return SynapseTable.build(
         candidates.pre_segment,
         candidates.post_segment,
         candidates.location,
-        pre_location=candidates.pre_point * res,
-        post_location=candidates.post_point * res,
+        pre_location=pre,
+        post_location=post,
         score=scores,
         size=candidates.pre_overlap + candidates.post_overlap,
         kind="partner",
@@ -181,7 +199,7 @@ def _curve(pairs: partner_metrics.PartnerPairs, truth, config):
 def _input_source(config, name: str) -> dict:
     """Where the `name` volume's raw was read from (None for generated volumes).
 
-    Keyword arguments of `proximity.predict_proximity`, recorded with outputs.
+    Keyword arguments of `ProximityStage.predict`, recorded with outputs.
     """
     if config.data.source == "cremi":
         return {"input_path": config.data[f"{name}_path"], "input_dataset": RAW}
@@ -237,16 +255,21 @@ def _check_threshold(workdir: pathlib.Path, choice: dict, unet: dict, trained_pr
         )
 
 
+def train(config, workdir: pathlib.Path) -> None:
+    """Trains the U-Net and the pruner on the training volume; chooses the score threshold."""
+    _train(config, workdir, partner_data.load_volume(config, "train"))
+
+
 def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
+    unet_stage, pruner_stage = ProximityStage.from_config(config), PrunerStage.from_config(config)
     targets = partner_data.proximity_targets(volume, config)
-    trained = proximity.train_unet(config, [targets], workdir)
+    trained = unet_stage.train([targets], workdir)
     unet = _model(workdir, proximity.MODEL_NAME, trained)
     source = _input_source(config, "train")
-    prox = proximity.predict_proximity(
-        config,
+    prox = unet_stage.predict(
         trained,
         volume.raw,
-        workdir / "predictions" / "train_proximity.zarr",
+        workdir / layout.TRAIN_PROXIMITY,
         volume.resolution,
         step=unet["step"],
         **source,
@@ -260,7 +283,7 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         volume.neuron_ids,
         volume.truth,
         volume.resolution,
-        config.pruner.label_distance_nm,
+        pruner_stage.settings.train.label_distance_nm,
     )
     if len(candidates) == 0 or labels.all() or not labels.any():
         # Nothing to tell apart (e.g. a very short run): rank candidates by
@@ -272,12 +295,10 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         )
         scores, use_pruner, pruner_model = candidates.score, False, None
     else:
-        trained_pruner = pruner.train_pruner(
-            config, volume.raw, prox, segmentation, candidates, labels, workdir
+        trained_pruner = pruner_stage.train(
+            volume.raw, prox, segmentation, candidates, labels, workdir
         )
-        scores = pruner.score_candidates(
-            config, trained_pruner, volume.raw, prox, segmentation, candidates
-        )
+        scores = pruner_stage.score(trained_pruner, volume.raw, prox, segmentation, candidates)
         use_pruner, pruner_model = True, _model(workdir, pruner.MODEL_NAME, trained_pruner)
     candidates, scores = _best_of_duplicates(config, candidates, scores)
     threshold, train_fscore = 0.0, 0.0
@@ -292,7 +313,7 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
             "train_fscore": train_fscore,
             "train_candidates": len(candidates),
             "train_positive_candidates": int(labels.sum()),
-            # What the threshold was chosen with; `_predict` refuses other models.
+            # What the threshold was chosen with; `predict` refuses other models.
             "provenance": {
                 "proximity": unet,
                 "pruner": pruner_model,
@@ -305,18 +326,24 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
     logging.info("Score threshold %.3f (training F %.3f)", threshold, train_fscore)
 
 
-def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTable:
-    trained = proximity.load_unet_params(config, workdir)
+def load_test(config) -> PartnerVolume:
+    """The test volume that predict and evaluate read."""
+    return partner_data.load_volume(config, "test")
+
+
+def predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTable:
+    """Detects partners in the test volume; writes the candidate and synapse tables."""
+    unet_stage, pruner_stage = ProximityStage.from_config(config), PrunerStage.from_config(config)
+    trained = unet_stage.load(workdir)
     unet = _model(workdir, proximity.MODEL_NAME, trained)
     # Checked before the long prediction: a threshold chosen for other models is an error.
     choice = _read_threshold(workdir)
-    trained_pruner = pruner.load_pruner_params(config, workdir) if choice["pruner"] else None
+    trained_pruner = pruner_stage.load(workdir) if choice["pruner"] else None
     _check_threshold(workdir, choice, unet, trained_pruner)
-    prox = proximity.predict_proximity(
-        config,
+    prox = unet_stage.predict(
         trained,
         volume.raw,
-        workdir / "predictions" / "proximity.zarr",
+        workdir / layout.PROXIMITY,
         volume.resolution,
         step=unet["step"],
         **_input_source(config, "test"),
@@ -325,9 +352,7 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
     candidates = _candidates(config, prox, segmentation, volume)
     scores = candidates.score
     if choice["pruner"] and len(candidates):
-        scores = pruner.score_candidates(
-            config, trained_pruner, volume.raw, prox, segmentation, candidates
-        )
+        scores = pruner_stage.score(trained_pruner, volume.raw, prox, segmentation, candidates)
     # Every candidate, before duplicate suppression: the "no pruning" row.
     _synapse_table(candidates, scores, volume.resolution).to_csv(workdir / CANDIDATES_FILE)
     candidates, scores = _best_of_duplicates(config, candidates, scores)
@@ -335,17 +360,17 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
     table.to_csv(workdir / DETECTIONS_FILE)
     threshold = choice["threshold"]
     kept = table.filter_by_score(threshold)
-    kept.to_csv(workdir / "synapses.csv")
+    kept.to_csv(workdir / layout.SYNAPSES_CSV_FILE)
     if len(kept):
         write_cremi(
-            workdir / "synapses.h5",
+            workdir / layout.SYNAPSES_CREMI_FILE,
             CremiVolume(raw=None, resolution=volume.resolution, annotations=kept.to_annotations()),
             overwrite=True,
         )
     slices.plot_slices(
         volume.raw,
         {"proximity": prox, "clefts (truth)": volume.clefts},
-        workdir / "example_slices.png",
+        workdir / layout.EXAMPLE_SLICES_FILE,
         slices.pick_slices(volume.raw.shape, weights=(volume.clefts > 0).sum(axis=(1, 2))),
         title="test volume: predicted signed proximity (red pre, blue post)",
     )
@@ -354,8 +379,8 @@ def _predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTab
 
 
 def _saved_prediction(workdir: pathlib.Path, name: str) -> np.ndarray:
-    """A volume that `_predict` wrote under `predictions/`."""
-    path = workdir / "predictions" / name
+    """A volume that `predict` wrote (`name` relative to the workdir)."""
+    path = workdir / name
     if not path.exists():
         raise DataError(f"{path} not found: run the predict step before evaluate")
     return open_volume(str(path)).read()
@@ -392,15 +417,16 @@ def _detection_clefts(
     return np.concatenate(found, axis=1)
 
 
-def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
+def evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
+    """Scores the detections of the test volume; writes the metrics and the PR curve."""
     detections = SynapseTable.from_csv(workdir / DETECTIONS_FILE)
     every = SynapseTable.from_csv(workdir / CANDIDATES_FILE)
     threshold = files.read_json(workdir / THRESHOLD_FILE)["threshold"]
-    # The sites of the candidates, as `_predict` found them, for the paper's criterion.
-    sites = site_components(_saved_prediction(workdir, "proximity.zarr"), config.candidates.tau)
+    # The sites of the candidates, as `predict` found them, for the paper's criterion.
+    sites = site_components(_saved_prediction(workdir, layout.PROXIMITY), config.candidates.tau)
     segmentation = volume.neuron_ids
     if config.segmentation.source == "predicted":
-        segmentation = _saved_prediction(workdir, f"{volume.name}_segmentation.zarr")
+        segmentation = _saved_prediction(workdir, layout.volume_segmentation(volume.name))
 
     pairs = _table_pairs(detections, volume)
     kept_rows = pairs.scores >= threshold
@@ -425,8 +451,8 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
         all_pairs, volume.truth, all_clefts, volume.truth_clefts
     )
     curve = _curve(pairs, volume.truth, config)
-    partner_metrics.plot_precision_recall(
-        curve, workdir / "precision_recall.png", "test volume, CREMI partner metric"
+    plot_precision_recall(
+        curve, workdir / layout.PRECISION_RECALL_FILE, "test volume, CREMI partner metric"
     )
 
     def scores(s):
@@ -455,7 +481,7 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
             "precision": rand.precision,
             "recall": rand.recall,
         }
-    files.write_json(workdir / "metrics.json", metrics)
+    files.write_json(workdir / layout.METRICS_FILE, metrics)
     logging.info(
         "Test partners: CREMI F %.3f (P %.3f R %.3f), paper criterion F %.3f, same ids within "
         "%g nm F %.3f, no pruning (%d candidates) CREMI F %.3f, paper F %.3f",
@@ -469,19 +495,4 @@ def _evaluate(config, workdir: pathlib.Path, volume: PartnerVolume) -> dict:
         unpruned.fscore,
         unpruned_paper.fscore,
     )
-    return metrics
-
-
-def run(config, workdir: pathlib.Path) -> dict:
-    """Runs the partner pipeline's `config.mode` phases in `workdir`."""
-    mode = config.mode
-    metrics: dict = {}
-    if mode in ("train", "all"):
-        _train(config, workdir, partner_data.load_volume(config, "train"))
-    if mode in ("predict", "evaluate", "all"):
-        test = partner_data.load_volume(config, "test")
-        if mode in ("predict", "all"):
-            _predict(config, workdir, test)
-        if mode in ("evaluate", "all"):
-            metrics = _evaluate(config, workdir, test)
     return metrics

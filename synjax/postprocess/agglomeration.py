@@ -28,9 +28,6 @@ from synjax.errors import ConfigError, DataError
 
 # scikit-image's names for a RAG edge's mean boundary value and contact size.
 WEIGHT, COUNT = "weight", "count"
-# Thresholds a grid search tries by default: 0.3, 0.35, ..., 0.9 (boundary
-# probability); below 0.3 nearly nothing merges, above 0.9 true membranes do.
-THRESHOLD_GRID = tuple(round(0.3 + 0.05 * step, 2) for step in range(13))
 
 
 def region_graph(segmentation: np.ndarray, boundary: np.ndarray) -> skgraph.RAG:

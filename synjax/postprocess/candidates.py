@@ -38,6 +38,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import voxel_size
 
 DEFAULT_TAU = 0.3
 DEFAULT_OMEGA = 100
@@ -116,6 +117,22 @@ class Candidates:
     def pairs(self) -> np.ndarray:
         """[n, 2] uint64 (pre segment, post segment) per row."""
         return np.stack([self.pre_segment, self.post_segment], axis=1)
+
+    def points_nm(
+        self, resolution: Sequence[float], offset: Sequence[float] = (0.0, 0.0, 0.0)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Where each candidate's closest points lie in the world.
+
+        Args:
+          resolution: voxel size in nm, z-y-x.
+          offset: world position in nm of voxel (0, 0, 0).
+
+        Returns:
+          `(pre, post)`, each [n, 3] float64 nm: `pre_point` and `post_point`
+          times `resolution`, plus `offset`.
+        """
+        res, off = np.asarray(resolution, np.float64), np.asarray(offset, np.float64)
+        return self.pre_point * res + off, self.post_point * res + off
 
 
 def _renumber(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -361,14 +378,12 @@ def generate_candidates(
     """
     proximity = np.asarray(proximity)
     segmentation = np.asarray(segmentation)
-    res = np.asarray(resolution, np.float64)
     if proximity.ndim != 3 or proximity.shape != segmentation.shape:
         raise DataError(
             f"proximity {proximity.shape} and segmentation {segmentation.shape}: "
             "expected two 3D volumes of one shape"
         )
-    if res.shape != (3,) or np.any(res <= 0):
-        raise ConfigError(f"resolution={tuple(resolution)}: expected 3 positive nm sizes")
+    res = voxel_size(resolution)
     if connectivity not in VALID_CONNECTIVITY:
         raise ConfigError(f"connectivity={connectivity}: expected one of {VALID_CONNECTIVITY}")
     if not 0.0 <= tau < 1.0 or omega < 1 or max_gap_nm < 0:

@@ -43,6 +43,7 @@ from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import watershed
 
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import voxel_size
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -103,10 +104,7 @@ def _check_inputs(probability: np.ndarray, resolution: Sequence[float]) -> np.nd
         raise DataError(
             f"instance watershed expects a [z, y, x] probability, got shape {probability.shape}"
         )
-    res = np.asarray(resolution, np.float64)
-    if res.shape != (3,) or res.min() <= 0:
-        raise ConfigError(f"resolution {tuple(resolution)}: expected 3 positive nm sizes, z-y-x")
-    return res
+    return voxel_size(resolution)
 
 
 def distance_relief(

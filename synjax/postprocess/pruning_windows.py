@@ -17,7 +17,8 @@ from typing import Protocol
 import numpy as np
 
 from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, NormalizedVolume
-from synjax.errors import ConfigError, DataError
+from synjax.errors import DataError
+from synjax.geometry import Box, read_padded, spatial_triple
 from synjax.io.voxels import nearest_voxel
 from synjax.postprocess.candidates import UNLABELLED, Candidates
 
@@ -36,23 +37,6 @@ class PairTable(Protocol):
     pre_ids: np.ndarray
     post_ids: np.ndarray
     locations: np.ndarray
-
-
-def _crop_padded(volume, start: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """volume[start : start + shape] with zeros where the box leaves the volume.
-
-    `volume` is any array-like with `.shape`, `.dtype` and numpy slicing; only
-    the box is read.
-    """
-    out = np.zeros(tuple(shape), dtype=volume.dtype)
-    lo = np.maximum(start, 0)
-    hi = np.minimum(start + np.asarray(shape), volume.shape)
-    if np.any(hi <= lo):
-        return out
-    src = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
-    out[dst] = volume[src]
-    return out
 
 
 def window_centres(candidates: Candidates) -> np.ndarray:
@@ -115,12 +99,8 @@ def extract_windows(
         `intensity` (NaN, Inf, out of range).
       ConfigError: the window shape or shift is malformed.
     """
-    shape = tuple(int(s) for s in window_shape)
-    shift = np.asarray(max_shift, np.int64)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"window_shape={tuple(window_shape)}: expected 3 positive sizes")
-    if shift.shape != (3,) or np.any(shift < 0):
-        raise ConfigError(f"max_shift={tuple(max_shift)}: expected 3 non-negative sizes")
+    shape = spatial_triple(window_shape, "window_shape")
+    shift = np.asarray(spatial_triple(max_shift, "max_shift", minimum=0), np.int64)
     if not (np.shape(raw) == np.shape(proximity) == np.shape(segmentation)):
         raise DataError(
             f"raw {np.shape(raw)}, proximity {np.shape(proximity)}, segmentation "
@@ -134,10 +114,12 @@ def extract_windows(
     if rng is not None and n:
         starts = starts + rng.integers(-shift, shift + 1, size=(n, 3))
     for i in range(n):
-        seg_crop = _crop_padded(segmentation, starts[i], shape)
+        # Only the window is read; what lies outside the volume is zero.
+        box = Box.at(starts[i], shape)
+        seg_crop = read_padded(segmentation, box, "zero")
         window = out[i]
-        window[..., CHANNEL_EM] = _crop_padded(em, starts[i], shape)
-        window[..., CHANNEL_PROXIMITY] = _crop_padded(proximity, starts[i], shape)
+        window[..., CHANNEL_EM] = read_padded(em, box, "zero")
+        window[..., CHANNEL_PROXIMITY] = read_padded(proximity, box, "zero")
         # Padding is 0 = UNLABELLED, so it never counts as either segment.
         pre, post = candidates.pre_segment[i], candidates.post_segment[i]
         window[..., CHANNEL_PRE] = (seg_crop == pre) & (pre != UNLABELLED)

@@ -25,7 +25,7 @@ and as good, so scikit-image's watershed is used. The H-minima transform
 
 `grid_search` picks (sigma, h), and optionally the threshold of a following
 mean-boundary agglomeration (`synjax.postprocess.agglomeration`), on training
-volumes by a segmentation metric, smoothing once per sigma, flooding once per
+volumes by a segmentation metric that the caller passes, smoothing once per sigma, flooding once per
 (sigma, h) and building one region graph for all thresholds.
 """
 
@@ -41,7 +41,6 @@ from skimage.morphology import h_minima
 from skimage.segmentation import watershed
 
 from synjax.errors import ConfigError, DataError
-from synjax.evaluation.rand_voi import adapted_rand_error
 from synjax.postprocess.agglomeration import agglomerate, region_graph
 
 Smoothing = Literal["2d", "3d"]
@@ -194,7 +193,8 @@ def grid_search(
     gt: np.ndarray | Sequence[np.ndarray],
     sigmas: Sequence[float],
     hs: Sequence[float],
-    metric: Callable = adapted_rand_error,
+    *,
+    metric: Callable,
     thresholds: Sequence[float] | None = None,
     **segment_kwargs,
 ) -> tuple[float, float, list[GridResult]]:
@@ -206,7 +206,9 @@ def grid_search(
         sigmas: Smoothing sigmas (voxels) to try; each is smoothed once.
         hs: H-minima depths to try for every sigma.
         metric: `metric(seg, gt)` -> error (lower is better) or a tuple whose
-            first item is the error; the score is its mean over the volumes.
+            first item is the error, e.g. `synjax.evaluation.adapted_rand_error`;
+            the score is its mean over the volumes. Passed in, so that
+            post-processing never imports the evaluation it is judged by.
         thresholds: Optional agglomeration thresholds to try on every
             watershed (`agglomeration.agglomerate` with the unsmoothed input
             as boundary map, which must then lie in [0, 1]); None or empty:

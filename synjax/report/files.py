@@ -25,18 +25,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
-    """Writes `text` to a temporary file beside `path`, then renames it over.
+def write_json(path: str | os.PathLike, data: dict) -> pathlib.Path:
+    """Writes `data` (numpy values allowed) as indented JSON, atomically.
 
     A failure part-way leaves any previous file untouched; the new file is
-    fsync'ed before the rename (see `synjax.io.atomic`).
+    fsync'ed before the rename (`synjax.io.atomic.write_text_atomic`).
     """
-    return atomic.write_text_atomic(path, text)
-
-
-def write_json(path: str | os.PathLike, data: dict) -> pathlib.Path:
-    """Writes `data` (numpy values allowed) as indented JSON, atomically."""
-    return write_text_atomic(path, json.dumps(_plain(data), indent=2, sort_keys=True) + "\n")
+    return atomic.write_text_atomic(path, json.dumps(_plain(data), indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -104,22 +104,24 @@ def class_weights(
     num_classes: int | None = None,
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-voxel loss weights inversely proportional to the class frequency.
+    """Loss weight of each class, inversely proportional to its frequency.
 
-    Class ``c`` with ``n_c`` of the ``N`` counted voxels gets weight
-    ``N / (K * n_c)``, where ``K`` is the number of classes present; the mean
-    weight over the counted voxels is then 1, and every present class carries
-    the same total weight (DeepEM3D's class-weighted loss).
+    Class ``c`` with frequency ``f_c`` among the counted voxels gets weight
+    ``1 / (K * f_c)``, where ``K`` is the number of classes present; absent
+    classes get 0. The mean weight over the counted voxels is then 1, so the
+    weighted loss keeps the scale of the unweighted one, and every present
+    class carries the same total weight (DeepEM3D's class-weighted loss,
+    `synjax.models.losses.class_weighted_softmax_cross_entropy`). A voxel's
+    weight is `class_weights(labels)[labels]`.
 
     Args:
         labels: Class ids (e.g. `boundary_labels` output) `[z, y, x]` or any
             shape, non-negative integers or bool.
         num_classes: Number of classes; default `labels.max() + 1`.
-        mask: Optional bool array, same shape; voxels outside get weight 0 and
-            are not counted.
+        mask: Optional bool array, same shape; only voxels inside are counted.
 
     Returns:
-        float32 weights with the shape of `labels`.
+        float32 `[num_classes]`.
 
     Raises:
         DataError: if labels are negative, not below `num_classes`, or the mask
@@ -135,13 +137,16 @@ def class_weights(
         num_classes = int(labels.max()) + 1 if labels.size else 1
     if labels.size and labels.max() >= num_classes:
         raise DataError(f"class_weights: class id {labels.max()} >= num_classes {num_classes}")
-    if mask is None:
-        mask = np.ones(labels.shape, dtype=bool)
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != labels.shape:
-        raise DataError(f"class_weights: mask shape {mask.shape} != labels shape {labels.shape}")
-    counts = np.bincount(labels[mask], minlength=num_classes).astype(np.float64)
-    present = counts > 0
-    per_class = np.zeros(num_classes, dtype=np.float64)
-    per_class[present] = counts.sum() / (present.sum() * counts[present])
-    return np.where(mask, per_class[labels], 0.0).astype(np.float32)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != labels.shape:
+            raise DataError(
+                f"class_weights: mask shape {mask.shape} != labels shape {labels.shape}"
+            )
+        labels = labels[mask]
+    counts = np.bincount(labels.ravel(), minlength=num_classes)
+    freq = counts / max(counts.sum(), 1)
+    present = int(np.count_nonzero(counts))
+    with np.errstate(divide="ignore"):
+        weights = np.where(counts > 0, 1.0 / (present * freq), 0.0)
+    return weights.astype(np.float32)

@@ -34,6 +34,7 @@ import numpy as np
 import scipy.ndimage
 
 from synjax.errors import DataError
+from synjax.geometry import Box
 
 # Paper values (rat cortex / CREMI); the fly TEM experiments use sigma = 14.
 DEFAULT_ALPHA = 5.0
@@ -156,9 +157,11 @@ def partner_masks(
         if label is None or label == background_dense:
             continue
         rows = pairs[pairs[:, PAIR_CLEFT] == cleft_id]
-        box = tuple(
-            slice(max(s.start - m, 0), min(s.stop + m, n))
-            for s, m, n in zip(boxes[label - 1], margin, clefts.shape, strict=True)
+        box = (
+            Box.from_slices(boxes[label - 1])
+            .pad(margin)
+            .intersect(Box.from_shape(clefts.shape))
+            .slices()
         )
         dist = edt.edt(dense[box] != label, anisotropy=tuple(res), black_border=False)
         near = dist <= radius_nm

@@ -1,22 +1,32 @@
-"""Training: device mesh, train state, checkpoints and the training loop."""
+"""Training: device mesh, host batches to sharded arrays, settings, state, loop, checkpoints.
 
-from synjax.train.checkpoint import Checkpointer, latest_step, restore_params, restore_variables
-from synjax.train.loop import TrainSettings, make_train_step, train
-from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
-from synjax.train.state import TrainState, create_train_state, make_optimizer
+`train(model, loss_fn, batch_fn, settings, workdir, name)` trains any Linen
+model as `TrainSettings` (JAX-free, `settings.py`) says; `checkpoint.py` is the
+only orbax user. May import io, data, targets, models and detection.
+"""
 
-__all__ = [
-    "Checkpointer",
-    "TrainSettings",
-    "TrainState",
-    "batch_sharding",
-    "create_train_state",
-    "latest_step",
-    "make_mesh",
-    "make_optimizer",
-    "make_train_step",
-    "replicated_sharding",
-    "restore_params",
-    "restore_variables",
-    "train",
-]
+from synjax.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "Checkpointer": "checkpoint",
+        "checkpoint_provenance": "checkpoint",
+        "latest_step": "checkpoint",
+        "restore_params": "checkpoint",
+        "restore_variables": "checkpoint",
+        "NonFiniteLossError": "loop",
+        "make_train_step": "loop",
+        "train": "loop",
+        "batch_sharding": "parallel",
+        "make_mesh": "parallel",
+        "replicated_sharding": "parallel",
+        "TrainSettings": "settings",
+        "TrainState": "state",
+        "create_train_state": "state",
+        "make_optimizer": "state",
+        "host_batch_size": "batches",
+        "process_batch_fn": "batches",
+        "to_global_batch": "batches",
+    },
+)

@@ -21,19 +21,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from synjax.errors import ConfigError, DataError
+from synjax.io.layout import checkpoint_dir
 from synjax.io.provenance import model_provenance
 from synjax.train.state import TrainState
 
-CHECKPOINTS_DIR = "checkpoints"
 PARAMS_ITEM = "params"
 OPT_STATE_ITEM = "opt_state"
 BATCH_STATS_ITEM = "batch_stats"
 _ITEMS = (PARAMS_ITEM, OPT_STATE_ITEM, BATCH_STATS_ITEM)
-
-
-def checkpoint_dir(workdir: str | Path, name: str) -> Path:
-    """Folder that holds the checkpoints of model `name`."""
-    return Path(workdir).absolute() / CHECKPOINTS_DIR / name
 
 
 def _abstract(tree: Any) -> Any:

@@ -11,7 +11,6 @@ all hold finite parameters.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -26,17 +25,15 @@ import optax
 from absl import flags, logging
 from jax.sharding import Mesh
 
-# A module import (not a name import) so that synjax.data.pipeline, which
-# imports synjax.train.parallel, can be imported first without a cycle.
-from synjax.data import pipeline as data_pipeline
 from synjax.errors import ConfigError, SynjaxError
+from synjax.io import layout
 from synjax.report.progress import progress_bar
+from synjax.train.batches import to_global_batch
 from synjax.train.checkpoint import Checkpointer
 from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
+from synjax.train.settings import TrainSettings
 from synjax.train.state import TrainState, create_train_state
 
-METRICS_DIR = "metrics"
-TENSORBOARD_DIR = "tensorboard"
 # Prefix of evaluation metrics in the JSONL lines and TensorBoard tags.
 EVAL_PREFIX = "eval/"
 
@@ -86,76 +83,6 @@ class NonFiniteLossError(SynjaxError):
         )
         self.name, self.step, self.checkpoint_step = name, step, checkpoint_step
         self.loss, self.grad_norm = loss, grad_norm
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    """How long and how to train (the `config.train` fields).
-
-    Attributes:
-      steps: total optimizer steps of the run (a resumed run stops here too).
-      batch_size: global batch size over all devices and processes.
-      learning_rate: peak learning rate.
-      optimizer: "adam", "adamw" or "sgd".
-      schedule: "constant", "cosine" or "warmup_cosine".
-      warmup_steps: linear warm-up steps (schedules "constant", "warmup_cosine").
-      weight_decay: decoupled for "adamw", L2 added to gradients otherwise.
-      grad_clip_norm: clip gradients to this global norm; None: no clipping.
-      log_every: steps between metric lines; 0: never.
-      eval_every: steps between `eval_fn` calls; 0: never.
-      checkpoint_every: steps between checkpoints (one is saved at the end too).
-      keep_checkpoints: most recent checkpoints kept.
-      seed: seed of the parameter initialisation.
-      num_devices: local devices to use; None: all.
-    """
-
-    steps: int
-    batch_size: int
-    learning_rate: float
-    optimizer: str = "adam"
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip_norm: float | None = None
-    log_every: int = 10
-    eval_every: int = 0
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
-    num_devices: int | None = None
-
-    @classmethod
-    def from_config(cls, block, seed: int, steps: int | None = None) -> TrainSettings:
-        """Settings from a config's `train`-like block (absent fields: the defaults).
-
-        Args:
-          block: ConfigDict or mapping with `batch_size`, `learning_rate`, and
-            `steps` unless given, plus any other field of this class.
-          seed: parameter-initialisation seed.
-          steps: overrides `block.steps` (e.g. a per-model step count).
-        """
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("steps", "seed")]
-        fields = {name: block[name] for name in names if name in block}
-        return cls(steps=int(block["steps"] if steps is None else steps), seed=seed, **fields)
-
-    def validate(self) -> None:
-        """Raises ConfigError naming the first field with an unusable value."""
-        positive = {"steps": self.steps, "batch_size": self.batch_size}
-        non_negative = {
-            "log_every": self.log_every,
-            "eval_every": self.eval_every,
-            "warmup_steps": self.warmup_steps,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"config.train.{key}={value}: expected a positive integer")
-        for key, value in non_negative.items():
-            if value < 0:
-                raise ConfigError(f"config.train.{key}={value}: expected >= 0")
-        if self.checkpoint_every < 1:
-            raise ConfigError(
-                f"config.train.checkpoint_every={self.checkpoint_every}: expected >= 1"
-            )
 
 
 def make_train_step(
@@ -214,7 +141,7 @@ class _MetricWriter:
 
     def __init__(self, workdir: Path, name: str):
         self.enabled = jax.process_index() == 0
-        self.path = workdir / METRICS_DIR / f"{name}.jsonl"
+        self.path = layout.training_log(workdir, name)
         self._tb = None
         if self.enabled:
             # Imported here: tensorboardX pulls in protobuf, which only the
@@ -222,7 +149,7 @@ class _MetricWriter:
             from tensorboardX import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(workdir / TENSORBOARD_DIR / name))
+            self._tb = SummaryWriter(str(layout.tensorboard_dir(workdir, name)))
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -357,7 +284,7 @@ def train(
         try:
             for step in range(start, settings.steps):
                 host_batch = first_batch if step == start else batch_fn(step)
-                state, metrics = train_step(state, data_pipeline.to_global_batch(host_batch, mesh))
+                state, metrics = train_step(state, to_global_batch(host_batch, mesh))
                 done = step + 1
                 first_non_finite = _note_non_finite(first_non_finite, done, metrics)
                 bar.update(1)

@@ -8,7 +8,7 @@ are static) plus `batch_stats`: the running statistics of BatchNorm layers
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,9 +18,7 @@ import optax
 from flax.training import train_state
 
 from synjax.errors import ConfigError
-
-if TYPE_CHECKING:
-    from synjax.train.loop import TrainSettings
+from synjax.train.settings import TrainSettings
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")

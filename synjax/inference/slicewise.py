@@ -1,14 +1,15 @@
-"""Slice-wise boundary prediction over whole volumes, and the max ensemble (DeepEM3D).
+"""DeepEM3D's slice-wise (2.5D) prediction over whole volumes, and its max ensemble.
 
 `predict_slices` slides along z one slice at a time: output slice z comes from
 the `s`-slice stack centred on z (z - s//2 ... z + s//2), reflected at the
 volume's ends (slice -1 reads slice 1). Slices are read from the volume a
 batch at a time, so any object with `.shape` and numpy slicing along z (numpy
 array, h5py dataset, tensorstore-backed `Volume`) works without being loaded
-whole. In yx, each slice is reflect-padded to a multiple of the network's
-pooling factor and, for the 16-fold augmentation, to a square; slices larger
-than `max_tile` are cut into overlapping tiles whose centres are kept (each
-pixel is written by exactly one tile, cut at the middle of each overlap).
+whole. In yx, each slice is reflect-padded (`pad_end`) to a multiple of the
+network's total stride, which the caller passes (this module knows no
+network), and, for the 16-fold augmentation, to a square; slices larger than
+`max_tile` are cut into overlapping tiles whose centres are kept (each pixel
+is written by exactly one tile, cut at the middle of each overlap).
 
 `ensemble_max` combines several models' boundary maps by voxel-wise maximum,
 with the paper's option of letting a model contribute only on chosen slices:
@@ -32,8 +33,8 @@ import numpy as np
 
 from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, normalize_intensity
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import reflect_indices
 from synjax.inference.tta import TRANSFORMS, Transform, make_tta_fn
-from synjax.models.deepem3d import TOTAL_STRIDE
 from synjax.report.progress import progress_bar
 
 DEFAULT_BATCH_SIZE = 4
@@ -43,28 +44,28 @@ DEFAULT_TILE_OVERLAP = 64
 ORIENTATIONS = {"z": (0, 1, 2), "y": (1, 0, 2), "x": (2, 1, 0)}
 
 
-def reflect_indices(indices: np.ndarray, size: int) -> np.ndarray:
-    """Maps any integer indices into [0, size) by mirror reflection (numpy 'reflect').
+def pad_end(x: np.ndarray, sizes: Sequence[int], axes: Sequence[int]) -> np.ndarray:
+    """Pads `axes` of `x` at their end up to `sizes`, by reflection.
 
-    -1 -> 1, size -> size - 2, repeating with period 2 * (size - 1).
+    The padding goes after the data, so `x[..., :n, ...]` on each padded axis
+    gives it back. An axis of one sample cannot be reflected: it is repeated.
+
+    Args:
+      x: array, e.g. a stack of slices `[batch, s, y, x]`.
+      sizes: the size of each of `axes` after padding (>= its size now).
+      axes: the axes to pad.
+
+    Returns:
+      The padded array (`x` itself when nothing is padded).
     """
-    indices = np.asarray(indices)
-    if size == 1:
-        return np.zeros_like(indices)
-    period = 2 * (size - 1)
-    m = np.mod(indices, period)
-    return np.where(m < size, m, period - m)
-
-
-def _pad_end(x: np.ndarray, sizes: Sequence[int], axes: Sequence[int]) -> np.ndarray:
-    """Reflect-pads `axes` of `x` at their end up to `sizes`."""
-    pad = [(0, 0)] * x.ndim
     for a, n in zip(axes, sizes, strict=True):
+        if n == x.shape[a]:
+            continue
+        pad = [(0, 0)] * x.ndim
         pad[a] = (0, n - x.shape[a])
-    if all(p == (0, 0) for p in pad):
-        return x
-    mode = "reflect" if min(x.shape[a] for a in axes) > 1 else "edge"
-    return np.pad(x, pad, mode=mode)
+        # np.pad pads axis after axis too: one call per axis gives the same array.
+        x = np.pad(x, pad, mode="reflect" if x.shape[a] > 1 else "edge")
+    return x
 
 
 def _tiles(size: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
@@ -90,8 +91,8 @@ def predict_slices(
     tta: bool = True,
     progress: bool = True,
     *,
+    stride: int,
     transforms: Sequence[Transform] = TRANSFORMS,
-    pad_multiple: int = TOTAL_STRIDE,
     max_tile: int | None = None,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
     channel: int = -1,
@@ -113,9 +114,10 @@ def predict_slices(
       progress: show a tqdm bar, one step per batch of slices.
       transforms: the TTA transforms (default all 16; with rotations by 90/270
         degrees each tile is padded to a square).
-      pad_multiple: y and x are reflect-padded to a multiple of this (the
-        network's total pooling factor).
-      max_tile: tile size in y and x (a multiple of `pad_multiple`); slices
+      stride: the network's total stride (pooling factor, e.g.
+        `synjax.models.deepem3d.TOTAL_STRIDE`): y and x are reflect-padded to
+        a multiple of it.
+      max_tile: tile size in y and x (a multiple of `stride`); slices
         larger than this are tiled. None: whole slices.
       tile_overlap: minimum overlap of neighbouring tiles, in pixels.
       channel: output channel that holds the boundary probability.
@@ -137,13 +139,13 @@ def predict_slices(
         raise ConfigError(f"predict_slices slices={slices}: expected an odd number >= 1")
     if batch_size < 1:
         raise ConfigError(f"predict_slices batch_size={batch_size}: expected >= 1")
-    if max_tile is not None and (max_tile <= tile_overlap or max_tile % pad_multiple):
+    if max_tile is not None and (max_tile <= tile_overlap or max_tile % stride):
         raise ConfigError(
-            f"predict_slices max_tile={max_tile}: expected a multiple of {pad_multiple} "
+            f"predict_slices max_tile={max_tile}: expected a multiple of {stride} "
             f"larger than tile_overlap={tile_overlap}"
         )
     nz, ny, nx = shape
-    padded = [math.ceil(n / pad_multiple) * pad_multiple for n in (ny, nx)]
+    padded = [math.ceil(n / stride) * stride for n in (ny, nx)]
     tile = [min(n, max_tile) if max_tile else n for n in padded]
     tiles_y, tiles_x = (_tiles(n, t, tile_overlap) for n, t in zip(padded, tile, strict=True))
     transforms = tuple(transforms)
@@ -161,12 +163,12 @@ def predict_slices(
         src = reflect_indices(zs[:, None] + offsets[None, :], nz)
         lo, hi = int(src.min()), int(src.max()) + 1
         chunk = normalize_intensity(np.asarray(volume[lo:hi]), intensity, name)
-        stack = _pad_end(chunk[src - lo], padded, axes=(2, 3))  # [batch, s, Y, X]
+        stack = pad_end(chunk[src - lo], padded, axes=(2, 3))  # [batch, s, Y, X]
         prob = np.empty((batch_size, ny, nx), np.float32)
         for y0, ky0, ky1 in tiles_y:
             for x0, kx0, kx1 in tiles_x:
                 part = stack[:, :, y0 : y0 + tile[0], x0 : x0 + tile[1]]
-                part = _pad_end(part, model_yx, axes=(2, 3))[..., None]
+                part = pad_end(part, model_yx, axes=(2, 3))[..., None]
                 pred = np.asarray(fn(part))[..., channel]
                 ky1c, kx1c = min(ky1, ny), min(kx1, nx)
                 if ky0 >= ky1c or kx0 >= kx1c:

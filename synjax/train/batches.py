@@ -2,6 +2,8 @@
 
 Each process samples its own share of the global batch; the global array is
 assembled with `jax.make_array_from_process_local_data`, sharded on `'data'`.
+It lives beside the train step that consumes it (`loop.py`), as flax's
+imagenet example keeps its input iterator beside its train step.
 """
 
 from __future__ import annotations

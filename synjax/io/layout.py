@@ -1,0 +1,85 @@
+"""The name of every file and folder that synjax writes in a workdir (the run folder).
+
+    checkpoints/<model>/<step>/             orbax checkpoints (`synjax.train.checkpoint`)
+    checkpoints/<model>/intensity.json      the model's input scaling (`synjax.data.intensity`)
+    metrics/<model>.jsonl, tensorboard/<model>/   training curves (`synjax.train.loop`)
+    predictions/<name>.zarr                 predicted volumes, written block by block;
+    predictions/<name>.zarr.blocks.jsonl    its finished blocks (`synjax.inference.blockwise`)
+    metrics.json, example_slices.png        every pipeline's scores and example slices
+
+    partner pipeline: predictions/proximity.zarr, predictions/train_proximity.zarr,
+      predictions/<volume>_segmentation.zarr, pruner_threshold.json, candidates.csv,
+      detections.csv, synapses.csv, synapses.h5, precision_recall.png
+    neuron pipeline: predictions/boundaries.zarr, predictions/watershed.zarr,
+      predictions/segmentation.zarr, watershed.json
+    classical instance baseline: pixel_forest.joblib (`synjax.models.pixel_forest`)
+
+Every module that writes or reads one of these takes its name from here, so a
+file is named once and the list above is the whole of a workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+# Folders.
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_DIR = "metrics"
+TENSORBOARD_DIR = "tensorboard"
+PREDICTIONS_DIR = "predictions"
+
+# Inside a model's checkpoint folder.
+INTENSITY_FILE = "intensity.json"
+
+# Results of every pipeline.
+METRICS_FILE = "metrics.json"
+EXAMPLE_SLICES_FILE = "example_slices.png"
+
+# Partner pipeline.
+THRESHOLD_FILE = "pruner_threshold.json"
+CANDIDATES_FILE = "candidates.csv"
+DETECTIONS_FILE = "detections.csv"
+SYNAPSES_CSV_FILE = "synapses.csv"
+SYNAPSES_CREMI_FILE = "synapses.h5"
+PRECISION_RECALL_FILE = "precision_recall.png"
+PROXIMITY = f"{PREDICTIONS_DIR}/proximity.zarr"
+TRAIN_PROXIMITY = f"{PREDICTIONS_DIR}/train_proximity.zarr"
+
+# Neuron pipeline.
+WATERSHED_FILE = "watershed.json"
+BOUNDARIES = f"{PREDICTIONS_DIR}/boundaries.zarr"
+WATERSHED_ONLY = f"{PREDICTIONS_DIR}/watershed.zarr"
+SEGMENTATION = f"{PREDICTIONS_DIR}/segmentation.zarr"
+
+# Classical instance baseline.
+FOREST_FILE = "pixel_forest.joblib"
+
+# Suffix of a block-wise output's manifest of finished blocks.
+BLOCKS_SUFFIX = ".blocks.jsonl"
+
+
+def checkpoint_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
+    """Folder that holds the checkpoints of model `name` (absolute: orbax wants one)."""
+    return pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR / name
+
+
+def training_log(workdir: str | os.PathLike, name: str) -> pathlib.Path:
+    """JSONL file of model `name`'s training metrics."""
+    return pathlib.Path(workdir) / METRICS_DIR / f"{name}.jsonl"
+
+
+def tensorboard_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
+    """TensorBoard folder of model `name`'s training."""
+    return pathlib.Path(workdir) / TENSORBOARD_DIR / name
+
+
+def volume_segmentation(volume: str) -> str:
+    """The predicted neuron segmentation of partner volume `volume` ("train" or "test")."""
+    return f"{PREDICTIONS_DIR}/{volume}_segmentation.zarr"
+
+
+def blocks_manifest(output: str | os.PathLike) -> pathlib.Path:
+    """The manifest of finished blocks beside a block-wise output."""
+    output = pathlib.Path(output)
+    return output.with_name(output.name + BLOCKS_SUFFIX)

@@ -1,0 +1,277 @@
+"""The signed-proximity U-Net stage: build from settings, train, load, predict block by block.
+
+`ProximityStage.from_config(config)` reads `config.unet`, `config.train`,
+`config.predict` and `config.data.intensity` into typed settings
+(`synjax.stages.settings`). The raw input follows the intensity settings,
+measured on the training volume, saved in `checkpoints/proximity/intensity.json`
+and re-applied at prediction (`synjax.data.intensity`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from synjax.data.augment import AugmentSettings
+from synjax.data.intensity import (
+    IntensityNormalization,
+    NormalizedVolume,
+    TrainedParams,
+    load_normalization,
+    save_normalization,
+)
+from synjax.data.sampling import PatchSampler
+from synjax.errors import ConfigError, DataError
+from synjax.inference.block_grid import BlockGrid
+from synjax.inference.blockwise import RESUME_MODES, manifest_differences, predict_blockwise
+from synjax.io import create_volume, layout, open_volume
+from synjax.io.provenance import input_fingerprint, model_provenance
+from synjax.models.losses import weighted_mse
+from synjax.models.unet3d import UNet3D, UNet3DSettings
+from synjax.settings import from_config as settings_from_config
+from synjax.stages.settings import (
+    BlockwisePredictSettings,
+    ProximityNetworkSettings,
+    ProximityTrainSettings,
+)
+from synjax.train import checkpoint
+from synjax.train.loop import train
+
+MODEL_NAME = "proximity"
+
+
+def _loss(outputs, batch):
+    loss = weighted_mse(outputs, batch["target"], batch["weight"])
+    return loss, {"mse": loss}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProximityStage:
+    """The proximity U-Net of the partner pipeline, from its typed settings.
+
+    Attributes:
+      network: the U-Net and its patch shapes (`config.unet`).
+      training: how it is trained (`config.train`; its seed is `config.seed`).
+      prediction: block-wise prediction (`config.predict`).
+      intensity: how raw becomes its input (`config.data.intensity`), not yet
+        measured on a volume.
+    """
+
+    network: ProximityNetworkSettings
+    training: ProximityTrainSettings
+    prediction: BlockwisePredictSettings
+    intensity: IntensityNormalization
+
+    @classmethod
+    def from_config(cls, config) -> ProximityStage:
+        """The stage of a partner config (unknown keys in its blocks are refused)."""
+        return cls(
+            network=settings_from_config(ProximityNetworkSettings, config.unet, "config.unet"),
+            training=settings_from_config(
+                ProximityTrainSettings, config.train, "config.train", seed=config.seed
+            ),
+            prediction=settings_from_config(
+                BlockwisePredictSettings, config.predict, "config.predict"
+            ),
+            intensity=IntensityNormalization.from_config(config.data.get("intensity")),
+        )
+
+    def unet_settings(self) -> UNet3DSettings:
+        """The network's settings: one output channel, the signed proximity."""
+        n = self.network
+        return UNet3DSettings(
+            depth=n.depth,
+            base_features=n.base_features,
+            feature_growth=n.feature_growth,
+            pool_factors=n.pool_factors,
+            conv_kernels=n.conv_kernels,
+            padding=n.padding,
+            out_channels=1,
+        )
+
+    def model(self) -> UNet3D:
+        return UNet3D(self.unet_settings())
+
+    def train(self, sources: list[dict[str, np.ndarray]], workdir: pathlib.Path) -> TrainedParams:
+        """Trains the U-Net on patches of `sources` (see `partner_data.proximity_targets`).
+
+        Returns:
+          The trained parameters with the intensity normalisation measured on
+          the sources' raw (also saved with the checkpoint).
+        """
+        intensity = self.intensity.fit(
+            [source["raw"] for source in sources], name="U-Net training raw"
+        )
+        save_normalization(intensity, checkpoint.checkpoint_dir(workdir, MODEL_NAME))
+        cfg = self.unet_settings()
+        input_shape = cfg.valid_input_shape(self.network.train_output)
+        output_shape = cfg.output_shape(input_shape)
+        logging.info("U-Net training patch: input %s -> output %s", input_shape, output_shape)
+        sampler = PatchSampler(
+            sources,
+            input_shape=input_shape,
+            output_shape=output_shape,
+            input_keys=("raw",),
+            augment=AugmentSettings(),
+            seed=self.training.seed,
+            positive_key="synaptic",
+            positive_fraction=self.training.positive_fraction,
+            intensity=intensity,
+        )
+        batch_fn = functools.partial(sampler.batch, batch_size=self.training.batch_size)
+        state = train(UNet3D(cfg), _loss, batch_fn, self.training, workdir, name=MODEL_NAME)
+        return TrainedParams(jax.device_get(state.params), intensity)
+
+    def load(self, workdir: pathlib.Path) -> TrainedParams:
+        """The trained U-Net in `workdir` (for predict-only runs), with its normalisation."""
+        cfg = self.unet_settings()
+        sample = np.zeros((1, *cfg.valid_input_shape(self.network.train_output), 1), np.float32)
+        params = checkpoint.restore_params(workdir, MODEL_NAME, UNet3D(cfg), sample)
+        directory = checkpoint.checkpoint_dir(workdir, MODEL_NAME)
+        return TrainedParams(params, load_normalization(directory))
+
+    def predict(
+        self,
+        trained: TrainedParams,
+        raw: np.ndarray,
+        dest_path: pathlib.Path,
+        resolution,
+        step: int | None = None,
+        input_path=None,
+        input_dataset: str | None = None,
+    ) -> np.ndarray:
+        """Predicts signed proximity over `raw` block by block into a zarr volume.
+
+        The run is resumable: finished blocks are listed in a manifest next to the
+        output, with what made them (the parameters' step and hash, the input's
+        path, shape, dtype and content fingerprint), and a restarted run skips
+        them. When the model, the input or the block grid differ from those the
+        manifest records, `config.predict.resume` decides: "auto" (default)
+        predicts the output afresh and logs why, "strict" stops with an error
+        naming what differs.
+
+        Args:
+          trained: `train`'s or `load`'s result; its intensity
+            normalisation is applied to each block of `raw` as it is read.
+          raw: [z, y, x] EM of any dtype the normalisation accepts (or any volume
+            with numpy slicing).
+          dest_path: the `.zarr` output.
+          step: checkpoint step of the parameters, recorded with the output.
+          input_path: file `raw` was read from (None for generated volumes).
+          input_dataset: dataset of `raw` inside `input_path`.
+
+        Returns:
+          [z, y, x] float32 proximity, read back from the output.
+
+        Raises:
+          ConfigError: `config.predict.resume` is not "auto" or "strict".
+          DataError: with "strict", the existing output was made differently.
+        """
+        cfg = self.unet_settings()
+        block = tuple(
+            min(b, s) for b, s in zip(self.network.predict_output, raw.shape, strict=True)
+        )
+        if cfg.padding == "VALID":
+            input_shape = cfg.valid_input_shape(block)
+            output_shape = cfg.output_shape(input_shape)
+            crop = (slice(None),) * 4
+        else:
+            # A same-padded network sees zeros past its input: predict a margin
+            # of real context around each block and keep only the block.
+            margin = tuple(self.network.predict_context)
+            output_shape = block
+            input_shape = tuple(b + 2 * m for b, m in zip(block, margin, strict=True))
+            crop = (slice(None), *(slice(m, m + b) for m, b in zip(margin, block, strict=True)))
+        grid = BlockGrid.from_io_shapes(raw.shape, input_shape, output_shape)
+        model = UNet3D(cfg)
+        if not isinstance(trained, TrainedParams):
+            raise TypeError(
+                "ProximityStage.predict: expected TrainedParams (params with their intensity)"
+            )
+        params = trained.params
+        provenance = prediction_provenance(trained, raw, step, input_path, input_dataset)
+        # Blocks are read through a normalising view: each is converted as it is
+        # read, exactly as training patches were, and never the whole volume.
+        raw = NormalizedVolume(raw, trained.intensity, name=f"raw predicted into {dest_path.name}")
+
+        @jax.jit
+        def apply(batch):
+            return model.apply({"params": params}, batch[..., None])[..., 0][crop]
+
+        resume = self.prediction.resume
+        if resume not in RESUME_MODES:
+            raise ConfigError(f"config.predict.resume={resume!r}: expected one of {RESUME_MODES}")
+        manifest = layout.blocks_manifest(dest_path)
+        stale = manifest_differences(manifest, grid, provenance) if dest_path.exists() else None
+        if stale == []:
+            dest = open_volume(str(dest_path), mode="r+")
+        else:
+            if stale:
+                what = "; ".join(stale)
+                if resume == "strict":
+                    raise DataError(
+                        f"{dest_path} was made by another model, input or block grid ({what}); "
+                        "config.predict.resume=strict does not reuse it: delete it or set "
+                        "config.predict.resume=auto to predict it afresh"
+                    )
+                logging.warning(
+                    "%s was made differently (%s); predicting it afresh", dest_path, what
+                )
+            # The manifest goes first: a kill between the two leaves no manifest
+            # that vouches for blocks of a fresh, empty output.
+            manifest.unlink(missing_ok=True)
+            dest = create_volume(
+                str(dest_path),
+                raw.shape,
+                np.float32,
+                resolution=resolution,
+                chunks=output_shape,
+                overwrite=True,
+            )
+        summary = predict_blockwise(
+            lambda b: np.asarray(apply(jnp.asarray(b))),
+            raw,
+            dest,
+            grid,
+            batch_size=self.prediction.batch_size,
+            manifest_path=manifest,
+            executor=self.prediction.executor,
+            provenance=provenance,
+            resume=resume,
+        )
+        logging.info("Proximity %s: %s", dest_path.name, summary)
+        return open_volume(str(dest_path)).read()
+
+
+def prediction_provenance(
+    trained: TrainedParams,
+    raw,
+    step: int | None = None,
+    input_path=None,
+    input_dataset: str | None = None,
+) -> dict:
+    """What a proximity prediction is made of: the U-Net, its input scaling and the input.
+
+    Args:
+      trained: the U-Net parameters with their intensity normalisation.
+      raw: [z, y, x] input volume as stored (only sampled boxes are read when
+        it is large).
+      step: the checkpoint step of the parameters, when known.
+      input_path: the file `raw` was read from, if any.
+      input_dataset: the dataset inside that file, if any.
+
+    Returns:
+      `{"model": {name, step, params_hash, intensity}, "input": {path,
+      dataset, shape, dtype, fingerprint, sampled}}` (see `synjax.io.provenance`).
+    """
+    return {
+        "model": model_provenance(MODEL_NAME, step, trained.params)
+        | {"intensity": trained.intensity.to_dict()},
+        "input": input_fingerprint(raw, path=input_path, dataset=input_dataset),
+    }

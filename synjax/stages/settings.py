@@ -1,0 +1,179 @@
+"""Typed settings of the stages: one frozen dataclass per config block a stage reads.
+
+| config block                     | settings                         | stage                   |
+|----------------------------------|----------------------------------|-------------------------|
+| `config.unet`                    | `ProximityNetworkSettings`       | `ProximityStage`        |
+| `config.train` (partners)        | `ProximityTrainSettings`         | `ProximityStage`        |
+| `config.predict` (partners)      | `BlockwisePredictSettings`       | `ProximityStage`        |
+| `config.pruner`                  | `PrunerSettings`                 | `PrunerStage`           |
+| `config.pruner.train`            | `PrunerTrainSettings`            | `PrunerStage`           |
+| each `config.models` entry       | `BoundaryModelSettings`          | `BoundaryEnsembleStage` |
+| `config.train` (neurons)         | `BoundaryTrainSettings`          | `BoundaryEnsembleStage` |
+| `config.predict` (neurons)       | `SlicePredictSettings`           | `BoundaryEnsembleStage` |
+
+Each is built by `synjax.settings.from_config`, which refuses a key that is
+not a field; the config checks (`synjax.pipelines.config_checks`) read the
+keys of these blocks from the same classes. A field without a default is a
+key every config must hold. The training blocks extend `TrainSettings` with
+the stage's own fields, so one block is one class.
+
+This module imports no JAX, so that checking a config stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from synjax.settings import nested
+from synjax.train.settings import TrainSettings
+
+Triples = tuple[tuple[int, int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProximityNetworkSettings:
+    """The signed-proximity U-Net and its patches (`config.unet`).
+
+    Attributes:
+      depth, base_features, feature_growth, pool_factors, conv_kernels,
+        padding: the network (`synjax.models.unet3d.UNet3DSettings`).
+      train_output: wanted output (z, y, x) of a training patch.
+      predict_output: output block (z, y, x) of block-wise prediction.
+      predict_context: with "SAME" padding, real context (z, y, x) read
+        around each block and cropped from the output.
+    """
+
+    depth: int
+    base_features: int
+    feature_growth: int
+    pool_factors: Triples
+    conv_kernels: Triples
+    padding: str
+    train_output: tuple[int, int, int]
+    predict_output: tuple[int, int, int]
+    predict_context: tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProximityTrainSettings(TrainSettings):
+    """Training of the proximity U-Net (`config.train` of the partner pipeline).
+
+    Attributes:
+      positive_fraction: share of patches centred on a synaptic voxel.
+    """
+
+    positive_fraction: float = dataclasses.field(kw_only=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwisePredictSettings:
+    """Block-wise prediction (`config.predict` of the partner pipeline).
+
+    Attributes:
+      batch_size: blocks per compiled call.
+      executor: "local" or "dask" (`synjax.inference.blockwise`).
+      resume: an existing output made by another model, input or block grid:
+        "auto" predicts it afresh, "strict" stops with an error.
+    """
+
+    batch_size: int
+    executor: str
+    resume: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunerTrainSettings(TrainSettings):
+    """Training of the pruning CNN (`config.pruner.train`).
+
+    Attributes:
+      label_distance_nm: a candidate within this distance of a true pair of
+        its cells is a positive training example.
+    """
+
+    label_distance_nm: float = dataclasses.field(kw_only=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunerSettings:
+    """The candidate-pruning CNN (`config.pruner`): its network, then its training.
+
+    Attributes:
+      window: (z, y, x) window around a candidate.
+      features: output channels of the five convolutions.
+      pools: (z, y, x) max-pooling windows between them.
+      dense_features: width of the hidden dense layer.
+      train: `PrunerTrainSettings`; its batch size also batches the scoring.
+    """
+
+    window: tuple[int, int, int]
+    features: tuple[int, ...]
+    pools: Triples
+    dense_features: int
+    train: PrunerTrainSettings = nested(PrunerTrainSettings)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundaryModelSettings:
+    """One DeepEM3D-Net of the ensemble (an entry of `config.models`).
+
+    Attributes:
+      name: the model's name (its folder `checkpoints/<name>`).
+      slices: input slices s (1, 3 or 5).
+      kernel: boundary kernel of its labels ("c3", "c5" or "l3").
+      width: multiplier on the paper's feature counts.
+      steps: optimizer steps.
+      seed: seed of its initialisation and patches; None: the config's `seed`.
+      blocks, side_features, dilations: as `synjax.models.deepem3d.DeepEM3DSettings`.
+      only_slices: z indices of the test part it alone contributes to; None:
+        every slice.
+    """
+
+    name: str
+    slices: int
+    kernel: str
+    width: float
+    steps: int
+    seed: int | None = None
+    blocks: tuple[int, int, int] = (1, 1, 1)
+    side_features: int = 16
+    dilations: tuple[int, ...] = (1, 3, 5)
+    only_slices: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundaryTrainSettings(TrainSettings):
+    """Training of every model of the ensemble (`config.train` of the neuron pipeline).
+
+    Each model's `steps` and `seed` come from its own entry.
+
+    Attributes:
+      patch_yx: y and x size of the training patches (a multiple of 16).
+      augment: flips, yx rotations, z flip and intensity jitter.
+    """
+
+    GIVEN: ClassVar[tuple[str, ...]] = ("seed", "steps")
+
+    patch_yx: int = dataclasses.field(kw_only=True)
+    augment: bool = dataclasses.field(kw_only=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicePredictSettings:
+    """Slice-wise prediction of the ensemble (`config.predict` of the neuron pipeline).
+
+    Attributes:
+      tta: test-time augmentation.
+      tta_transforms: how many of the 16 transforms (1, 2, 4, 8 or 16).
+      batch_size: output slices per compiled call.
+      progress: a progress bar per batch of slices.
+      max_tile: tile size for slices larger than this; None: whole slices.
+      orientations: slicing axes, voxel-wise maximum over them.
+    """
+
+    tta: bool
+    tta_transforms: int
+    batch_size: int
+    progress: bool
+    max_tile: int | None = None
+    orientations: tuple[str, ...] = ("z",)
