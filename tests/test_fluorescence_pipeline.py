@@ -48,6 +48,12 @@ def test_every_variant_passes_the_config_checks(variant):
     config_checks.check_input_files(config)  # synthetic: nothing to open
 
 
+def test_config_check_depths_mirror_the_resnet_architectures():
+    from synjax.models.resnet3d import ARCHITECTURES
+
+    assert set(config_checks.FLUORESCENCE_DEPTHS) == set(ARCHITECTURES)
+
+
 def test_config_checks_name_bad_fluorescence_keys():
     config = _config("smoke")
     config.model.depth = 19

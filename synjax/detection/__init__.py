@@ -19,6 +19,7 @@ from synjax.detection.matcher import match, sample_labels
 from synjax.detection.nms import nms
 from synjax.detection.proposals import select_proposals
 from synjax.detection.roi_align import assign_levels, multilevel_roi_align, roi_align
+from synjax.detection.targets import boxes_from_labels, mask_targets, roi_targets, rpn_targets
 
 __all__ = [
     "DEFAULT_SCALE_CLAMP",
@@ -40,4 +41,8 @@ __all__ = [
     "roi_align",
     "sample_labels",
     "select_proposals",
+    "boxes_from_labels",
+    "mask_targets",
+    "roi_targets",
+    "rpn_targets",
 ]

@@ -520,6 +520,7 @@ FLUORESCENCE_SCHEMA = {
             "mask_features": integer(1),
             "mask_convs": integer(0),
             "head_norm_groups": integer(0),
+            "rpn_iou": _numbers_in_order(2),
             "rpn_samples": integer(1),
             "roi_samples": integer(1),
             "roi_positive_fraction": number(0, 1, open_low=True),

@@ -65,6 +65,7 @@ def mask_rcnn_settings(model: Mapping, seed: int = 0) -> MaskRCNN3DSettings:
         ),
         levels=tuple(model["levels"]),
         anchor_scales=anchor_scales,
+        rpn_iou=tuple(float(t) for t in model["rpn_iou"]),
         rpn_samples=int(model["rpn_samples"]),
         train_pre_nms=int(model["train_pre_nms"]),
         train_post_nms=int(model["train_post_nms"]),
