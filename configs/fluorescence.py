@@ -103,7 +103,7 @@ def get_config(arg: str | None = None):
                 "patch": (16, 64, 64) if smoke else (32, 96, 96),
                 "steps": 3 if smoke else (20000 if paper else 800),
                 "batch_size": 2,
-                "learning_rate": 1e-3,
+                "learning_rate": 2e-3,
                 "optimizer": "adamw",
                 "schedule": "warmup_cosine",
                 "warmup_steps": 1 if smoke else 50,
@@ -125,7 +125,7 @@ def get_config(arg: str | None = None):
                 # Chosen on the training volume by F1 at IoU 0.5 (paper: 0.99).
                 "score_thresholds": (0.0,)
                 if smoke
-                else ((0.99,) if paper else (0.5, 0.7, 0.9, 0.95, 0.99)),
+                else ((0.99,) if paper else (0.3, 0.5, 0.7, 0.9, 0.95, 0.99)),
                 "batch_size": 1,
                 # Pasted masks sharing this many voxels are copies (paper: 10).
                 "min_overlap": 10,
