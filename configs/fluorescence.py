@@ -19,7 +19,15 @@ default: sized for 2 CPU cores (about 30 minutes): a ResNet-18 backbone of
 paper:   the paper's ResNet-101 (base width 64), 256-channel FPN over P2..P5,
          128-channel RPN, four-conv mask head, score threshold 0.99, sized for
          a GPU.
-smoke:   a tiny network and volume that run end to end in seconds.
+smoke:   a tiny network and volume that run end to end (about 90 s on a loaded
+         2-core CPU, mostly compilation).
+
+Measured (default variant, commit of this note, shared 2-core CPU at load
+average 5-10, 43 min wall clock of which 40 min training): test volume of 509
+puncta; Mask R-CNN F1 0.930 at IoU 0.5 (P 0.982, R 0.882), 6 merges, 0
+splits, mean F1 over IoU 0.5:0.95 0.646; pixel forest + watershed F1 0.919
+(P 0.956, R 0.886), 39 merges, 1 split, mean F1 0.715. Score threshold (0.7)
+and watershed parameters chosen on the training volume.
 """
 
 from ml_collections import config_dict
