@@ -40,7 +40,8 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
 
-from synjax.detection import nms, roi_align
+from synjax.detection.nms import nms
+from synjax.detection.roi_align import roi_align
 
 SEED = 0
 PATCH = np.array([32, 96, 96])  # z, y, x voxels: Chen et al.'s 96x96x32 (x-y-z) patch

@@ -23,14 +23,14 @@ from synjax.detection import (
     level_anchors,
     match,
     multilevel_roi_align,
-    nms,
     pairwise_intersection,
     pairwise_iou,
     pyramid_anchors,
-    roi_align,
     sample_labels,
     select_proposals,
 )
+from synjax.detection.nms import nms
+from synjax.detection.roi_align import roi_align
 from synjax.errors import ConfigError, DataError
 
 # ----------------------------------------------------------------- references

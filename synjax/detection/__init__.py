@@ -3,7 +3,8 @@ heads) and fixed-shape JAX ops (anchors, box coding, IoU, matching, NMS, ROIAlig
 proposals; padded outputs with validity masks, boxes (z0, y0, x0, z1, y1, x1) in voxels).
 
 On the level of models: may import io, data, targets and models. Names are
-re-exported lazily (JAX).
+re-exported lazily (JAX); `nms` and `roi_align` are imported from their
+modules (`synjax.detection.nms.nms`), whose names they share.
 """
 
 from synjax.lazy import lazy_exports
@@ -23,6 +24,10 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "RPNSettings": "rpn",
         "assign_levels": "roi_align",
         "box_volume": "iou",
+        "rpn_targets": "targets",
+        "roi_targets": "targets",
+        "mask_targets": "targets",
+        "boxes_from_labels": "targets",
         "cartesian_sizes": "anchors",
         "centres_and_sizes": "box_coder",
         "clip_boxes": "box_coder",
@@ -31,11 +36,9 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "level_anchors": "anchors",
         "match": "matcher",
         "multilevel_roi_align": "roi_align",
-        "nms": "nms",
         "pairwise_intersection": "iou",
         "pairwise_iou": "iou",
         "pyramid_anchors": "anchors",
-        "roi_align": "roi_align",
         "sample_labels": "matcher",
         "select_proposals": "proposals",
     },
