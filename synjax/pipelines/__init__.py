@@ -22,6 +22,7 @@ from synjax.pipelines import config_checks
 PIPELINES = {
     "partners": "synjax.pipelines.partners",
     "neurons": "synjax.pipelines.neurons",
+    "fluorescence": "synjax.pipelines.fluorescence",
 }
 MODES = ("train", "predict", "evaluate", "all")
 

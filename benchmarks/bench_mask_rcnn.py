@@ -1,0 +1,147 @@
+"""Benchmark of the 3D Mask R-CNN: one training step and inference on one patch.
+
+The model of a `configs/fluorescence.py` variant ("default": the CPU-sized
+ResNet-18; "paper": Chen et al.'s ResNet-101 + FPN, meant for a GPU; "smoke":
+the tiny test network) on synthetic puncta patches of the config's size
+(96 x 96 x 32 x-y-z, except smoke). The training step is the training loop's
+own (`synjax.train.loop.make_train_step`: forward, target assignment, losses,
+gradients and the optimizer update in one jit program) on a batch of
+`train.batch_size` patches; inference is the detection forward pass on one
+patch (proposals, box head, final NMS, mask head). Compile time (ahead of
+time, `lower().compile()`) is reported apart from steady-state time.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_mask_rcnn.py [--variant default] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+try:
+    from benchmarks import common
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    import common
+
+from synjax.data.intensity import IntensityNormalization
+from synjax.data.synthetic_fluorescence import make_fluorescence_volume
+from synjax.detection.mask_rcnn3d import build_mask_rcnn
+from synjax.stages.mask_rcnn import TrainingPatches, mask_rcnn_settings
+from synjax.train.loop import TrainSettings, make_train_step
+from synjax.train.parallel import make_mesh
+from synjax.train.state import create_train_state
+
+CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "fluorescence.py"
+COLUMNS = ("variant", "what", "batch", "compile_s", "step_s", "min_s", "patches_per_s")
+
+
+def _config(variant: str):
+    spec = importlib.util.spec_from_file_location("fluorescence_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def bench(variant: str, repeats: int) -> list[dict]:
+    config = _config(variant)
+    d = config.data
+    patch = tuple(config.train.patch)
+    image, labels = make_fluorescence_volume(
+        shape=patch,
+        resolution=tuple(d.resolution),
+        seed=0,
+        density=float(d.density),
+        punctum_diameter_nm=tuple(d.punctum_diameter_nm),
+        punctum_z_stretch=tuple(d.punctum_z_stretch),
+        min_separation=float(d.min_separation),
+        psf_fwhm_nm=tuple(d.psf_fwhm_nm),
+    )
+    intensity = IntensityNormalization.from_config(d.intensity).fit([image], "benchmark image")
+    settings = mask_rcnn_settings(config.model)
+    patches = TrainingPatches(
+        image, labels, patch, intensity, settings.max_instances, 0.0, False, seed=0
+    )
+    train_settings = TrainSettings.from_config(config.train, seed=0)
+    batch = patches.batch(0, train_settings.batch_size)
+    mesh = make_mesh(1)
+    model = build_mask_rcnn(settings, training=True)
+    state = jax.jit(lambda key: create_train_state(model, batch["input"], train_settings, key))(
+        jax.random.key(0)
+    )
+    device_batch = {"input": jnp.asarray(batch["input"])}
+    step = make_train_step(lambda out, _: (out["loss"], {}), mesh)
+    compiled_step, step_compile = common.compile_jax(step, state, device_batch)
+
+    def train_call():
+        nonlocal state
+        # The step donates its state: keep the new one for the next call.
+        state, metrics = compiled_step(state, device_batch)
+        return metrics
+
+    train_timing = common.time_calls(train_call, repeats)
+    params = state.params
+
+    detector = build_mask_rcnn(settings)
+    apply = jax.jit(lambda p, x: detector.apply({"params": p}, x))
+    one = device_batch["input"][:1, ..., :1]
+    compiled_apply, apply_compile = common.compile_jax(apply, params, one)
+    infer_timing = common.time_calls(functools.partial(compiled_apply, params, one), repeats)
+    rows = []
+    for what, size, compile_s, timing in (
+        ("train step", train_settings.batch_size, step_compile, train_timing),
+        ("inference", 1, apply_compile, infer_timing),
+    ):
+        rows.append(
+            {
+                "variant": variant,
+                "what": what,
+                "batch": size,
+                "compile_s": compile_s,
+                "step_s": timing.median,
+                "min_s": timing.min,
+                "patches_per_s": size / timing.median,
+                "timing": timing.as_dict(),
+            }
+        )
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="default", choices=("default", "paper", "smoke"))
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per case")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "results", "bench_mask_rcnn.json"),
+    )
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()
+    rows = bench(args.variant, args.repeats)
+    print(f"3D Mask R-CNN, configs/fluorescence.py:{args.variant}, patch of the config:")
+    print(common.format_table(rows, COLUMNS))
+    path = common.write_json(
+        args.out,
+        {
+            "environment": common.environment(),
+            "note": (
+                "shared machine: absolute times are noisy; compile time is the ahead-of-time "
+                "lower().compile() of the same jit function that is then timed"
+            ),
+            "load_average_before_after": [load_before, os.getloadavg()],
+            "variant": args.variant,
+            "rows": rows,
+        },
+    )
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()
