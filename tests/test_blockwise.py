@@ -11,6 +11,7 @@ from synjax.errors import ConfigError, DataError
 from synjax.geometry import Box, read_padded
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.blockwise import (
+    BlockError,
     BlockManifest,
     LazyPredictor,
     blockwise_map,
@@ -298,7 +299,8 @@ def test_manifest_is_written_only_after_data(tmp_path):
         written.append(block)
 
     dest = RecordingVolume(np.zeros(VOLUME, np.float32), on_write=on_write)
-    with pytest.raises(OSError, match="disk full"):
+    # The failure is named with its block (a BlockError, one line for the CLI).
+    with pytest.raises(BlockError, match="block 5 .*OSError: disk full"):
         predict_blockwise(
             _crop_affine(CONTEXT), vol, dest, grid, manifest_path=manifest, progress=False
         )
@@ -632,6 +634,11 @@ def predict(batch):
     global calls
     calls += 1
     if calls == hang_at:
+        # Writes overlap compute: the previous block is recorded while this one runs.
+        for _ in range(600):
+            if (work / "pred.blocks.jsonl").read_text().count(chr(10)) == hang_at:
+                break
+            time.sleep(0.1)
         (work / "hanging").touch()
         time.sleep(600)  # killed here, between two blocks
     return batch[:, 1:-1, 2:-2, 3:-3] * 2 + 1

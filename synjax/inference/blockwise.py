@@ -3,41 +3,49 @@
 A :class:`~synjax.inference.block_grid.BlockGrid` tiles the output volume; for
 each block the input box (output box plus context, padded outside the volume)
 is read from ``source``, passed through a function, and the part of the result
-inside the volume is written to ``dest``. Only one batch of blocks per worker is
-ever in memory.
+inside the volume is written to ``dest``. Every block has one input shape (the
+last blocks are padded, not shrunk), so a ``jax.jit``-compiled function
+compiles once; memory holds a few batches of blocks, whatever the volume size.
 
-Resuming: with ``manifest_path`` set, a JSON-lines manifest records the ids of
-finished blocks. A block's id is appended (and fsync'ed) only after its data was
-written and ``dest.flush()`` (if any) returned, so a killed run loses no block;
-a rerun skips the recorded blocks. Only blocks that were written but not yet
-recorded when the run died are computed again (they are overwritten with the
-same values). ``dest.flush()`` must make the data durable: synjax's HDF5
-volumes flush h5py's caches and fsync the file; tensorstore volumes are
-durable once each write returns (the file driver fsyncs).
+Resuming: with ``manifest_path`` set, the done-state of every block is kept
+with the output (:mod:`synjax.inference.done_blocks`: a chunked uint8
+done-array and a header with the grid and provenance; a path ending in
+``.jsonl`` keeps the older line-per-batch manifest of
+:mod:`synjax.inference.block_manifest`). A block is marked done only after its
+data was written and ``dest.flush()`` (if any) returned, so a killed run, even
+by SIGKILL, loses no block, and a rerun computes only the blocks not marked
+(those written but not yet marked are written again with the same values).
+``dest.flush()`` must make the data durable: synjax's HDF5 volumes flush
+h5py's caches and fsync the file; tensorstore volumes are durable once each
+write returns.
 
-Provenance: the manifest's first line records the grid and, when given, a
-``provenance`` dict naming what made the blocks (the model's step and
-parameter hash, the input's path, shape, dtype and content fingerprint; see
+Provenance: the done-state records the grid and, when given, a ``provenance``
+dict naming what made the blocks (the model's step and parameter hash, the
+input's path, shape, dtype and content fingerprint; see
 :mod:`synjax.io.provenance`). A rerun whose provenance differs does not reuse
 the recorded blocks: with ``resume="auto"`` it logs what differs and starts
-the manifest afresh, so every block is computed (and written) again; with
-``resume="strict"`` it stops with an error naming what differs.
+afresh; with ``resume="strict"`` it stops with an error naming what differs.
+
+Failures: a step (read, compute, write) that raises is tried ``retries`` more
+times; then :class:`~synjax.inference.block_job.BlockError` names the block
+(id, grid index, voxel box) and the error. The run never returns with a block
+missing: after the last batch the done-state is checked for every block.
 
 Executors:
 
-* ``"local"``: an in-process loop. Blocks are stacked into batches of
-  ``batch_size``; the last batch is padded by repeating its last block so a
-  ``jax.jit``-compiled ``predict_fn`` sees one shape only.
-* ``"dask"``: ``dask.distributed``. Each task processes ``blocks_per_task``
-  block ids (read, predict, write) and returns them; the driver appends them to
-  the manifest as tasks finish. Pass a ``Client`` or ``LocalCluster`` as
-  ``client`` (e.g. ``LocalCluster(n_workers=1, threads_per_worker=1,
-  processes=False)``), or a ``LocalCluster`` with default settings is created.
-  With worker processes, ``predict_fn``, ``source`` and ``dest`` must pickle:
-  use on-disk volumes (not numpy arrays, whose writes would stay in a worker)
-  and wrap model loading in :class:`LazyPredictor`. Even an in-process
-  cluster pickles each task's arguments; numpy arrays survive this by
-  reference (pickle-5 buffers), other in-memory objects are copied.
+* ``"local"``: in-process (all local devices of the block function), with the
+  reading of the next batch and the writing of the previous one in threads
+  (:mod:`synjax.inference.block_prefetch`). The last batch is padded by
+  repeating its last block so a jitted ``predict_fn`` sees one shape only.
+* ``"dask"``: ``dask.distributed`` (:mod:`synjax.inference.block_dask`): each
+  task processes ``blocks_per_task`` blocks; the driver records them as tasks
+  finish. Pass a ``Client``, a ``LocalCluster`` or a scheduler address as
+  ``client`` (None: a default ``LocalCluster``). With worker processes,
+  ``predict_fn``, ``source`` and ``dest`` must pickle: use on-disk volumes
+  (not numpy arrays, whose writes would stay in a worker) and wrap model
+  loading in :class:`~synjax.inference.lazy_model.LazyPredictor` (one load per
+  worker). Even an in-process cluster pickles each task's arguments; numpy
+  arrays survive this by reference (pickle-5 buffers), other objects are copied.
 
 Parallel writers never write the same destination chunk when ``block_shape`` is
 a multiple of the destination's chunk shape, because blocks start at multiples
@@ -48,34 +56,54 @@ dask executor refuses a destination whose ``chunks`` break this rule.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import threading
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from synjax.errors import ConfigError, DataError
-from synjax.geometry import SPATIAL_DIMS, read_padded
+from synjax.geometry import SPATIAL_DIMS
+from synjax.inference.block_dask import chunked, run_dask
 from synjax.inference.block_grid import BlockGrid
-from synjax.io.atomic import write_text_atomic
-from synjax.io.provenance import differences, plain
+from synjax.inference.block_job import BlockError, BlockJob, Channels, describe_blocks
+from synjax.inference.block_manifest import (
+    MANIFEST_FORMAT,
+    RESUME_MODES,
+    BlockManifest,
+    _check_resume,
+    manifest_differences,
+)
+from synjax.inference.block_prefetch import run_prefetched
+from synjax.inference.done_blocks import (
+    DoneBlocks,
+    done_state_differences,
+    open_done_state,
+    remove_done_state,
+)
+from synjax.inference.lazy_model import LazyPredictor
 from synjax.report.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "dask")
-MANIFEST_FORMAT = "synjax-block-manifest-v2"
-# Earlier formats with the same layout; their headers record no provenance.
-OLDER_MANIFEST_FORMATS = ("synjax-block-manifest-v1",)
-# What a rerun does with blocks made by another model or input (see the module docstring).
-RESUME_MODES = ("auto", "strict")
 
-Channels = int | Sequence[int] | None
+__all__ = [
+    "EXECUTORS",
+    "MANIFEST_FORMAT",
+    "RESUME_MODES",
+    "BlockError",
+    "BlockManifest",
+    "BlockwiseSummary",
+    "DoneBlocks",
+    "LazyPredictor",
+    "blockwise_map",
+    "done_state_differences",
+    "manifest_differences",
+    "predict_blockwise",
+    "remove_done_state",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +112,7 @@ class BlockwiseSummary:
 
     Attributes:
       total: Blocks in the grid.
-      skipped: Blocks already recorded in the manifest, not computed again.
+      skipped: Blocks already recorded as done, not computed again.
       computed: Blocks computed and written by this call.
     """
 
@@ -93,290 +121,48 @@ class BlockwiseSummary:
     computed: int
 
 
-def _check_resume(resume: str) -> None:
-    if resume not in RESUME_MODES:
-        raise ConfigError(f"resume={resume!r}: expected one of {RESUME_MODES}")
+class _DoneInMemory:
+    """The done-state of a run without a path: what this call wrote."""
 
-
-def _read_header(path: Path) -> dict[str, Any]:
-    """The first line of an existing manifest, checked to be one.
-
-    Raises:
-      DataError: the file is not a block manifest.
-    """
-    with open(path, "rb") as f:
-        first = f.readline()
-    try:
-        found = json.loads(first)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: first line is not JSON, expected a block manifest") from e
-    if not isinstance(found, dict) or found.get("format") not in (
-        MANIFEST_FORMAT,
-        *OLDER_MANIFEST_FORMATS,
-    ):
-        format_ = found.get("format") if isinstance(found, dict) else None
-        raise DataError(f"{path}: format {format_!r}, expected {MANIFEST_FORMAT}")
-    return found
-
-
-def _provenance_differences(found: dict[str, Any], provenance: dict | None) -> list[str]:
-    """What differs between a manifest header's provenance and `provenance` (None: unchecked)."""
-    if provenance is None:
-        return []
-    recorded = found.get("provenance")
-    if recorded is None:
-        return [f"provenance: not recorded ({found.get('format')} header)"]
-    return differences(recorded, provenance)
-
-
-def manifest_differences(
-    path: str | os.PathLike, grid: BlockGrid, provenance: dict | None = None
-) -> list[str] | None:
-    """Why the blocks recorded in a manifest could not be reused for this grid and provenance.
-
-    For callers that own the output and recreate it when it is stale (e.g.
-    with another shape), before opening it for :func:`predict_blockwise`.
-
-    Args:
-      path: the manifest file.
-      grid: the grid of this run.
-      provenance: this run's provenance; None checks the grid only.
-
-    Returns:
-      None when there is no manifest (or it is empty), else the differences
-      (``"grid: ..."`` and those of :func:`synjax.io.provenance.differences`),
-      empty when the recorded blocks can be reused.
-
-    Raises:
-      DataError: the file is not a block manifest.
-    """
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return None
-    found = _read_header(path)
-    grid_now = plain(grid.to_dict())
-    found_grid = found.get("grid")
-    grid_diff = [] if found_grid == grid_now else [f"grid: {found_grid} -> {grid_now}"]
-    return grid_diff + _provenance_differences(found, provenance)
-
-
-class BlockManifest:
-    """Append-only JSON-lines record of finished block ids.
-
-    The first line names the format, the grid and the provenance of the
-    blocks (what made them, or null); each further line is ``{"blocks":
-    [ids]}``. A last line cut short by a kill is ignored.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        grid: BlockGrid,
-        provenance: dict | None = None,
-        resume: str = "auto",
-    ):
-        """Opens ``path``, creating it if absent.
-
-        Args:
-          path: the manifest file.
-          grid: the grid of this run; a manifest of another grid is an error.
-          provenance: what makes this run's blocks (JSON-serialisable, e.g.
-            ``{"model": {...}, "input": {...}}``); None: not checked.
-          resume: what to do when the recorded provenance differs:
-            ``"auto"`` logs the differences and starts the manifest afresh
-            (no block counts as done); ``"strict"`` raises.
-
-        Raises:
-          ConfigError: The file records a different grid, or ``resume`` is
-            not one of ``RESUME_MODES``.
-          DataError: The file is not a block manifest, or (``resume="strict"``)
-            it records another provenance.
-        """
-        _check_resume(resume)
-        self.path = Path(path)
-        self.done: set[int] = set()
-        header = {
-            "format": MANIFEST_FORMAT,
-            "grid": grid.to_dict(),
-            "provenance": None if provenance is None else plain(provenance),
-        }
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            self._start(header)
-            return
-        found = _read_header(self.path)
-        if found.get("grid") != plain(header["grid"]):
-            raise ConfigError(
-                f"{self.path}: manifest is for grid {found.get('grid')}, not {header['grid']}; "
-                "use another manifest_path or delete it"
-            )
-        stale = _provenance_differences(found, provenance)
-        if stale:
-            what = "; ".join(stale)
-            if resume == "strict":
-                raise DataError(
-                    f"{self.path}: its blocks were made by another model or input ({what}); "
-                    "resume='strict' does not reuse them: delete the output and this manifest, "
-                    "or resume with 'auto' to start afresh"
-                )
-            log.warning(
-                "%s: blocks made by another model or input (%s); starting afresh", self.path, what
-            )
-            self._start(header)
-            return
-        lines = self.path.read_text().splitlines()
-        for line in lines[1:]:
-            try:
-                self.done.update(int(i) for i in json.loads(line)["blocks"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                # A kill during an append leaves a partial last line; its
-                # blocks were not recorded, so they are simply computed again.
-                log.warning("%s: ignoring unreadable line %r", self.path, line[:80])
-
-    def _start(self, header: dict[str, Any]) -> None:
-        """(Re)writes the manifest as its header alone, atomically and durably."""
-        write_text_atomic(self.path, json.dumps(header) + "\n")
-
-    def _append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "ab+") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    # Close off a partial line left by a killed run.
-                    f.write(b"\n")
-            f.write(json.dumps(record).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def __init__(self, grid: BlockGrid):
+        self._done = np.zeros(grid.num_blocks, bool)
 
     def record(self, block_ids: Sequence[int]) -> None:
-        """Appends finished block ids; call only after their data is written."""
-        ids = [int(i) for i in block_ids]
-        if ids:
-            self._append({"blocks": ids})
-            self.done.update(ids)
+        self._done[np.asarray(block_ids, np.int64)] = True
+
+    def todo(self) -> np.ndarray:
+        return np.flatnonzero(~self._done)
+
+    missing = todo
 
 
-_LAZY_CACHE: dict[str, Callable] = {}
-_LAZY_LOCK = threading.Lock()
-
-
-class LazyPredictor:
-    """A picklable ``predict_fn`` that builds the real one once per process.
-
-    Pickling a jitted function with its parameters is often impossible or
-    wasteful; instead ship the recipe: ``LazyPredictor(make_fn, checkpoint_dir)``
-    calls ``make_fn(checkpoint_dir)`` on first use in each worker process and
-    reuses the result for all later blocks there.
-    """
-
-    def __init__(self, factory: Callable[..., Callable], *args: Any, **kwargs: Any):
-        self.factory = factory
-        self.args = args
-        self.kwargs = kwargs
-        self.token = uuid.uuid4().hex
-
-    def __call__(self, batch: np.ndarray) -> Any:
-        fn = _LAZY_CACHE.get(self.token)
-        if fn is None:
-            with _LAZY_LOCK:
-                fn = _LAZY_CACHE.get(self.token)
-                if fn is None:
-                    fn = _LAZY_CACHE[self.token] = self.factory(*self.args, **self.kwargs)
-        return fn(batch)
-
-
-def _select_channels(out: np.ndarray, channels: Channels, dest_ndim: int) -> np.ndarray:
-    """Picks the output channels written to ``dest``.
-
-    Args:
-      out: ``[b, z, y, x]`` or ``[b, z, y, x, c]`` block-function output.
-      channels: See :func:`predict_blockwise`.
-      dest_ndim: 3 or 4, the rank of ``dest``.
-
-    Returns:
-      ``[b, z, y, x]`` or ``[b, z, y, x, c']`` matching ``dest``.
-    """
-    if channels is not None:
-        if out.ndim != SPATIAL_DIMS + 2:
-            raise DataError(
-                f"channels={channels!r} given but the output {out.shape} has no channel axis"
-            )
-        index = int(channels) if isinstance(channels, int | np.integer) else list(channels)
-        out = out[..., index]
-    if out.ndim != dest_ndim + 1:
-        raise DataError(
-            f"output {out.shape[1:]} per block does not fit a {dest_ndim}-d dest; "
-            "pick channels with channels= or give dest a channel axis"
-        )
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _BlockJob:
-    """Everything needed to process a list of blocks; picklable when its parts are."""
-
-    block_fn: Callable[[np.ndarray], Any]
-    source: Any
-    dest: Any
-    grid: BlockGrid
-    batch_size: int
-    input_dtype: np.dtype | None
-    channels: Channels
-    pad_batches: bool
-
-    def run(self, block_ids: Sequence[int]) -> list[int]:
-        """Reads, computes and writes ``block_ids``; returns them once written."""
-        grid, dest = self.grid, self.dest
-        for first in range(0, len(block_ids), self.batch_size):
-            ids = list(block_ids[first : first + self.batch_size])
-            inputs = [read_padded(self.source, grid.input_box(i), grid.pad_mode) for i in ids]
-            if self.pad_batches:
-                inputs += inputs[-1:] * (self.batch_size - len(inputs))
-            batch = np.stack(inputs)
-            if self.input_dtype is not None:
-                batch = batch.astype(self.input_dtype, copy=False)
-            out = np.asarray(self.block_fn(batch))
-            if out.ndim < SPATIAL_DIMS + 1 or out.shape[0] != len(inputs):
-                raise DataError(
-                    f"block function returned {out.shape} for a batch of {batch.shape}; "
-                    "expected [batch, z, y, x] or [batch, z, y, x, channels]"
-                )
-            if out.shape[1 : SPATIAL_DIMS + 1] != grid.block_shape:
-                raise DataError(
-                    f"block function returned spatial shape {out.shape[1:4]}, expected the "
-                    f"grid's block_shape {grid.block_shape} (input {grid.input_shape})"
-                )
-            out = _select_channels(out, self.channels, len(dest.shape))
-            for k, block_id in enumerate(ids):
-                # dest applies its own casting rules (synjax volumes refuse
-                # floats into integer volumes rather than truncate them).
-                dest[grid.output_box(block_id)] = out[k][grid.output_crop(block_id)]
-        if hasattr(dest, "flush"):
-            # The manifest must only name blocks whose data is durable.
-            dest.flush()
-        return [int(i) for i in block_ids]
-
-
-def _run_job(job: _BlockJob, block_ids: Sequence[int]) -> list[int]:
-    return job.run(block_ids)
-
-
-def _chunked(items: Sequence[int], size: int) -> Iterator[list[int]]:
-    for first in range(0, len(items), size):
-        yield list(items[first : first + size])
-
-
-def _check_volumes(source: Any, dest: Any, grid: BlockGrid) -> None:
-    for name, volume in (("source", source), ("dest", dest)):
+def _check_volumes(job: BlockJob) -> None:
+    grid = job.grid
+    for name, volume in (("source", job.source), ("dest", job.dest)):
         if len(volume.shape) not in (SPATIAL_DIMS, SPATIAL_DIMS + 1):
             raise DataError(
                 f"{name} shape {tuple(volume.shape)}: expected [z, y, x] or [z, y, x, c]"
             )
-        if tuple(volume.shape[:SPATIAL_DIMS]) != grid.volume_shape:
-            raise DataError(
-                f"{name} spatial shape {tuple(volume.shape[:SPATIAL_DIMS])} differs from the "
-                f"grid's volume_shape {grid.volume_shape}"
-            )
+    dest_shape = tuple(job.dest.shape[:SPATIAL_DIMS])
+    if dest_shape != grid.volume_shape:
+        raise DataError(
+            f"dest spatial shape {dest_shape} differs from the grid's volume_shape "
+            f"{grid.volume_shape}"
+        )
+    source_shape = tuple(job.source.shape[:SPATIAL_DIMS])
+    needed = tuple(o + v for o, v in zip(job.origin, grid.volume_shape, strict=True))
+    if job.origin == (0, 0, 0) and source_shape != grid.volume_shape:
+        raise DataError(
+            f"source spatial shape {source_shape} differs from the grid's volume_shape "
+            f"{grid.volume_shape}"
+        )
+    if any(o < 0 for o in job.origin) or any(
+        n > s for n, s in zip(needed, source_shape, strict=True)
+    ):
+        raise DataError(
+            f"region of interest from {job.origin} of shape {grid.volume_shape} "
+            f"leaves the source of shape {source_shape}"
+        )
 
 
 def _chunks_aligned(dest: Any, grid: BlockGrid) -> bool:
@@ -387,50 +173,8 @@ def _chunks_aligned(dest: Any, grid: BlockGrid) -> bool:
     return all(b % c == 0 for b, c in zip(grid.block_shape, chunks[:SPATIAL_DIMS], strict=True))
 
 
-def _run_dask(
-    job: _BlockJob,
-    todo: list[int],
-    blocks_per_task: int,
-    manifest: BlockManifest | None,
-    bar: Any,
-    client: Any,
-) -> None:
-    """Runs ``todo`` on dask.distributed, recording blocks as tasks finish."""
-    try:
-        from distributed import Client, LocalCluster, as_completed
-    except ImportError as e:
-        raise ConfigError(
-            "executor='dask' needs dask[distributed]: pip install synjax[distributed]"
-        ) from e
-    cluster = None
-    own_client = not isinstance(client, Client)
-    if client is None:
-        cluster = client = LocalCluster(dashboard_address=None)
-    if isinstance(client, LocalCluster):
-        client = Client(client)
-    futures = []
-    try:
-        futures = [
-            client.submit(_run_job, job, ids, pure=False) for ids in _chunked(todo, blocks_per_task)
-        ]
-        for future in as_completed(futures):
-            ids = future.result()
-            if manifest is not None:
-                manifest.record(ids)
-            bar.update(len(ids))
-    except BaseException:
-        # Blocks of unfinished tasks stay out of the manifest and run again later.
-        client.cancel(futures)
-        raise
-    finally:
-        if own_client:
-            client.close()
-        if cluster is not None:
-            cluster.close()
-
-
 def _run_blocks(
-    job: _BlockJob,
+    job: BlockJob,
     manifest_path: str | os.PathLike | None,
     executor: str,
     progress: bool,
@@ -444,11 +188,12 @@ def _run_blocks(
     _check_resume(resume)
     if executor not in EXECUTORS:
         raise ConfigError(f"executor={executor!r}: expected one of {EXECUTORS}")
-    if job.batch_size < 1 or blocks_per_task < 1:
+    if job.batch_size < 1 or blocks_per_task < 1 or job.retries < 0:
         raise ConfigError(
-            f"batch_size={job.batch_size}, blocks_per_task={blocks_per_task}: expected >= 1"
+            f"batch_size={job.batch_size}, blocks_per_task={blocks_per_task}, "
+            f"retries={job.retries}: expected >= 1, >= 1 and >= 0"
         )
-    _check_volumes(job.source, job.dest, grid)
+    _check_volumes(job)
     if not _chunks_aligned(job.dest, grid):
         message = (
             f"block_shape {grid.block_shape} is not a multiple of the dest chunks "
@@ -458,31 +203,34 @@ def _run_blocks(
             raise ConfigError(message)
         log.warning("%s (harmless for executor='local', but slower)", message)
 
-    manifest = (
-        BlockManifest(manifest_path, grid, provenance, resume)
+    state = (
+        open_done_state(manifest_path, grid, provenance, resume)
         if manifest_path is not None
-        else None
+        else _DoneInMemory(grid)
     )
-    done = manifest.done if manifest is not None else set()
-    todo = [i for i in grid.block_ids() if i not in done]
-    log.info(
-        "blockwise: %d blocks, %d already done, %d to do", grid.num_blocks, len(done), len(todo)
-    )
+    todo = state.todo()
+    skipped = grid.num_blocks - len(todo)
+    log.info("blockwise: %d blocks, %d already done, %d to do", grid.num_blocks, skipped, len(todo))
     with progress_bar(
-        total=grid.num_blocks,
-        initial=grid.num_blocks - len(todo),
-        disable=not progress,
-        unit="block",
+        total=grid.num_blocks, initial=skipped, disable=not progress, unit="block"
     ) as bar:
+
+        def on_written(ids: list[int]) -> None:
+            state.record(ids)
+            bar.update(len(ids))
+
         if executor == "local":
-            for ids in _chunked(todo, job.batch_size):
-                job.run(ids)
-                if manifest is not None:
-                    manifest.record(ids)
-                bar.update(len(ids))
+            run_prefetched(job, list(chunked(todo, job.batch_size)), on_written)
         else:
-            _run_dask(job, todo, blocks_per_task, manifest, bar, client)
-    return BlockwiseSummary(grid.num_blocks, grid.num_blocks - len(todo), len(todo))
+            run_dask(job, todo, blocks_per_task, on_written, client)
+    missing = state.missing()
+    if len(missing):
+        # Never report success with a block missing (e.g. a task that vanished).
+        raise BlockError(
+            f"{len(missing)} of {grid.num_blocks} blocks are not recorded as written after "
+            f"the run: {describe_blocks(grid, missing, job.origin)}"
+        )
+    return BlockwiseSummary(grid.num_blocks, skipped, len(todo))
 
 
 def predict_blockwise(
@@ -499,6 +247,8 @@ def predict_blockwise(
     blocks_per_task: int | None = None,
     provenance: dict | None = None,
     resume: str = "auto",
+    retries: int = 0,
+    origin: Sequence[int] | None = None,
 ) -> BlockwiseSummary:
     """Runs a network over ``source`` block by block and writes ``dest``.
 
@@ -515,9 +265,10 @@ def predict_blockwise(
         assignment, which casts the outputs to its dtype by its own rules.
       grid: Blocks to process; its ``volume_shape`` must match both volumes.
       batch_size: Blocks per ``predict_fn`` call.
-      manifest_path: JSON-lines file of finished block ids, making the run
-        resumable (conventionally next to dest, e.g. ``dest.zarr.blocks.jsonl``);
-        None: no manifest, every block is computed.
+      manifest_path: the done-state kept with the output, making the run
+        resumable: a done-array folder (conventionally ``dest.zarr.blocks``,
+        :func:`synjax.io.layout.blocks_manifest`) or, for a name ending in
+        ``.jsonl``, a JSON-lines manifest. None: every block is computed.
       executor: ``"local"`` or ``"dask"`` (see the module docstring).
       progress: Show a tqdm progress bar.
       channels: Output channels written to ``dest``: None (all; dest's channel
@@ -532,11 +283,19 @@ def predict_blockwise(
         synjax.io.provenance.input_fingerprint(...)}``. None: not checked.
       resume: ``"auto"`` (blocks of another provenance are computed again)
         or ``"strict"`` (they are an error).
+      retries: how many more times a failing read, compute or write is tried
+        before the run stops with a ``BlockError`` naming the block.
+      origin: voxel start ``(z, y, x)`` of a region of interest in ``source``;
+        the grid (and ``dest``) cover the region, and context is read from
+        ``source`` around it where the source has some. None: the whole source.
 
     Returns:
       How many blocks were skipped and computed.
+
+    Raises:
+      BlockError: a block kept failing, or blocks are missing after the run.
     """
-    job = _BlockJob(
+    job = BlockJob(
         block_fn=predict_fn,
         source=source,
         dest=dest,
@@ -545,6 +304,8 @@ def predict_blockwise(
         input_dtype=np.dtype(np.float32),
         channels=channels,
         pad_batches=True,
+        origin=tuple(int(o) for o in origin) if origin is not None else (0, 0, 0),
+        retries=retries,
     )
     return _run_blocks(
         job,
@@ -582,6 +343,7 @@ def blockwise_map(
     blocks_per_task: int = 1,
     provenance: dict | None = None,
     resume: str = "auto",
+    retries: int = 0,
 ) -> BlockwiseSummary:
     """Applies a host-side numpy function to a large volume block by block.
 
@@ -604,12 +366,13 @@ def blockwise_map(
       blocks_per_task: Blocks per dask task.
       provenance: What makes the blocks, as in :func:`predict_blockwise`.
       resume: ``"auto"`` or ``"strict"``, as in :func:`predict_blockwise`.
+      retries: as in :func:`predict_blockwise`.
 
     Returns:
       How many blocks were skipped and computed.
     """
     grid = BlockGrid(tuple(source.shape[:SPATIAL_DIMS]), block_shape, context, pad_mode)
-    job = _BlockJob(
+    job = BlockJob(
         block_fn=_PerBlock(fn),
         source=source,
         dest=dest,
@@ -618,6 +381,7 @@ def blockwise_map(
         input_dtype=None,
         channels=None,
         pad_batches=False,
+        retries=retries,
     )
     return _run_blocks(
         job, manifest_path, executor, progress, blocks_per_task, client, provenance, resume
