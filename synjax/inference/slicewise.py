@@ -144,15 +144,17 @@ def predict_slices(
             f"predict_slices max_tile={max_tile}: expected a multiple of {stride} "
             f"larger than tile_overlap={tile_overlap}"
         )
-    nz, ny, nx = shape
-    padded = [math.ceil(n / stride) * stride for n in (ny, nx)]
-    tile = [min(n, max_tile) if max_tile else n for n in padded]
-    tiles_y, tiles_x = (_tiles(n, t, tile_overlap) for n, t in zip(padded, tile, strict=True))
-    transforms = tuple(transforms)
-    needs_square = tta and any(t.quarter_turns % 2 for t in transforms)
-    model_yx = [max(tile)] * 2 if needs_square else tile
-    fn = make_tta_fn(apply_fn, transforms) if tta else jax.jit(apply_fn)
-
+    nz = shape[0]
+    predict_stacks = SlicePredictor(
+        apply_fn,
+        shape[1:],
+        stride=stride,
+        tta=tta,
+        transforms=transforms,
+        max_tile=max_tile,
+        tile_overlap=tile_overlap,
+        channel=channel,
+    )
     result = np.zeros(shape, np.float32) if out is None else out
     offsets = np.arange(slices) - slices // 2
     starts = range(0, nz, batch_size)
@@ -163,19 +165,65 @@ def predict_slices(
         src = reflect_indices(zs[:, None] + offsets[None, :], nz)
         lo, hi = int(src.min()), int(src.max()) + 1
         chunk = normalize_intensity(np.asarray(volume[lo:hi]), intensity, name)
-        stack = pad_end(chunk[src - lo], padded, axes=(2, 3))  # [batch, s, Y, X]
-        prob = np.empty((batch_size, ny, nx), np.float32)
-        for y0, ky0, ky1 in tiles_y:
-            for x0, kx0, kx1 in tiles_x:
-                part = stack[:, :, y0 : y0 + tile[0], x0 : x0 + tile[1]]
-                part = pad_end(part, model_yx, axes=(2, 3))[..., None]
-                pred = np.asarray(fn(part))[..., channel]
+        result[z0:z1] = predict_stacks(chunk[src - lo])[: z1 - z0]
+    return result
+
+
+class SlicePredictor:
+    """Boundary probability of the centre slices of `[n, s, y, x]` stacks: padding and tiles.
+
+    Each stack is reflect-padded in y and x to a multiple of `stride` (and to a
+    square for TTA rotations), cut into tiles when larger than `max_tile`, and
+    passed through `apply_fn` (jitted, or averaged over `transforms`); the
+    kept centre of each tile is pasted back. The computation of a slice
+    depends on its own stack only, so any batching gives the same result.
+
+    Args:
+      apply_fn: `[n, s, y, x, 1] float32 -> [n, y, x, c]`; traceable.
+      shape_yx: `(y, x)` of the slices.
+      stride, tta, transforms, max_tile, tile_overlap, channel: as in
+        `predict_slices`.
+    """
+
+    def __init__(
+        self,
+        apply_fn: Callable[[jax.Array], jax.Array],
+        shape_yx: Sequence[int],
+        *,
+        stride: int,
+        tta: bool = True,
+        transforms: Sequence[Transform] = TRANSFORMS,
+        max_tile: int | None = None,
+        tile_overlap: int = DEFAULT_TILE_OVERLAP,
+        channel: int = -1,
+    ):
+        self.ny, self.nx = (int(n) for n in shape_yx)
+        self.padded = [math.ceil(n / stride) * stride for n in (self.ny, self.nx)]
+        self.tile = [min(n, max_tile) if max_tile else n for n in self.padded]
+        self.tiles_y, self.tiles_x = (
+            _tiles(n, t, tile_overlap) for n, t in zip(self.padded, self.tile, strict=True)
+        )
+        transforms = tuple(transforms)
+        needs_square = tta and any(t.quarter_turns % 2 for t in transforms)
+        self.model_yx = [max(self.tile)] * 2 if needs_square else self.tile
+        self.fn = make_tta_fn(apply_fn, transforms) if tta else jax.jit(apply_fn)
+        self.channel = channel
+
+    def __call__(self, stacks: np.ndarray) -> np.ndarray:
+        """float32 `[n, y, x]` probability of the centre slices of `[n, s, y, x]` float stacks."""
+        n, (ny, nx) = len(stacks), (self.ny, self.nx)
+        stack = pad_end(stacks, self.padded, axes=(2, 3))  # [n, s, Y, X]
+        prob = np.empty((n, ny, nx), np.float32)
+        for y0, ky0, ky1 in self.tiles_y:
+            for x0, kx0, kx1 in self.tiles_x:
+                part = stack[:, :, y0 : y0 + self.tile[0], x0 : x0 + self.tile[1]]
+                part = pad_end(part, self.model_yx, axes=(2, 3))[..., None]
+                pred = np.asarray(self.fn(part))[..., self.channel]
                 ky1c, kx1c = min(ky1, ny), min(kx1, nx)
                 if ky0 >= ky1c or kx0 >= kx1c:
                     continue  # a tile that only holds padding
                 prob[:, ky0:ky1c, kx0:kx1c] = pred[:, ky0 - y0 : ky1c - y0, kx0 - x0 : kx1c - x0]
-        result[z0:z1] = prob[: z1 - z0]
-    return result
+        return prob
 
 
 def ensemble_max(

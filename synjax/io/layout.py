@@ -4,7 +4,7 @@
     checkpoints/<model>/intensity.json      the model's input scaling (`synjax.data.intensity`)
     metrics/<model>.jsonl, tensorboard/<model>/   training curves (`synjax.train.loop`)
     predictions/<name>.zarr                 predicted volumes, written block by block;
-    predictions/<name>.zarr.blocks.jsonl    its finished blocks (`synjax.inference.blockwise`)
+    predictions/<name>.zarr.blocks          its finished blocks (`synjax.inference.blockwise`)
     metrics.json, example_slices.png        every pipeline's scores and example slices
 
     partner pipeline: predictions/proximity.zarr, predictions/train_proximity.zarr,
@@ -55,8 +55,10 @@ SEGMENTATION = f"{PREDICTIONS_DIR}/segmentation.zarr"
 # Classical instance baseline.
 FOREST_FILE = "pixel_forest.joblib"
 
-# Suffix of a block-wise output's manifest of finished blocks.
-BLOCKS_SUFFIX = ".blocks.jsonl"
+# Suffix of a block-wise output's done-state (a folder: `synjax.inference.done_blocks`).
+BLOCKS_SUFFIX = ".blocks"
+# Suffix of the line-per-batch manifest that earlier versions kept instead.
+BLOCKS_V1_SUFFIX = ".blocks.jsonl"
 
 
 def checkpoint_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
@@ -80,6 +82,12 @@ def volume_segmentation(volume: str) -> str:
 
 
 def blocks_manifest(output: str | os.PathLike) -> pathlib.Path:
-    """The manifest of finished blocks beside a block-wise output."""
+    """The done-state of the blocks of a block-wise output, beside it."""
     output = pathlib.Path(output)
     return output.with_name(output.name + BLOCKS_SUFFIX)
+
+
+def blocks_manifest_v1(output: str | os.PathLike) -> pathlib.Path:
+    """The line-per-batch manifest that earlier versions kept beside a block-wise output."""
+    output = pathlib.Path(output)
+    return output.with_name(output.name + BLOCKS_V1_SUFFIX)

@@ -4,9 +4,12 @@
 neuron segmentation) each define `train(config, workdir)`,
 `load_test(config)`, `predict(config, workdir, test)` and
 `evaluate(config, workdir, test)`; `run` checks the config, then runs the
-phases of `config.mode` in order. May import every package before it (the
-stages included); only `main.py` imports the pipelines. Jobs are imported
-lazily so that `python -m synjax.main --help` and the config checks stay fast.
+phases of `config.mode` in order. With `config.predict.input` (a volume of the
+user's, `volume_input.py`), predict mode calls the job's
+`predict_volume(config, workdir)` instead of predicting the test data. May
+import every package before it (the stages included); only `main.py` imports
+the pipelines. Jobs are imported lazily so that `python -m synjax.main --help`
+and the config checks stay fast.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pathlib
 from absl import logging
 
 from synjax.errors import ConfigError
-from synjax.pipelines import config_checks
+from synjax.pipelines import config_checks, volume_input
 
 PIPELINES = {
     "partners": "synjax.pipelines.partners",
@@ -45,7 +48,12 @@ def run(config, workdir: pathlib.Path) -> dict:
     if config.mode not in MODES:
         raise ConfigError(f"config.mode={config.mode!r}; expected one of {list(MODES)}")
     config_checks.check_config(config)
-    config_checks.check_input_files(config)
+    volume_input.check_mode(config)
+    if volume_input.predicts_own_volume(config):
+        # The test data is not read: the input volume and its region are checked instead.
+        volume_input.open_input(config)[0].close()
+    else:
+        config_checks.check_input_files(config)
     logging.info("synjax: %s pipeline, mode %s, workdir %s", config.pipeline, config.mode, workdir)
     job = importlib.import_module(PIPELINES[config.pipeline])
     return run_phases(job, config, pathlib.Path(workdir))
@@ -67,6 +75,9 @@ def run_phases(job, config, workdir: pathlib.Path) -> dict:
     """
     mode = config.mode
     metrics: dict = {}
+    if mode == "predict" and volume_input.predicts_own_volume(config):
+        job.predict_volume(config, workdir)
+        return metrics
     if mode in ("train", "all"):
         job.train(config, workdir)
     if mode in ("predict", "evaluate", "all"):

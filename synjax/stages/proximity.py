@@ -28,8 +28,14 @@ from synjax.data.intensity import (
 )
 from synjax.data.sampling import PatchSampler
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import Box
 from synjax.inference.block_grid import BlockGrid
-from synjax.inference.blockwise import RESUME_MODES, manifest_differences, predict_blockwise
+from synjax.inference.blockwise import (
+    RESUME_MODES,
+    done_state_differences,
+    predict_blockwise,
+    remove_done_state,
+)
 from synjax.io import create_volume, layout, open_volume
 from synjax.io.provenance import input_fingerprint, model_provenance
 from synjax.models.losses import weighted_mse
@@ -146,36 +152,77 @@ class ProximityStage:
         input_path=None,
         input_dataset: str | None = None,
     ) -> np.ndarray:
-        """Predicts signed proximity over `raw` block by block into a zarr volume.
+        """Predicts signed proximity over `raw` block by block; reads the result back.
 
-        The run is resumable: finished blocks are listed in a manifest next to the
-        output, with what made them (the parameters' step and hash, the input's
-        path, shape, dtype and content fingerprint), and a restarted run skips
-        them. When the model, the input or the block grid differ from those the
-        manifest records, `config.predict.resume` decides: "auto" (default)
-        predicts the output afresh and logs why, "strict" stops with an error
-        naming what differs.
+        See `predict_volume`, which this calls for the whole of `raw`.
+
+        Returns:
+          [z, y, x] float32 proximity, read back from the output.
+        """
+        self.predict_volume(
+            trained,
+            raw,
+            dest_path,
+            resolution,
+            step=step,
+            input_path=input_path,
+            input_dataset=input_dataset,
+        )
+        return open_volume(str(dest_path)).read()
+
+    def predict_volume(
+        self,
+        trained: TrainedParams,
+        raw,
+        dest_path: pathlib.Path,
+        resolution,
+        step: int | None = None,
+        input_path=None,
+        input_dataset: str | None = None,
+        roi: Box | None = None,
+        offset=(0.0, 0.0, 0.0),
+        progress: bool = True,
+    ):
+        """Predicts signed proximity over `raw` (or a region of it) block by block into zarr.
+
+        Memory holds a few blocks, whatever the size of `raw`. The run is
+        resumable: the done-state of every block is kept next to the output
+        (`<dest>.blocks`, `synjax.inference.done_blocks`), with what made them
+        (the parameters' step and hash, the input's path, shape, dtype and
+        content fingerprint, the region), and a restarted run skips them. When
+        the model, the input or the block grid differ from those recorded,
+        `config.predict.resume` decides: "auto" (default) predicts the output
+        afresh and logs why, "strict" stops with an error naming what differs.
+        A failing block is retried `config.predict.retries` times.
 
         Args:
           trained: `train`'s or `load`'s result; its intensity
             normalisation is applied to each block of `raw` as it is read.
-          raw: [z, y, x] EM of any dtype the normalisation accepts (or any volume
-            with numpy slicing).
-          dest_path: the `.zarr` output.
+          raw: [z, y, x] EM of any dtype the normalisation accepts (a numpy
+            array or a lazy `synjax.io` volume).
+          dest_path: the `.zarr` output, of the region's shape.
+          resolution: voxel size (nm, z-y-x) recorded with the output.
           step: checkpoint step of the parameters, recorded with the output.
           input_path: file `raw` was read from (None for generated volumes).
           input_dataset: dataset of `raw` inside `input_path`.
+          roi: the region of `raw` to predict (None: all of it); context
+            around it is read from `raw`.
+          offset: world position (nm) of `raw`'s first voxel; the output's
+            offset is that of the region's first voxel.
+          progress: show a progress bar (blocks done, rate, ETA).
 
         Returns:
-          [z, y, x] float32 proximity, read back from the output.
+          The output `Volume` (opened for reading).
 
         Raises:
           ConfigError: `config.predict.resume` is not "auto" or "strict".
           DataError: with "strict", the existing output was made differently.
+          BlockError: a block failed every retry (named with the error).
         """
+        roi = Box.from_shape(raw.shape[:3]) if roi is None else roi
         cfg = self.unet_settings()
         block = tuple(
-            min(b, s) for b, s in zip(self.network.predict_output, raw.shape, strict=True)
+            min(b, s) for b, s in zip(self.network.predict_output, roi.shape, strict=True)
         )
         if cfg.padding == "VALID":
             input_shape = cfg.valid_input_shape(block)
@@ -188,7 +235,7 @@ class ProximityStage:
             output_shape = block
             input_shape = tuple(b + 2 * m for b, m in zip(block, margin, strict=True))
             crop = (slice(None), *(slice(m, m + b) for m, b in zip(margin, block, strict=True)))
-        grid = BlockGrid.from_io_shapes(raw.shape, input_shape, output_shape)
+        grid = BlockGrid.from_io_shapes(roi.shape, input_shape, output_shape)
         model = UNet3D(cfg)
         if not isinstance(trained, TrainedParams):
             raise TypeError(
@@ -196,6 +243,8 @@ class ProximityStage:
             )
         params = trained.params
         provenance = prediction_provenance(trained, raw, step, input_path, input_dataset)
+        if roi != Box.from_shape(raw.shape[:3]):
+            provenance["input"]["roi"] = [list(roi.start), list(roi.stop)]
         # Blocks are read through a normalising view: each is converted as it is
         # read, exactly as training patches were, and never the whole volume.
         raw = NormalizedVolume(raw, trained.intensity, name=f"raw predicted into {dest_path.name}")
@@ -207,8 +256,8 @@ class ProximityStage:
         resume = self.prediction.resume
         if resume not in RESUME_MODES:
             raise ConfigError(f"config.predict.resume={resume!r}: expected one of {RESUME_MODES}")
-        manifest = layout.blocks_manifest(dest_path)
-        stale = manifest_differences(manifest, grid, provenance) if dest_path.exists() else None
+        done = layout.blocks_manifest(dest_path)
+        stale = done_state_differences(done, grid, provenance) if dest_path.exists() else None
         if stale == []:
             dest = open_volume(str(dest_path), mode="r+")
         else:
@@ -223,14 +272,18 @@ class ProximityStage:
                 logging.warning(
                     "%s was made differently (%s); predicting it afresh", dest_path, what
                 )
-            # The manifest goes first: a kill between the two leaves no manifest
+            # The done-state goes first: a kill between the two leaves none
             # that vouches for blocks of a fresh, empty output.
-            manifest.unlink(missing_ok=True)
+            remove_done_state(done)
+            remove_done_state(layout.blocks_manifest_v1(dest_path))
             dest = create_volume(
                 str(dest_path),
-                raw.shape,
+                roi.shape,
                 np.float32,
                 resolution=resolution,
+                offset=tuple(
+                    float(o) + a * r for o, a, r in zip(offset, roi.start, resolution, strict=True)
+                ),
                 chunks=output_shape,
                 overwrite=True,
             )
@@ -240,13 +293,16 @@ class ProximityStage:
             dest,
             grid,
             batch_size=self.prediction.batch_size,
-            manifest_path=manifest,
+            manifest_path=done,
             executor=self.prediction.executor,
             provenance=provenance,
             resume=resume,
+            retries=self.prediction.retries,
+            origin=roi.start,
+            progress=progress,
         )
         logging.info("Proximity %s: %s", dest_path.name, summary)
-        return open_volume(str(dest_path)).read()
+        return open_volume(str(dest_path))
 
 
 def prediction_provenance(

@@ -75,11 +75,21 @@ class BlockwisePredictSettings:
       executor: "local" or "dask" (`synjax.inference.blockwise`).
       resume: an existing output made by another model, input or block grid:
         "auto" predicts it afresh, "strict" stops with an error.
+      retries: how many more times a failing block is tried before the run
+        stops with an error naming it.
+      input: a volume of the user's (any `synjax.io.open_volume` source) to
+        predict with the trained models instead of the test data; "": none.
+      output: folder of the predictions of `input` (zarr).
+      roi: region of `input` to predict, "z0:z1,y0:y1,x0:x1" in voxels; "": all.
     """
 
     batch_size: int
     executor: str
     resume: str = "auto"
+    retries: int = 2
+    input: str = ""
+    output: str = ""
+    roi: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
