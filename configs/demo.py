@@ -144,6 +144,18 @@ def get_config(arg: str | None = None):
                 # "auto" predicts it afresh (and logs why), "strict" stops with an
                 # error naming what differs.
                 "resume": "auto",
+                # How many more times a failing block is tried before the run
+                # stops with an error naming it (index, voxel box, error).
+                "retries": 2,
+                # A volume of your own to predict with the models trained in the
+                # workdir (with --config.mode=predict): any synjax.io source
+                # (x.zarr, x.n5, precomputed://..., x.h5:/dataset, x.tif); ""
+                # predicts the test data. Predictions go to the folder `output`
+                # (zarr, block by block), for the region `roi`
+                # "z0:z1,y0:y1,x0:x1" in voxels ("" = the whole volume).
+                "input": "",
+                "output": "",
+                "roi": "",
             },
             "candidates": {
                 # Site threshold |p| > tau and minimum site/segment overlap (voxels).

@@ -166,11 +166,18 @@ def _check_volumes(job: BlockJob) -> None:
 
 
 def _chunks_aligned(dest: Any, grid: BlockGrid) -> bool:
-    """Whether every dest chunk lies in exactly one block (True if unchunked)."""
+    """Whether every dest chunk lies in exactly one block (True if unchunked).
+
+    Along an axis with a single block (one that covers the volume) no chunk
+    is shared, whatever its size.
+    """
     chunks = getattr(dest, "chunks", None)
     if not chunks:
         return True
-    return all(b % c == 0 for b, c in zip(grid.block_shape, chunks[:SPATIAL_DIMS], strict=True))
+    return all(
+        b % c == 0 or n == 1
+        for b, c, n in zip(grid.block_shape, chunks[:SPATIAL_DIMS], grid.grid_shape, strict=True)
+    )
 
 
 def _run_blocks(

@@ -26,7 +26,7 @@ import numpy as np
 from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, NormalizedVolume
 from synjax.errors import ConfigError
 from synjax.inference.block_grid import BlockGrid
-from synjax.inference.blockwise import BlockwiseSummary, predict_blockwise
+from synjax.inference.blockwise import BlockwiseSummary, blockwise_map, predict_blockwise
 from synjax.inference.slicewise import DEFAULT_BATCH_SIZE, ORIENTATIONS, SlicePredictor
 from synjax.inference.tta import TRANSFORMS, Transform
 
@@ -143,3 +143,54 @@ def predict_slices_blockwise(
     return predict_blockwise(
         SlabPredictor(predictor, slices, batch_size), view, out, grid, batch_size=1, **runner
     )
+
+
+def slab_grid(shape: Sequence[int], orientation: str, depth: int, slices: int) -> BlockGrid:
+    """The grid of `predict_slices_blockwise` over a `[z, y, x]` volume of `shape`.
+
+    In the oriented view's axes (the slicing axis first), as its done-state records it.
+    """
+    shape = tuple(int(shape[a]) for a in ORIENTATIONS[orientation])
+    return BlockGrid(shape, (min(depth, shape[0]), *shape[1:]), context=(slices // 2, 0, 0))
+
+
+def slab_chunks(shape: Sequence[int], orientation: str, depth: int) -> tuple[int, int, int]:
+    """Chunks of a `[z, y, x]` output written in slabs: `depth` along the slicing axis."""
+    axis = ORIENTATIONS[orientation][0]
+    edge = 256  # in-plane chunk edge (slabs cover the plane: no chunk is shared)
+    return tuple(
+        min(depth, n) if a == axis else min(edge, n) for a, n in enumerate(int(s) for s in shape)
+    )
+
+
+class _StackedVolumes:
+    """`[z, y, x, k]` view of k volumes of one shape: a read stacks the same box of each."""
+
+    def __init__(self, volumes: Sequence[Any]):
+        self.volumes = list(volumes)
+        self.shape = (*tuple(int(s) for s in self.volumes[0].shape), len(self.volumes))
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.stack([np.asarray(v[key[:3]], np.float32) for v in self.volumes], axis=-1)
+
+
+def _max_over_last(block: np.ndarray) -> np.ndarray:
+    return block.max(axis=-1)
+
+
+def ensemble_max_blockwise(
+    predictions: Sequence[Any], dest: Any, block_shape: Sequence[int], **runner: Any
+) -> BlockwiseSummary:
+    """Voxel-wise maximum of several `[z, y, x]` maps into `dest`, block by block.
+
+    Every model contributes on every slice (`ensemble_max` without slice masks).
+
+    Args:
+      predictions: float volumes of one shape (e.g. each model's and
+        orientation's boundary map).
+      dest: float32 volume of that shape.
+      block_shape: block `(z, y, x)`, a multiple of dest's chunks.
+      **runner: passed on to `blockwise_map` (`manifest_path`, `provenance`, ...).
+    """
+    return blockwise_map(_max_over_last, _StackedVolumes(predictions), dest, block_shape, **runner)

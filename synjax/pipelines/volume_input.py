@@ -114,3 +114,19 @@ def check_mode(config) -> None:
             f"{INPUT_KEY} is set with config.mode={config.mode!r}: a volume of your own is "
             "predicted with config.mode=predict (train first, in the same workdir)"
         )
+
+
+class RegionVolume:
+    """The region `roi` of a `[z, y, x]` volume, read as a volume of its own (reads only)."""
+
+    def __init__(self, volume, roi: Box):
+        self.volume, self.roi = volume, roi
+        self.shape = tuple(int(s) for s in roi.shape)
+        self.dtype = volume.dtype
+
+    def __getitem__(self, key: tuple[slice, ...]):
+        shifted = tuple(
+            slice((s.start or 0) + o, (n if s.stop is None else s.stop) + o)
+            for s, o, n in zip(key, self.roi.start, self.shape, strict=True)
+        )
+        return self.volume[shifted]

@@ -179,6 +179,16 @@ class SlicePredictSettings:
       progress: a progress bar per batch of slices.
       max_tile: tile size for slices larger than this; None: whole slices.
       orientations: slicing axes, voxel-wise maximum over them.
+      slab_depth: slices per block when a volume is predicted block by block
+        (`config.predict.input`).
+      resume: an existing output of another model or input: "auto" predicts
+        it afresh, "strict" stops with an error.
+      retries: how many more times a failing slab is tried before the run
+        stops with an error naming it.
+      input: a volume of the user's (any `synjax.io.open_volume` source) to
+        predict with the trained models instead of the test data; "": none.
+      output: folder of the predictions of `input` (zarr).
+      roi: region of `input` to predict, "z0:z1,y0:y1,x0:x1" in voxels; "": all.
     """
 
     tta: bool
@@ -187,3 +197,9 @@ class SlicePredictSettings:
     progress: bool
     max_tile: int | None = None
     orientations: tuple[str, ...] = ("z",)
+    slab_depth: int = 16
+    resume: str = "auto"
+    retries: int = 2
+    input: str = ""
+    output: str = ""
+    roi: str = ""
