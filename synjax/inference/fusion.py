@@ -331,11 +331,11 @@ def _fuse_axis(tables: list[dict], fused: np.ndarray, iou_threshold: float) -> n
         return np.zeros((0, 2), np.int64)
     pairs = np.concatenate(pair_parts).reshape(-1, 2)
     shared = np.concatenate(shared_parts)
-    # Pairs already fused by an earlier axis need no match.
-    apart = pairs[:, 0] != pairs[:, 1]
-    keys = pairs[apart, 0] * num_fused + pairs[apart, 1]
+    # Earlier steps joined blocks along other axes only: a fused id lies at one grid
+    # position along this axis, so it never meets itself across a seam.
+    keys = pairs[:, 0] * num_fused + pairs[:, 1]
     keys, inverse = np.unique(keys, return_inverse=True)
-    shared = np.bincount(inverse.reshape(-1), weights=shared[apart], minlength=keys.size)
+    shared = np.bincount(inverse.reshape(-1), weights=shared, minlength=keys.size)
     lower, upper = np.divmod(keys, num_fused)
     iou = shared / (lower_sizes[lower] + upper_sizes[upper] - shared)
     keep = iou > iou_threshold
