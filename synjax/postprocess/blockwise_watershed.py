@@ -43,12 +43,13 @@ order among them, ties included, is the same sequence of heap pops and
 pushes); so each block's labels equal the whole volume's on its halo box,
 both blocks agree on every face and stitching joins exactly the fragments of
 one segment; the contact sums are then those of the whole volume's region
-graph. Two further conditions are met by construction: the whole-volume
-H-minima fallback (no seed anywhere: the global minima seed) is decided from
-all blocks, and contact sums are added in another order, so edge weights may
-differ in the last bit unless the boundary values are exact binary fractions
-(8- or 16-bit probabilities are): only a contact weight within rounding of
-the threshold, or two contacts tied within rounding, can then differ.
+graph. The whole-volume H-minima fallback (no seed anywhere: the global
+minima seed) is decided from all blocks, as on the whole volume. One caveat
+of floating point: contact sums are added in another order, so edge weights
+may differ in the last bit unless the boundary values are exact binary
+fractions (multiples of 1/256, say; k/255 is not one); only a contact weight
+within rounding of the threshold, or two contacts tied within rounding, can
+then merge differently.
 
 The condition is checked in every block (exactly: the foreground is labelled
 one voxel past the halo box, and a component reaching both the block and
