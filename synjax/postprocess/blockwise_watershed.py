@@ -40,11 +40,12 @@ Gaussian's reach, and the range is the whole volume's); background is raised
 to the top level, so the H-minima reconstruction and the priority flood of a
 foreground component depend only on the component's own voxels (the flood's
 order among them, ties included, is the same sequence of heap pops and
-pushes); so each block's labels equal the whole volume's on its halo box,
-both blocks agree on every face and stitching joins exactly the fragments of
-one segment; the contact sums are then those of the whole volume's region
-graph. The whole-volume H-minima fallback (no seed anywhere: the global
-minima seed) is decided from all blocks, as on the whole volume. One caveat
+pushes); so each block's labels equal the whole volume's on every
+foreground component that meets the block, both blocks agree on every
+face and stitching joins exactly the fragments of one segment; the contact
+sums are then those of the whole volume's region graph. The H-minima
+fallback (no seed anywhere: the global minima seed) is decided from all
+blocks, as on the whole volume. One caveat
 of floating point: contact sums are added in another order, so edge weights
 may differ in the last bit unless the boundary values are exact binary
 fractions (multiples of 1/256, say; k/255 is not one); only a contact weight
