@@ -33,11 +33,15 @@ def _fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
 
 
-def _demo_smoke():
-    spec = importlib.util.spec_from_file_location("demo_config", DEMO)
+def _load_config(path, variant=None):
+    spec = importlib.util.spec_from_file_location(path.stem + "_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config("smoke")
+    return module.get_config(variant)
+
+
+def _demo_smoke():
+    return _load_config(DEMO, "smoke")
 
 
 def _raw(shape, seed=0):
@@ -213,3 +217,27 @@ def test_bad_input_path_dataset_or_roi_is_one_line(tmp_path, input_name, roi, ex
         f"--config.predict.roi={roi}",
     )
     assert expected.format(tmp=tmp_path) in _error_line(result)
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("roi", "0:4;0:9", "config.predict.roi='0:4;0:9': expected three ranges"),
+        ("retries", -1, "config.predict.retries=-1: expected"),
+        ("input", "x.zarr", "config.predict.output is empty"),
+    ],
+)
+def test_config_checks_of_the_predict_keys(key, value, expected):
+    from synjax.pipelines import config_checks
+
+    config = _demo_smoke()
+    config.predict[key] = value
+    with pytest.raises(ConfigError) as error:
+        config_checks.check_config(config)
+    assert expected in str(error.value)
+    # The neuron pipeline's prediction block has the same keys and rules.
+    neuron = _load_config(REPO_ROOT / "configs" / "fib25.py")
+    neuron.predict[key] = value
+    with pytest.raises(ConfigError) as error:
+        config_checks.check_config(neuron)
+    assert expected in str(error.value)

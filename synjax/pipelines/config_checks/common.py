@@ -7,9 +7,12 @@ them equal to the library's.
 
 from __future__ import annotations
 
+import re
+
 from synjax.errors import ConfigError
 from synjax.pipelines.config_checks.rules import (
     Block,
+    Value,
     boolean,
     choice,
     integer,
@@ -42,6 +45,36 @@ TRAIN_RULES = {
     "keep_checkpoints": integer(1),
     "num_devices": optional(integer(1)),
 }
+
+
+# "z0:z1,y0:y1,x0:x1" (bounds may be empty) or "": see synjax.pipelines.volume_input.
+_ROI = re.compile(r"^\s*\d*\s*:\s*\d*\s*(,\s*\d*\s*:\s*\d*\s*){2}$")
+
+# Predicting a user's volume (`config.predict.input`, synjax.pipelines.volume_input):
+# rules of the keys that the partner and neuron prediction blocks share.
+PREDICT_VOLUME_RULES = {
+    "resume": choice(RESUME_MODES),
+    "retries": integer(0),
+    "input": text(),
+    "output": text(),
+    "roi": Value(
+        lambda v: isinstance(v, str) and (v == "" or _ROI.match(v) is not None),
+        'three ranges "z0:z1,y0:y1,x0:x1" of voxels, or "" for the whole volume',
+    ),
+}
+
+
+def check_predict_volume(predict, where: str) -> None:
+    """A prediction block whose `input` is set names its `output` too.
+
+    Raises:
+      ConfigError: `input` without `output`.
+    """
+    if predict.get("input") and not predict.get("output"):
+        raise ConfigError(
+            f"{where}.output is empty: expected a folder for the predictions of "
+            f"{where}.input={predict.get('input')!r}"
+        )
 
 
 INTENSITY = Block(

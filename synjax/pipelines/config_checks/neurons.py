@@ -7,8 +7,10 @@ from synjax.io import open_volume
 from synjax.io.checks import require_file
 from synjax.pipelines.config_checks.common import (
     INTENSITY,
+    PREDICT_VOLUME_RULES,
     TOP,
     TRAIN_RULES,
+    check_predict_volume,
     check_warmup,
     needed_splits,
 )
@@ -112,6 +114,8 @@ SEGMENTER = {
                 )
             ),
             "orientations": orientations(),
+            "slab_depth": integer(1),
+            **PREDICT_VOLUME_RULES,
         },
     ),
     "watershed": Block({**WATERSHED, "thresholds": sequence(fraction(), 0, required=False)}),
@@ -173,6 +177,7 @@ def _require_hdf5_dataset(path: str, dataset: str) -> None:
 def check_relations(config) -> None:
     """Checks across the keys of a neuron config."""
     check_segmenter(config, "config")
+    check_predict_volume(config.predict, "config.predict")
 
 
 def check_input_files(config) -> None:

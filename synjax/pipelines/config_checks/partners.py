@@ -8,9 +8,10 @@ from synjax.io.checks import require_file
 from synjax.pipelines.config_checks.common import (
     EXECUTORS,
     INTENSITY,
-    RESUME_MODES,
+    PREDICT_VOLUME_RULES,
     TOP,
     TRAIN_RULES,
+    check_predict_volume,
     check_warmup,
     needed_splits,
 )
@@ -89,9 +90,9 @@ SCHEMA = {
     "predict": settings_block(
         BlockwisePredictSettings,
         {
+            **PREDICT_VOLUME_RULES,
             "batch_size": integer(1),
             "executor": choice(EXECUTORS),
-            "resume": choice(RESUME_MODES),
         },
     ),
     "candidates": Block(
@@ -119,6 +120,7 @@ _SYNTHETIC_FIELDS = ("shape", "resolution", "train_seed", "test_seed", "n_synaps
 
 
 def check_relations(config) -> None:
+    check_predict_volume(config.predict, "config.predict")
     data = config.data
     if data.source == "synthetic":
         for key in (*_SYNTHETIC_FIELDS, "polyadic_fraction"):
