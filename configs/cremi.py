@@ -78,6 +78,10 @@ def get_config(arg: str | None = None):
             "predict": {
                 "batch_size": 1,
                 "executor": "local",
+                # With "dask": a running scheduler's address ("tcp://host:8786",
+                # e.g. from dask-jobqueue on SLURM or dask-kubernetes); "": a
+                # LocalCluster on this machine.
+                "scheduler": "",
                 # A proximity output made by another model, input or block grid:
                 # "auto" predicts it afresh (and logs why), "strict" stops with an
                 # error naming what differs.

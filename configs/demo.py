@@ -140,6 +140,10 @@ def get_config(arg: str | None = None):
                 "batch_size": 1,
                 # "local" or "dask" (needs the `distributed` extra).
                 "executor": "local",
+                # With "dask": a running scheduler's address ("tcp://host:8786",
+                # e.g. from dask-jobqueue on SLURM or dask-kubernetes); "": a
+                # LocalCluster on this machine.
+                "scheduler": "",
                 # A proximity output made by another model, input or block grid:
                 # "auto" predicts it afresh (and logs why), "strict" stops with an
                 # error naming what differs.

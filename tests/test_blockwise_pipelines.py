@@ -122,6 +122,31 @@ def test_partner_prediction_of_a_user_volume_and_its_region(partner_run, tmp_pat
     assert region.offset == (4 * 40.0, 32 * 4.0, 0.0)
 
 
+def test_partner_prediction_on_a_dask_scheduler_from_the_config(partner_run, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    config, workdir = partner_run
+    raw = _raw((6, 40, 50), seed=3)
+    stage = ProximityStage.from_config(config)
+    local = stage.predict(stage.load(workdir), raw, tmp_path / "local.zarr", RESOLUTION)
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        config.mode = "predict"
+        config.predict.update(
+            input=_zarr(tmp_path / "user.zarr", raw),
+            output=str(tmp_path / "out"),
+            roi="",
+            executor="dask",
+            scheduler=cluster.scheduler_address,
+        )
+        try:
+            pipelines.run(config, workdir)
+        finally:
+            config.predict.update(executor="local", scheduler="")
+    got = open_volume(str(tmp_path / "out" / "proximity.zarr")).read()
+    np.testing.assert_allclose(got, local, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------- neuron pipeline
 
 

@@ -56,6 +56,7 @@ def open_block_output(
             )
         log.warning("%s was made differently (%s); predicting it afresh", path, what)
     remove_done_state(done)
+    remove_done_state(layout.blocks_manifest_v1(path))  # what earlier versions kept
     dest = create_volume(
         str(path), shape, dtype, resolution=resolution, offset=offset, chunks=chunks, overwrite=True
     )

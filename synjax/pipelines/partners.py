@@ -277,6 +277,7 @@ def _train(config, workdir: pathlib.Path, volume: PartnerVolume) -> None:
         workdir / layout.TRAIN_PROXIMITY,
         volume.resolution,
         step=unet["step"],
+        workdir=workdir,
         **source,
     )
     predicted = _train_segmenter(config, workdir, volume)
@@ -351,6 +352,7 @@ def predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTabl
         workdir / layout.PROXIMITY,
         volume.resolution,
         step=unet["step"],
+        workdir=workdir,
         **_input_source(config, "test"),
     )
     segmentation = _segmentation(config, workdir, volume)
@@ -420,6 +422,7 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         input_path=config.predict.input,
         roi=roi,
         offset=raw.offset,
+        workdir=workdir,
     )
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +28,12 @@ from synjax.data.intensity import (
     save_normalization,
 )
 from synjax.data.sampling import PatchSampler
-from synjax.errors import ConfigError, DataError
+from synjax.errors import ConfigError
 from synjax.geometry import Box
 from synjax.inference.block_grid import BlockGrid
-from synjax.inference.blockwise import (
-    RESUME_MODES,
-    done_state_differences,
-    predict_blockwise,
-    remove_done_state,
-)
-from synjax.io import create_volume, layout, open_volume
+from synjax.inference.block_output import open_block_output
+from synjax.inference.blockwise import LazyPredictor, predict_blockwise
+from synjax.io import open_volume
 from synjax.io.provenance import input_fingerprint, model_provenance
 from synjax.models.losses import weighted_mse
 from synjax.models.unet3d import UNet3D, UNet3DSettings
@@ -151,6 +148,7 @@ class ProximityStage:
         step: int | None = None,
         input_path=None,
         input_dataset: str | None = None,
+        workdir: pathlib.Path | None = None,
     ) -> np.ndarray:
         """Predicts signed proximity over `raw` block by block; reads the result back.
 
@@ -167,6 +165,7 @@ class ProximityStage:
             step=step,
             input_path=input_path,
             input_dataset=input_dataset,
+            workdir=workdir,
         )
         return open_volume(str(dest_path)).read()
 
@@ -182,6 +181,7 @@ class ProximityStage:
         roi: Box | None = None,
         offset=(0.0, 0.0, 0.0),
         progress: bool = True,
+        workdir: pathlib.Path | None = None,
     ):
         """Predicts signed proximity over `raw` (or a region of it) block by block into zarr.
 
@@ -210,6 +210,9 @@ class ProximityStage:
           offset: world position (nm) of `raw`'s first voxel; the output's
             offset is that of the region's first voxel.
           progress: show a progress bar (blocks done, rate, ETA).
+          workdir: the run folder holding the checkpoint at `step`; needed by
+            `config.predict.executor="dask"`, whose workers each load the
+            model from it once (`LazyPredictor`) rather than receive it.
 
         Returns:
           The output `Volume` (opened for reading).
@@ -236,59 +239,45 @@ class ProximityStage:
             input_shape = tuple(b + 2 * m for b, m in zip(block, margin, strict=True))
             crop = (slice(None), *(slice(m, m + b) for m, b in zip(margin, block, strict=True)))
         grid = BlockGrid.from_io_shapes(roi.shape, input_shape, output_shape)
-        model = UNet3D(cfg)
         if not isinstance(trained, TrainedParams):
             raise TypeError(
                 "ProximityStage.predict: expected TrainedParams (params with their intensity)"
             )
-        params = trained.params
         provenance = prediction_provenance(trained, raw, step, input_path, input_dataset)
         if roi != Box.from_shape(raw.shape[:3]):
             provenance["input"]["roi"] = [list(roi.start), list(roi.stop)]
         # Blocks are read through a normalising view: each is converted as it is
         # read, exactly as training patches were, and never the whole volume.
         raw = NormalizedVolume(raw, trained.intensity, name=f"raw predicted into {dest_path.name}")
-
-        @jax.jit
-        def apply(batch):
-            return model.apply({"params": params}, batch[..., None])[..., 0][crop]
+        if self.prediction.executor == "dask":
+            if workdir is None:
+                raise ConfigError(
+                    "config.predict.executor='dask': the workers load the U-Net from the "
+                    "workdir's checkpoint, and none was given"
+                )
+            block_fn = LazyPredictor(
+                load_block_fn, cfg, self.network.train_output, str(workdir), step, crop
+            )
+        else:
+            block_fn = block_fn_of(cfg, trained.params, crop)
 
         resume = self.prediction.resume
-        if resume not in RESUME_MODES:
-            raise ConfigError(f"config.predict.resume={resume!r}: expected one of {RESUME_MODES}")
-        done = layout.blocks_manifest(dest_path)
-        stale = done_state_differences(done, grid, provenance) if dest_path.exists() else None
-        if stale == []:
-            dest = open_volume(str(dest_path), mode="r+")
-        else:
-            if stale:
-                what = "; ".join(stale)
-                if resume == "strict":
-                    raise DataError(
-                        f"{dest_path} was made by another model, input or block grid ({what}); "
-                        "config.predict.resume=strict does not reuse it: delete it or set "
-                        "config.predict.resume=auto to predict it afresh"
-                    )
-                logging.warning(
-                    "%s was made differently (%s); predicting it afresh", dest_path, what
-                )
-            # The done-state goes first: a kill between the two leaves none
-            # that vouches for blocks of a fresh, empty output.
-            remove_done_state(done)
-            remove_done_state(layout.blocks_manifest_v1(dest_path))
-            dest = create_volume(
-                str(dest_path),
-                roi.shape,
-                np.float32,
-                resolution=resolution,
-                offset=tuple(
-                    float(o) + a * r for o, a, r in zip(offset, roi.start, resolution, strict=True)
-                ),
-                chunks=output_shape,
-                overwrite=True,
-            )
+        origin_nm = (
+            float(o) + a * r for o, a, r in zip(offset, roi.start, resolution, strict=True)
+        )
+        dest, done = open_block_output(
+            dest_path,
+            roi.shape,
+            np.float32,
+            grid,
+            provenance,
+            resume,
+            resolution,
+            tuple(origin_nm),
+            chunks=output_shape,
+        )
         summary = predict_blockwise(
-            lambda b: np.asarray(apply(jnp.asarray(b))),
+            block_fn,
             raw,
             dest,
             grid,
@@ -300,9 +289,36 @@ class ProximityStage:
             retries=self.prediction.retries,
             origin=roi.start,
             progress=progress,
+            client=self.prediction.scheduler or None,
         )
         logging.info("Proximity %s: %s", dest_path.name, summary)
         return open_volume(str(dest_path))
+
+
+def block_fn_of(settings: UNet3DSettings, params, crop) -> Callable[[np.ndarray], np.ndarray]:
+    """The runner's block function: `[b, iz, iy, ix]` normalised raw -> `[b, oz, oy, ox]` proximity.
+
+    Args:
+      settings: the U-Net's settings.
+      params: its parameters.
+      crop: slices of the network's `[b, z, y, x]` output kept (the block).
+    """
+    model = UNet3D(settings)
+
+    @jax.jit
+    def apply(batch):
+        return model.apply({"params": params}, batch[..., None])[..., 0][crop]
+
+    return lambda batch: np.asarray(apply(jnp.asarray(batch)))
+
+
+def load_block_fn(
+    settings: UNet3DSettings, train_output, workdir: str, step: int | None, crop
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`block_fn_of` the U-Net restored from `workdir`'s checkpoint at `step` (a Dask worker's)."""
+    sample = np.zeros((1, *settings.valid_input_shape(train_output), 1), np.float32)
+    params = checkpoint.restore_params(workdir, MODEL_NAME, UNet3D(settings), sample, step=step)
+    return block_fn_of(settings, params, crop)
 
 
 def prediction_provenance(

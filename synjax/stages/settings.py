@@ -81,6 +81,9 @@ class BlockwisePredictSettings:
         predict with the trained models instead of the test data; "": none.
       output: folder of the predictions of `input` (zarr).
       roi: region of `input` to predict, "z0:z1,y0:y1,x0:x1" in voxels; "": all.
+      scheduler: with executor "dask", the address of a running scheduler
+        ("tcp://host:8786", e.g. of a dask-jobqueue or dask-kubernetes
+        cluster); "": a `LocalCluster` on this machine.
     """
 
     batch_size: int
@@ -90,6 +93,7 @@ class BlockwisePredictSettings:
     input: str = ""
     output: str = ""
     roi: str = ""
+    scheduler: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,6 +93,7 @@ SCHEMA = {
             **PREDICT_VOLUME_RULES,
             "batch_size": integer(1),
             "executor": choice(EXECUTORS),
+            "scheduler": text(),
         },
     ),
     "candidates": Block(
