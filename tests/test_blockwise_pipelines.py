@@ -18,6 +18,7 @@ import pytest
 
 from synjax import pipelines
 from synjax.errors import ConfigError, DataError
+from synjax.inference.blockwise import BlockError
 from synjax.io import create_volume, open_volume
 from synjax.pipelines import neurons, partner_data, volume_input
 from synjax.stages.boundary_models import BoundaryEnsembleStage
@@ -145,6 +146,46 @@ def test_partner_prediction_on_a_dask_scheduler_from_the_config(partner_run, tmp
             config.predict.update(executor="local", scheduler="")
     got = open_volume(str(tmp_path / "out" / "proximity.zarr")).read()
     np.testing.assert_allclose(got, local, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_block_stops_the_run_naming_it_and_keeps_the_others(
+    partner_run, tmp_path, monkeypatch
+):
+    from synjax.stages import proximity
+
+    config, workdir = partner_run
+    raw = _raw((8, 64, 64), seed=4) // 2  # 0..127, and one voxel of 255
+    raw[4, 32, 40] = 255
+    real = proximity.block_fn_of
+    attempts = []
+
+    def failing(settings, params, crop):
+        fn = real(settings, params, crop)
+
+        def block_fn(batch):  # normalised raw: 255 -> 1.0, in the block's own core
+            if np.any(batch[(slice(None), *crop[1:])] == 1.0):
+                attempts.append(1)
+                raise RuntimeError("device lost")
+            return fn(batch)
+
+        return block_fn
+
+    monkeypatch.setattr(proximity, "block_fn_of", failing)
+    config.mode = "predict"
+    config.predict.update(
+        input=_zarr(tmp_path / "user.zarr", raw), output=str(tmp_path / "out"), roi="", retries=2
+    )
+    with pytest.raises(BlockError) as error:
+        pipelines.run(config, workdir)
+    # Grid (2, 2, 2) of (4, 32, 32) blocks; z 4, y 32, x 40 lies in index (1, 1, 1) = id 7.
+    assert str(error.value) == (
+        "computing of block 7 (index (1, 1, 1), voxels [4:8, 32:64, 32:64]) failed 3 time(s): "
+        "RuntimeError: device lost"
+    )
+    assert len(attempts) == 3
+    done = open_volume(str(tmp_path / "out" / "proximity.zarr.blocks" / "done.zarr")).read()
+    assert done.reshape(-1).tolist() == [1] * 7 + [0]
+    config.predict.retries = 2
 
 
 # ------------------------------------------------------------- neuron pipeline

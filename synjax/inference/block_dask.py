@@ -18,7 +18,7 @@ from synjax.inference.block_job import BlockJob, run_job
 
 
 def chunked(items: Sequence[int], size: int) -> Iterator[list[int]]:
-    """``items`` in consecutive lists of ``size`` (the last may be shorter)."""
+    """``items`` in consecutive lists of ``size`` (the last may be shorter), made lazily."""
     for first in range(0, len(items), size):
         yield [int(i) for i in items[first : first + size]]
 

@@ -126,9 +126,11 @@ class BlockJob:
                 last = error
                 what = describe_blocks(self.grid, block_ids, self.origin)
                 log.warning("%s of %s failed (attempt %d): %r", step, what, attempt + 1, error)
+        # One line (the CLI prints it as is): the error's first line.
+        reason = (str(last).strip().splitlines() or [""])[0]
         raise BlockError(
             f"{step} of {describe_blocks(self.grid, block_ids, self.origin)} failed "
-            f"{self.retries + 1} time(s): {type(last).__name__}: {last}"
+            f"{self.retries + 1} time(s): {type(last).__name__}: {reason}"
         ) from last
 
     def read(self, block_ids: Sequence[int]) -> np.ndarray:

@@ -14,21 +14,22 @@ recorded) before the error propagates, so nothing written is lost.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from synjax.inference.block_job import BlockJob
 
 
 def run_prefetched(
     job: BlockJob,
-    batches: Sequence[Sequence[int]],
+    batches: Iterable[Sequence[int]],
     on_written: Callable[[list[int]], None],
 ) -> None:
     """Runs ``batches`` of block ids through ``job``, reading ahead and writing behind.
 
     Args:
       job: the read, compute and write steps.
-      batches: lists of block ids, processed in this order.
+      batches: lists of block ids, processed in this order; taken one at a
+        time (a generator keeps the bookkeeping of millions of blocks small).
       on_written: called (in the writing thread) with each batch's ids once
         they are written and flushed, in order (records them, advances the
         progress bar).
@@ -37,7 +38,9 @@ def run_prefetched(
       BlockError: a step kept failing (see ``BlockJob``); batches written
         before it were passed to ``on_written``.
     """
-    if not batches:
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
         return
     with (
         concurrent.futures.ThreadPoolExecutor(1, "synjax-read") as reader,
@@ -55,13 +58,13 @@ def run_prefetched(
                 future, writing = writing, None
                 future.result()
 
-        reading = reader.submit(job.read, batches[0])
+        ids, reading = list(first), reader.submit(job.read, first)
         try:
-            for k, block_ids in enumerate(batches):
-                ids = list(block_ids)
+            while ids is not None:
                 batch = reading.result()
-                if k + 1 < len(batches):
-                    reading = reader.submit(job.read, batches[k + 1])
+                following = next(batches, None)
+                if following is not None:
+                    reading = reader.submit(job.read, following)
                 out = job.compute(ids, batch)
                 del batch
                 # The previous write must end before this one starts: a bounded
@@ -69,6 +72,7 @@ def run_prefetched(
                 finish_write()
                 writing = writer.submit(write_and_record, ids, out)
                 del out
+                ids = None if following is None else list(following)
             finish_write()
         except BaseException:
             reading.cancel()

@@ -227,7 +227,7 @@ def _run_blocks(
             bar.update(len(ids))
 
         if executor == "local":
-            run_prefetched(job, list(chunked(todo, job.batch_size)), on_written)
+            run_prefetched(job, chunked(todo, job.batch_size), on_written)
         else:
             run_dask(job, todo, blocks_per_task, on_written, client)
     missing = state.missing()
