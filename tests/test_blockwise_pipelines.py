@@ -20,7 +20,7 @@ from synjax import pipelines
 from synjax.errors import ConfigError, DataError
 from synjax.inference.blockwise import BlockError
 from synjax.io import create_volume, open_volume
-from synjax.pipelines import neurons, partner_data, volume_input
+from synjax.pipelines import neuron_volume, neurons, partner_data, volume_input
 from synjax.stages.boundary_models import BoundaryEnsembleStage
 from synjax.stages.proximity import ProximityStage
 from tests.conftest import REPO_ROOT
@@ -225,7 +225,7 @@ def test_neuron_prediction_of_a_user_volume_equals_the_whole_volume(neuron_run, 
             resume="auto",
             retries=0,
         )
-    out = neurons.predict_volume(config, workdir)
+    out = neuron_volume.predict_volume(config, workdir)
     np.testing.assert_allclose(open_volume(str(out)).read(), whole, rtol=1e-5, atol=1e-6)
     for orientation in ("z", "y"):
         assert (tmp_path / "out" / f"boundaries_deepem3d_s3_{orientation}.zarr").is_dir()

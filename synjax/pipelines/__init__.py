@@ -5,8 +5,8 @@ neuron segmentation) each define `train(config, workdir)`,
 `load_test(config)`, `predict(config, workdir, test)` and
 `evaluate(config, workdir, test)`; `run` checks the config, then runs the
 phases of `config.mode` in order. With `config.predict.input` (a volume of the
-user's, `volume_input.py`), predict mode calls the job's
-`predict_volume(config, workdir)` instead of predicting the test data. May
+user's, `volume_input.py`), predict mode runs `predict_volume(config, workdir)`
+of `partner_volume.py` or `neuron_volume.py` instead of predicting the test data. May
 import every package before it (the stages included); only `main.py` imports
 the pipelines. Jobs are imported lazily so that `python -m synjax.main --help`
 and the config checks stay fast.
@@ -28,6 +28,11 @@ PIPELINES = {
     "fluorescence": "synjax.pipelines.fluorescence",
 }
 MODES = ("train", "predict", "evaluate", "all")
+# The jobs that predict a user's volume (`config.predict.input`): `predict_volume(config, workdir)`.
+VOLUME_JOBS = {
+    "partners": "synjax.pipelines.partner_volume",
+    "neurons": "synjax.pipelines.neuron_volume",
+}
 
 
 def run(config, workdir: pathlib.Path) -> dict:
@@ -50,10 +55,18 @@ def run(config, workdir: pathlib.Path) -> dict:
     config_checks.check_config(config)
     volume_input.check_mode(config)
     if volume_input.predicts_own_volume(config):
+        if config.pipeline not in VOLUME_JOBS:
+            raise ConfigError(
+                f"config.predict.input: the {config.pipeline} pipeline predicts no volume of "
+                f"your own yet; expected one of {sorted(VOLUME_JOBS)}"
+            )
         # The test data is not read: the input volume and its region are checked instead.
         volume_input.open_input(config)[0].close()
-    else:
-        config_checks.check_input_files(config)
+        logging.info("synjax: %s pipeline on %s", config.pipeline, config.predict.input)
+        job = importlib.import_module(VOLUME_JOBS[config.pipeline])
+        job.predict_volume(config, pathlib.Path(workdir))
+        return {}
+    config_checks.check_input_files(config)
     logging.info("synjax: %s pipeline, mode %s, workdir %s", config.pipeline, config.mode, workdir)
     job = importlib.import_module(PIPELINES[config.pipeline])
     return run_phases(job, config, pathlib.Path(workdir))
@@ -75,9 +88,6 @@ def run_phases(job, config, workdir: pathlib.Path) -> dict:
     """
     mode = config.mode
     metrics: dict = {}
-    if mode == "predict" and volume_input.predicts_own_volume(config):
-        job.predict_volume(config, workdir)
-        return metrics
     if mode in ("train", "all"):
         job.train(config, workdir)
     if mode in ("predict", "evaluate", "all"):

@@ -5,8 +5,8 @@ train:    signed-proximity targets -> U-Net -> proximity of the training
           threshold is chosen on the training volume (never on the test one).
 predict:  proximity of the test volume (block-wise, resumable zarr) ->
           candidates on the segmentation -> pruner scores -> synapse table.
-          With `config.predict.input` (`volume_input.py`): the proximity of
-          that volume, of any size, into `config.predict.output` (`predict_volume`).
+          With `config.predict.input`: the proximity of that volume, of any
+          size, into `config.predict.output` (`partner_volume.py`).
 evaluate: CREMI partner metric, the paper's criterion (detection in a true
           cleft, right cells, right direction) and the looser "same ids,
           midpoints within 400 nm" at the chosen threshold; every candidate
@@ -42,7 +42,7 @@ from synjax.io.cremi import RAW
 from synjax.io.layout import CANDIDATES_FILE, DETECTIONS_FILE, THRESHOLD_FILE
 from synjax.io.provenance import describe_model, differences, input_fingerprint, model_provenance
 from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
-from synjax.pipelines import neurons, partner_data, volume_input
+from synjax.pipelines import neurons, partner_data
 from synjax.pipelines.partner_data import PartnerVolume
 from synjax.postprocess.candidates import Candidates, generate_candidates, site_components
 from synjax.postprocess.partner_nms import suppress_duplicates
@@ -53,9 +53,6 @@ from synjax.stages import proximity, pruner
 from synjax.stages.proximity import ProximityStage
 from synjax.stages.pruner import PrunerStage
 from synjax.train import checkpoint
-
-# The proximity of a user's volume, in `config.predict.output`.
-PROXIMITY_OUTPUT = "proximity.zarr"
 
 
 def _segmentation(
@@ -383,48 +380,6 @@ def predict(config, workdir: pathlib.Path, volume: PartnerVolume) -> SynapseTabl
     )
     logging.info("Kept %d of %d candidates (score >= %.3f)", len(kept), len(table), threshold)
     return table
-
-
-def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
-    """Predicts signed proximity over `config.predict.input` with the U-Net trained in `workdir`.
-
-    The input is read block by block (any size; `config.predict.roi` limits it
-    to a region) and the proximity is written to
-    `<config.predict.output>/proximity.zarr`, resumable like the test volume's
-    (its done-state beside it records the model and the input).
-
-    Returns:
-      The path of the proximity output.
-
-    Raises:
-      DataError: no trained U-Net in `workdir`, or a bad input (named).
-    """
-    raw, roi = volume_input.open_input(config)
-    out = volume_input.output_dir(config) / PROXIMITY_OUTPUT
-    unet_stage = ProximityStage.from_config(config)
-    trained = unet_stage.load(workdir)
-    unet = _model(workdir, proximity.MODEL_NAME, trained)
-    logging.info(
-        "Predicting %s (region %s..%s of %s) with %s into %s",
-        config.predict.input,
-        roi.start,
-        roi.stop,
-        raw.shape,
-        describe_model(unet),
-        out,
-    )
-    unet_stage.predict_volume(
-        trained,
-        raw,
-        out,
-        raw.resolution,
-        step=unet["step"],
-        input_path=config.predict.input,
-        roi=roi,
-        offset=raw.offset,
-        workdir=workdir,
-    )
-    return out
 
 
 def _saved_prediction(workdir: pathlib.Path, name: str) -> np.ndarray:
