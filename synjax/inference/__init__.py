@@ -1,6 +1,7 @@
 """Inference: prediction over whole volumes: DeepEM3D's slice-wise (2.5D) prediction
-and test-time augmentation, the block grid and the resumable block-wise runner,
-the sparse mask merge.
+and test-time augmentation, the block grid and the resumable block-wise runner
+(blockwise.py: its job, prefetch threads, Dask executor, done-array), slice-wise
+prediction slab by slab through it, the sparse mask merge.
 
 May import io, data, targets, models, detection and train. Names are re-exported
 lazily (JAX).
@@ -12,7 +13,13 @@ __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "BlockGrid": "block_grid",
+        "BlockError": "block_job",
         "BlockwiseSummary": "blockwise",
+        "DoneBlocks": "done_blocks",
+        "LazyPredictor": "lazy_model",
+        "blockwise_map": "blockwise",
+        "open_block_output": "block_output",
+        "predict_slices_blockwise": "slicewise_blocks",
         "block_boxes": "fusion",
         "fuse_blocks": "fusion",
         "predict_blockwise": "blockwise",

@@ -35,7 +35,8 @@ OLDER_MANIFEST_FORMATS = ("synjax-block-manifest-v1",)
 RESUME_MODES = ("auto", "strict")
 
 
-def _check_resume(resume: str) -> None:
+def check_resume(resume: str) -> None:
+    """Raises a ConfigError unless `resume` is one of RESUME_MODES."""
     if resume not in RESUME_MODES:
         raise ConfigError(f"resume={resume!r}: expected one of {RESUME_MODES}")
 
@@ -61,7 +62,7 @@ def _read_header(path: Path) -> dict[str, Any]:
     return found
 
 
-def _provenance_differences(found: dict[str, Any], provenance: dict | None) -> list[str]:
+def provenance_differences(found: dict[str, Any], provenance: dict | None) -> list[str]:
     """What differs between a manifest header's provenance and `provenance` (None: unchecked)."""
     if provenance is None:
         return []
@@ -99,7 +100,7 @@ def manifest_differences(
     grid_now = plain(grid.to_dict())
     found_grid = found.get("grid")
     grid_diff = [] if found_grid == grid_now else [f"grid: {found_grid} -> {grid_now}"]
-    return grid_diff + _provenance_differences(found, provenance)
+    return grid_diff + provenance_differences(found, provenance)
 
 
 class BlockManifest:
@@ -134,7 +135,7 @@ class BlockManifest:
           DataError: The file is not a block manifest, or (``resume="strict"``)
             it records another provenance.
         """
-        _check_resume(resume)
+        check_resume(resume)
         self.path = Path(path)
         self.grid = grid
         self.done: set[int] = set()
@@ -152,7 +153,7 @@ class BlockManifest:
                 f"{self.path}: manifest is for grid {found.get('grid')}, not {header['grid']}; "
                 "use another manifest_path or delete it"
             )
-        stale = _provenance_differences(found, provenance)
+        stale = provenance_differences(found, provenance)
         if stale:
             what = "; ".join(stale)
             if resume == "strict":

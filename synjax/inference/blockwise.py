@@ -33,8 +33,8 @@ missing: after the last batch the done-state is checked for every block.
 
 Executors:
 
-* ``"local"``: in-process (all local devices of the block function), with the
-  reading of the next batch and the writing of the previous one in threads
+* ``"local"``: in-process (the block function runs where it was compiled), with
+  the reading of the next batch and the writing of the previous one in threads
   (:mod:`synjax.inference.block_prefetch`). The last batch is padded by
   repeating its last block so a jitted ``predict_fn`` sees one shape only.
 * ``"dask"``: ``dask.distributed`` (:mod:`synjax.inference.block_dask`): each
@@ -72,7 +72,7 @@ from synjax.inference.block_manifest import (
     MANIFEST_FORMAT,
     RESUME_MODES,
     BlockManifest,
-    _check_resume,
+    check_resume,
     manifest_differences,
 )
 from synjax.inference.block_prefetch import run_prefetched
@@ -192,7 +192,7 @@ def _run_blocks(
 ) -> BlockwiseSummary:
     """Shared driver of :func:`predict_blockwise` and :func:`blockwise_map`."""
     grid = job.grid
-    _check_resume(resume)
+    check_resume(resume)
     if executor not in EXECUTORS:
         raise ConfigError(f"executor={executor!r}: expected one of {EXECUTORS}")
     if job.batch_size < 1 or blocks_per_task < 1 or job.retries < 0:

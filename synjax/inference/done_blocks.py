@@ -39,9 +39,9 @@ from synjax.errors import ConfigError, DataError
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.block_manifest import (
     BlockManifest,
-    _check_resume,
-    _provenance_differences,
+    check_resume,
     manifest_differences,
+    provenance_differences,
 )
 from synjax.io import create_volume, open_volume
 from synjax.io.atomic import write_text_atomic
@@ -107,7 +107,7 @@ class DoneBlocks:
           DataError: the folder is not a done-state, or (``"strict"``) its
             blocks were made by another model or input.
         """
-        _check_resume(resume)
+        check_resume(resume)
         self.path = Path(path)
         self.grid = grid
         header = {
@@ -124,7 +124,7 @@ class DoneBlocks:
                 f"{self.path}: done-state of grid {found.get('grid')}, not {header['grid']}; "
                 "use another output or delete it"
             )
-        stale = _provenance_differences(found, provenance)
+        stale = provenance_differences(found, provenance)
         if stale:
             what = "; ".join(stale)
             if resume == "strict":
@@ -234,7 +234,7 @@ def done_state_differences(
     grid_diff = (
         [] if found.get("grid") == grid_now else [f"grid: {found.get('grid')} -> {grid_now}"]
     )
-    return grid_diff + _provenance_differences(found, provenance)
+    return grid_diff + provenance_differences(found, provenance)
 
 
 def remove_done_state(path: str | os.PathLike) -> None:
