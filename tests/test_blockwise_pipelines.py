@@ -307,3 +307,16 @@ def test_config_checks_of_the_predict_keys(key, value, expected):
     with pytest.raises(ConfigError) as error:
         config_checks.check_config(neuron)
     assert expected in str(error.value)
+
+
+def test_a_workdir_without_trained_models_is_named(tmp_path):
+    config = _demo_smoke()
+    config.mode = "predict"
+    config.predict.update(
+        input=_zarr(tmp_path / "user.zarr", _raw((4, 16, 16))), output=str(tmp_path / "out")
+    )
+    with pytest.raises(DataError, match=r"checkpoints/proximity"):
+        pipelines.run(config, tmp_path / "untrained")
+    config.mode = "all"
+    with pytest.raises(ConfigError, match="config.predict.input is set with config.mode='all'"):
+        pipelines.run(config, tmp_path / "untrained")
