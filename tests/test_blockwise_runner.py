@@ -384,3 +384,14 @@ def test_memory_does_not_grow_with_the_volume(tmp_path):
     # The large float32 volume is 128 KiB; a block with its context is 2 KiB.
     assert large < small + 32 * 1024
     assert large < 32 * 32 * 32 * 4 // 2
+
+
+def test_progress_bar_counts_blocks_done_with_rate(tmp_path, capsys):
+    grid = BlockGrid(VOLUME, BLOCK, CONTEXT)
+    done = tmp_path / "p.blocks"
+    DoneBlocks(done, grid).record(range(20))  # a resumed run: 20 of 27 already done
+    dest = np.zeros(VOLUME, np.float32)
+    predict_blockwise(_crop_affine, _volume(), dest, grid, manifest_path=done, progress=True)
+    bar = capsys.readouterr().err.strip().splitlines()[-1]
+    # tqdm's last line: blocks done of the total, elapsed<remaining, rate.
+    assert "27/27" in bar and "block/s" in bar and "<" in bar, bar
