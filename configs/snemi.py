@@ -153,6 +153,11 @@ def get_config(arg: str | None = None):
                 "input": "",
                 "output": "",
                 "roi": "",
+                # How those slabs run: "local", or "dask" (the `distributed`
+                # extra) on the scheduler at `scheduler` ("tcp://host:8786";
+                # "": a LocalCluster on this machine).
+                "executor": "local",
+                "scheduler": "",
             },
             "watershed": {
                 # Per-slice Gaussian (anisotropic sections) before the H-minima

@@ -231,6 +231,34 @@ def test_neuron_prediction_of_a_user_volume_equals_the_whole_volume(neuron_run, 
         assert (tmp_path / "out" / f"boundaries_deepem3d_s3_{orientation}.zarr").is_dir()
 
 
+def test_neuron_prediction_on_a_dask_cluster_equals_local(neuron_run, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    config, workdir = neuron_run
+    raw = _raw((6, 32, 40), seed=7)
+    whole = BoundaryEnsembleStage.from_config(config).predict(workdir, raw, slice_lists=False)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        config.unlocked(),
+    ):
+        config.predict.update(
+            input=_zarr(tmp_path / "user.zarr", raw),
+            output=str(tmp_path / "out"),
+            roi="",
+            slab_depth=2,
+            resume="auto",
+            retries=0,
+            executor="dask",
+            scheduler=cluster.scheduler_address,
+        )
+        try:
+            out = neuron_volume.predict_volume(config, workdir)
+        finally:
+            config.predict.update(executor="local", scheduler="")
+    np.testing.assert_allclose(open_volume(str(out)).read(), whole, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------- bad input, CLI
 
 

@@ -395,3 +395,22 @@ def test_progress_bar_counts_blocks_done_with_rate(tmp_path, capsys):
     bar = capsys.readouterr().err.strip().splitlines()[-1]
     # tqdm's last line: blocks done of the total, elapsed<remaining, rate.
     assert "27/27" in bar and "block/s" in bar and "<" in bar, bar
+
+
+def _plus(value):
+    return lambda batch: batch + value
+
+
+def _then_plus_one(inner):
+    fn = inner.build()  # a factory that builds another lazy predictor
+    return lambda batch: fn(batch) + 1
+
+
+def test_a_lazy_predictor_may_build_another():
+    outer = LazyPredictor(_then_plus_one, LazyPredictor(_plus, 1))
+    result = []
+    # In a thread, so that a deadlock fails the test instead of hanging it.
+    worker = threading.Thread(target=lambda: result.append(outer(np.zeros(2))), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert len(result) == 1 and result[0].tolist() == [2.0, 2.0]

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 _LAZY_CACHE: dict[str, Callable] = {}
-_LAZY_LOCK = threading.Lock()
+# Re-entrant: a factory may build another LazyPredictor (a slab predictor, its model).
+_LAZY_LOCK = threading.RLock()
 
 
 class LazyPredictor:
@@ -30,11 +31,19 @@ class LazyPredictor:
         # Copies (pickled to workers) share the token, hence one build per process.
         self.token = uuid.uuid4().hex
 
-    def __call__(self, batch: np.ndarray) -> Any:
+    def build(self) -> Callable:
+        """The real function: built on the first call in this process, then reused.
+
+        Call it before tracing a function that calls this one (`jax.jit`), so
+        that the model is loaded eagerly rather than inside the trace.
+        """
         fn = _LAZY_CACHE.get(self.token)
         if fn is None:
             with _LAZY_LOCK:
                 fn = _LAZY_CACHE.get(self.token)
                 if fn is None:
                     fn = _LAZY_CACHE[self.token] = self.factory(*self.args, **self.kwargs)
-        return fn(batch)
+        return fn
+
+    def __call__(self, batch: np.ndarray) -> Any:
+        return self.build()(batch)

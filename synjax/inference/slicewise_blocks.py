@@ -26,7 +26,12 @@ import numpy as np
 from synjax.data.intensity import DTYPE_RANGE, IntensityNormalization, NormalizedVolume
 from synjax.errors import ConfigError
 from synjax.inference.block_grid import BlockGrid
-from synjax.inference.blockwise import BlockwiseSummary, blockwise_map, predict_blockwise
+from synjax.inference.blockwise import (
+    BlockwiseSummary,
+    LazyPredictor,
+    blockwise_map,
+    predict_blockwise,
+)
 from synjax.inference.slicewise import DEFAULT_BATCH_SIZE, ORIENTATIONS, SlicePredictor
 from synjax.inference.tta import TRANSFORMS, Transform
 
@@ -125,6 +130,8 @@ def predict_slices_blockwise(
       name: the source's name for errors.
       **runner: passed on to `predict_blockwise` (`manifest_path`,
         `provenance`, `resume`, `retries`, `executor`, `client`, `progress`).
+        With `executor="dask"`, `apply_fn` must pickle (e.g. a
+        `LazyPredictor` that loads the model from its checkpoint).
 
     Returns:
       The runner's summary (blocks skipped and computed).
@@ -137,12 +144,25 @@ def predict_slices_blockwise(
     out = OrientedVolume(dest, orientation)
     shape = view.shape
     grid = BlockGrid(shape, (min(depth, shape[0]), *shape[1:]), context=(slices // 2, 0, 0))
+    recipe = (apply_fn, shape[1:], stride, tta, tuple(transforms), max_tile, slices, batch_size)
+    if runner.get("executor", "local") == "dask":
+        # Tasks ship the recipe; each worker compiles the slab predictor once.
+        block_fn = LazyPredictor(slab_predictor, *recipe)
+    else:
+        block_fn = slab_predictor(*recipe)
+    return predict_blockwise(block_fn, view, out, grid, batch_size=1, **runner)
+
+
+def slab_predictor(
+    apply_fn, shape_yx, stride, tta, transforms, max_tile, slices, batch_size
+) -> SlabPredictor:
+    """The `SlabPredictor` of `predict_slices_blockwise`'s arguments (see there)."""
+    if isinstance(apply_fn, LazyPredictor):
+        apply_fn = apply_fn.build()  # loaded now, not inside the jit trace
     predictor = SlicePredictor(
-        apply_fn, shape[1:], stride=stride, tta=tta, transforms=transforms, max_tile=max_tile
+        apply_fn, shape_yx, stride=stride, tta=tta, transforms=transforms, max_tile=max_tile
     )
-    return predict_blockwise(
-        SlabPredictor(predictor, slices, batch_size), view, out, grid, batch_size=1, **runner
-    )
+    return SlabPredictor(predictor, slices, batch_size)
 
 
 def slab_grid(shape: Sequence[int], orientation: str, depth: int, slices: int) -> BlockGrid:

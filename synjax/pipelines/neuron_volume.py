@@ -15,6 +15,7 @@ from synjax.data.intensity import load_normalization
 from synjax.errors import ConfigError
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.block_output import open_block_output
+from synjax.inference.lazy_model import LazyPredictor
 from synjax.inference.slicewise_blocks import (
     ensemble_max_blockwise,
     predict_slices_blockwise,
@@ -24,7 +25,7 @@ from synjax.inference.slicewise_blocks import (
 from synjax.inference.tta import TRANSFORMS
 from synjax.io import open_volume
 from synjax.io.provenance import input_fingerprint
-from synjax.models.deepem3d import TOTAL_STRIDE
+from synjax.models.deepem3d import TOTAL_STRIDE, DeepEM3DNet, DeepEM3DSettings, make_apply_fn
 from synjax.pipelines import volume_input
 from synjax.pipelines.neurons import _read_tuned
 from synjax.stages.boundary_models import BoundaryEnsembleStage
@@ -66,13 +67,19 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         "roi": [list(roi.start), list(roi.stop)]
     }
     maps = []
-    for model, fn in zip(ensemble.models, ensemble.load(workdir), strict=True):
+    dask = p.executor == "dask"
+    loaded = [None] * len(ensemble.models) if dask else ensemble.load(workdir)
+    for model, fn in zip(ensemble.models, loaded, strict=True):
         if model.only_slices is not None:
             logging.info(
                 "Model %s left out: its only_slices name slices of the test part", model.name
             )
             continue
         intensity = load_normalization(checkpoint.checkpoint_dir(workdir, model.name))
+        if dask:
+            # Each worker loads the model from its checkpoint once.
+            network = ensemble.network_settings(model)
+            fn = LazyPredictor(load_apply_fn, network, str(workdir), model.name)
         for orientation in tuple(p.orientations or ("z",)):
             path = out_dir / f"boundaries_{model.name}_{orientation}.zarr"
             grid = slab_grid(source.shape, orientation, p.slab_depth, int(model.slices))
@@ -116,6 +123,8 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
                 resume=p.resume,
                 retries=p.retries,
                 progress=p.progress,
+                executor=p.executor,
+                client=p.scheduler or None,
             )
             logging.info("Model %s along %s: %s", model.name, orientation, summary)
             maps.append((path, provenance))
@@ -141,3 +150,10 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         progress=p.progress,
     )
     return out
+
+
+def load_apply_fn(network: DeepEM3DSettings, workdir: str, name: str):
+    """The inference function of model `name` restored from `workdir` (a Dask worker's load)."""
+    model = DeepEM3DNet(network)
+    sample = np.zeros((1, network.slices, TOTAL_STRIDE, TOTAL_STRIDE, 1), np.float32)
+    return make_apply_fn(model, checkpoint.restore_variables(workdir, name, model, sample))

@@ -193,6 +193,9 @@ class SlicePredictSettings:
         predict with the trained models instead of the test data; "": none.
       output: folder of the predictions of `input` (zarr).
       roi: region of `input` to predict, "z0:z1,y0:y1,x0:x1" in voxels; "": all.
+      executor: how `input`'s slabs run: "local" or "dask".
+      scheduler: with "dask", a running scheduler's address; "": a
+        `LocalCluster` on this machine.
     """
 
     tta: bool
@@ -207,3 +210,5 @@ class SlicePredictSettings:
     input: str = ""
     output: str = ""
     roi: str = ""
+    executor: str = "local"
+    scheduler: str = ""

@@ -6,6 +6,7 @@ from synjax.errors import ConfigError
 from synjax.io import open_volume
 from synjax.io.checks import require_file
 from synjax.pipelines.config_checks.common import (
+    EXECUTORS,
     INTENSITY,
     PREDICT_VOLUME_RULES,
     TOP,
@@ -115,6 +116,8 @@ SEGMENTER = {
             ),
             "orientations": orientations(),
             "slab_depth": integer(1),
+            "executor": choice(EXECUTORS),
+            "scheduler": text(),
             **PREDICT_VOLUME_RULES,
         },
     ),
