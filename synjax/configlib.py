@@ -120,6 +120,7 @@ def job_fields(pipeline: str) -> dict:
       `mode`: "train", "predict", "evaluate", or "all" three in turn;
       `seed`: seed of parameter initialisation and patch sampling (a
       `config.models` entry may have its own); `distributed`: call
-      `jax.distributed.initialize()` first (multi-host runs).
+      `jax.distributed.initialize()` first (multi-host runs; see
+      `synjax.runtime.initialize_distributed` for the environment it reads).
     """
     return {"pipeline": pipeline, "mode": "all", "seed": 0, "distributed": False}
