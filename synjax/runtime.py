@@ -104,15 +104,57 @@ def prepare_workdir(workdir: str) -> pathlib.Path:
     return path
 
 
+# This process's place in a multi-process run, where no cluster manager that JAX
+# recognises (SLURM, Open MPI, Cloud TPU, Kubernetes) says it. The coordinator
+# (host:port of process 0) is JAX's own variable, JAX_COORDINATOR_ADDRESS.
+NUM_PROCESSES_ENV = "SYNJAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "SYNJAX_PROCESS_ID"
+
+
+def _int_from_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
 def initialize_distributed(config) -> None:
-    """Joins a multi-process JAX run when the config asks for one.
+    """Joins a multi-process JAX run when the config asks for one (`config.distributed`).
 
-    Must run before any device is touched; on one machine it does nothing.
+    Must run before any device is touched; without `config.distributed` it
+    does nothing. Under SLURM or Open MPI, JAX finds the coordinator, the
+    process count and this process's index itself; elsewhere set
+    `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `SYNJAX_NUM_PROCESSES`
+    and `SYNJAX_PROCESS_ID` on every host. Processes on CPUs only
+    (`JAX_PLATFORMS=cpu`, e.g. a test) exchange gradients through gloo, the
+    CPU collectives that JAX ships.
+
+    Raises:
+      ConfigError: a bad environment variable, or JAX could not set up the
+        run (no coordinator found, or it did not answer).
     """
-    if config.get("distributed", False):
-        import jax
+    if not config.get("distributed", False):
+        return
+    import jax
 
-        jax.distributed.initialize()
+    kwargs = {
+        "num_processes": _int_from_env(NUM_PROCESSES_ENV),
+        "process_id": _int_from_env(PROCESS_ID_ENV),
+    }
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"config.distributed=True: jax.distributed.initialize failed ({first_line}); "
+            f"outside SLURM or Open MPI set JAX_COORDINATOR_ADDRESS=host:port of process 0, "
+            f"{NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} on every host"
+        ) from None
 
 
 class _QuietLibraries(logging.Filter):
