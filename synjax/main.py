@@ -36,11 +36,9 @@ def main(argv: list[str]) -> None:
         workdir = runtime.prepare_workdir(_WORKDIR.value)
         runtime.initialize_distributed(config)
         cache = runtime.enable_compilation_cache(config, workdir)
-        try:
-            pipelines.run(config, workdir)
-        finally:
-            if cache is not None:
-                logging.info(cache.summary())
+        pipelines.run(config, workdir)
+        if cache is not None:
+            logging.info(cache.summary())
     except SynjaxError as error:
         # One line naming the culprit is more useful to a user than a traceback.
         sys.exit(f"synjax: error: {error}")
