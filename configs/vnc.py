@@ -111,12 +111,12 @@ def get_config(arg: str | None = None):
                 "positive_fraction": 0.7,
                 # Flips of z, y, x and 90-degree turns in y-x.
                 "augment": True,
-                "steps": 3 if smoke else 1200,
+                "steps": 3 if smoke else 650,
                 "batch_size": 2,
                 "learning_rate": 1e-3,
                 "optimizer": "adamw",
                 "schedule": "warmup_cosine",
-                "warmup_steps": 1 if smoke else 50,
+                "warmup_steps": 1 if smoke else 30,
                 "weight_decay": 1e-4,
                 "grad_clip_norm": 5.0,
                 "log_every": 1 if smoke else 50,
@@ -127,7 +127,7 @@ def get_config(arg: str | None = None):
             },
             "baseline": {
                 # The same U-Net as a binary cleft segmenter, on the same crops.
-                "steps": 3 if smoke else 800,
+                "steps": 3 if smoke else 350,
                 "learning_rate": 1e-3,
                 # Cleft voxels weighted in the cross-entropy (~1% of the voxels).
                 "positive_weight": 10.0,

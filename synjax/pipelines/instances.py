@@ -33,8 +33,8 @@ import time
 import numpy as np
 from absl import logging
 
-from synjax.errors import DataError
 from synjax.data.intensity import normalize_intensity
+from synjax.errors import DataError
 from synjax.evaluation.clefts import cremi_cleft_scores, detection_scores
 from synjax.evaluation.instances import match_instances, overlap_table
 from synjax.inference.instance_blocks import BlockDetections, detect_blocks, fuse_detections
@@ -79,7 +79,7 @@ def _slab(labels_read: np.ndarray, region: tuple[int, int, int], factors) -> np.
 
 
 def detection_and_instance_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
-    """Detection (`detection_scores`: IoU >= 0.1) and instance (IoU >= 0.5) precision, recall and F1, one-to-one."""
+    """Detection (IoU >= 0.1) and instance (IoU >= 0.5) precision, recall, F1; one-to-one."""
     table = overlap_table(pred, truth)
     detection = detection_scores(pred, truth)
     instance = match_instances(table=table, iou_threshold=INSTANCE_IOU)

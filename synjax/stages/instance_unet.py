@@ -99,7 +99,7 @@ def network_settings(model: InstanceNetworkSettings, seed: int = 0) -> InstanceU
 
 
 def check_shape(shape, multiple, key: str) -> tuple[int, int, int]:
-    """`shape` (z, y, x) as ints; a ConfigError naming `key` unless it is a multiple of `multiple`."""
+    """`shape` (z, y, x) as ints; ConfigError naming `key` unless multiples of `multiple`."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or any(s < 1 or s % m for s, m in zip(shape, multiple, strict=True)):
         raise ConfigError(
