@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from synjax.errors import ConfigError, DataError
+from synjax.errors import ConfigError, DataError, SynjaxError
 
 # Volumes are z-y-x: three spatial axes, then optionally channels.
 SPATIAL_DIMS = 3
@@ -56,19 +56,55 @@ def spatial_triple(value: Any, what: str, minimum: int = 1, broadcast: bool = Fa
     return triple  # type: ignore[return-value]
 
 
+def number_triple(
+    value: Any,
+    what: str,
+    error: type[SynjaxError] = ConfigError,
+    broadcast: bool = False,
+    positive: bool = False,
+    unit: str | None = None,
+) -> tuple[float, float, float]:
+    """`value` as a (z, y, x) tuple of three finite floats.
+
+    Args:
+      value: a sequence of three numbers (or, with `broadcast`, one number for
+        all three axes).
+      what: the value's name for the error, e.g. "config.data.resolution" or
+        "sample.h5:/volumes/raw offset".
+      error: the exception raised: ConfigError for a setting, DataError for
+        a value read from a file.
+      broadcast: accept a single number for all axes.
+      positive: require each number to be > 0.
+      unit: the numbers' unit, named in the error ("nm": "three positive
+        sizes in nm").
+
+    Raises:
+      `error`, naming `what`, for anything else.
+    """
+    if broadcast and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = (value,) * SPATIAL_DIMS
+    try:
+        array = np.asarray(value, np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        array = np.zeros(0)
+    if (
+        array.shape != (SPATIAL_DIMS,)
+        or not np.all(np.isfinite(array))
+        or (positive and np.any(array <= 0))
+    ):
+        kind = "positive" if positive else "finite"
+        noun = f"sizes in {unit}" if unit else "numbers"
+        raise error(f"{what}={value}: expected three {kind} {noun} (z, y, x)")
+    return tuple(float(v) for v in array)  # type: ignore[return-value]
+
+
 def voxel_size(value: Any, what: str = "resolution") -> np.ndarray:
     """A voxel size `[3]` float64 in nm (z, y, x): three finite positive numbers.
 
     Raises:
       ConfigError: naming `what`, for anything else.
     """
-    try:
-        size = np.asarray(value, np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        size = np.zeros(0)
-    if size.shape != (SPATIAL_DIMS,) or not np.all(np.isfinite(size)) or np.any(size <= 0):
-        raise ConfigError(f"{what}={value}: expected three positive sizes in nm (z, y, x)")
-    return size
+    return np.asarray(number_triple(value, what, positive=True, unit="nm"), np.float64)
 
 
 @dataclasses.dataclass(frozen=True)

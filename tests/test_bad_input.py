@@ -165,18 +165,18 @@ def test_mirrored_constants_match_the_library():
     from synjax.targets import boundaries
     from synjax.train import state
 
-    assert config_checks.OPTIMIZERS == state.OPTIMIZERS
-    assert config_checks.SCHEDULES == state.SCHEDULES
-    assert set(config_checks.PADDINGS) == set(unet3d.PADDINGS)
-    assert set(config_checks.EXECUTORS) == set(blockwise.EXECUTORS)
-    assert set(config_checks.BOUNDARY_KERNELS) == set(boundaries.KERNELS)
-    assert set(config_checks.MODEL_SLICES) == set(deepem3d.SUPPORTED_SLICES)
-    assert config_checks.DEEPEM3D_STRIDE == deepem3d.TOTAL_STRIDE
-    assert config_checks.TILE_OVERLAP == predict.DEFAULT_TILE_OVERLAP
-    assert set(config_checks.ORIENTATIONS) == set(predict.ORIENTATIONS)
-    assert config_checks.PRUNER_CONVS == pruning.NUM_CONVS
-    assert set(config_checks.INTENSITY_METHODS) == set(intensity.METHODS)
-    assert set(config_checks.RESUME_MODES) == set(blockwise.RESUME_MODES)
+    assert config_checks.common.OPTIMIZERS == state.OPTIMIZERS
+    assert config_checks.common.SCHEDULES == state.SCHEDULES
+    assert set(config_checks.partners.PADDINGS) == set(unet3d.PADDINGS)
+    assert set(config_checks.common.EXECUTORS) == set(blockwise.EXECUTORS)
+    assert set(config_checks.neurons.BOUNDARY_KERNELS) == set(boundaries.KERNELS)
+    assert set(config_checks.neurons.MODEL_SLICES) == set(deepem3d.SUPPORTED_SLICES)
+    assert config_checks.neurons.DEEPEM3D_STRIDE == deepem3d.TOTAL_STRIDE
+    assert config_checks.neurons.TILE_OVERLAP == predict.DEFAULT_TILE_OVERLAP
+    assert set(config_checks.neurons.ORIENTATIONS) == set(predict.ORIENTATIONS)
+    assert config_checks.partners.PRUNER_CONVS == pruning.NUM_CONVS
+    assert set(config_checks.common.INTENSITY_METHODS) == set(intensity.METHODS)
+    assert set(config_checks.common.RESUME_MODES) == set(blockwise.RESUME_MODES)
 
 
 def _edited(name: str, edit, variant: str = "smoke"):

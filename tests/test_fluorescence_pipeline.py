@@ -51,7 +51,7 @@ def test_every_variant_passes_the_config_checks(variant):
 def test_config_check_depths_mirror_the_resnet_architectures():
     from synjax.models.resnet3d import ARCHITECTURES
 
-    assert set(config_checks.FLUORESCENCE_DEPTHS) == set(ARCHITECTURES)
+    assert set(config_checks.fluorescence.FLUORESCENCE_DEPTHS) == set(ARCHITECTURES)
 
 
 def test_config_checks_name_bad_fluorescence_keys():

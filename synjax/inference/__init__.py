@@ -13,6 +13,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "BlockGrid": "block_grid",
         "BlockwiseSummary": "blockwise",
+        "block_boxes": "fusion",
+        "fuse_blocks": "fusion",
         "predict_blockwise": "blockwise",
         "merge_masks": "merge",
         "paint_masks": "merge",

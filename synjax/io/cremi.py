@@ -30,7 +30,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from synjax.errors import DataError
-from synjax.geometry import SPATIAL_DIMS, Box
+from synjax.geometry import SPATIAL_DIMS, Box, number_triple
 from synjax.io.atomic import atomic_path
 from synjax.io.cremi_volume import (
     CREMI_BACKGROUND,
@@ -40,7 +40,6 @@ from synjax.io.cremi_volume import (
     CremiVolume,
 )
 from synjax.io.file_volumes import hdf5_error_line, list_hdf5_datasets, open_hdf5_file
-from synjax.io.volume_base import as_triple
 from synjax.io.voxels import inside_volume, segment_ids_at, world_to_voxel
 
 RAW = "volumes/raw"
@@ -56,8 +55,10 @@ def _geometry(dataset: h5py.Dataset, path: str) -> tuple[tuple[float, ...], tupl
     where = f"{path}:{dataset.name}"
     if "resolution" not in dataset.attrs:
         raise DataError(f"{where} has no 'resolution' attribute")
-    resolution = as_triple(dataset.attrs["resolution"], "resolution", where)
-    return resolution, as_triple(dataset.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", where)
+    resolution = number_triple(dataset.attrs["resolution"], f"{where} resolution", DataError)
+    return resolution, number_triple(
+        dataset.attrs.get("offset", (0.0, 0.0, 0.0)), f"{where} offset", DataError
+    )
 
 
 def _read_annotations(file: h5py.File, path: str) -> Annotations | None:
@@ -67,7 +68,9 @@ def _read_annotations(file: h5py.File, path: str) -> Annotations | None:
     for key in ("ids", "types", "locations"):
         if key not in group:
             raise DataError(f"{path}: {ANNOTATIONS}/{key} is missing")
-    origin = as_triple(group.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", f"{path}:/annotations")
+    origin = number_triple(
+        group.attrs.get("offset", (0.0, 0.0, 0.0)), f"{path}:/annotations offset", DataError
+    )
     ids = group["ids"][()].astype(np.uint64)
     locations = group["locations"][()].astype(np.float64).reshape(-1, SPATIAL_DIMS)
     types = np.array(group["types"].asstr()[()], dtype=object).reshape(-1)
@@ -130,8 +133,12 @@ def _read_open_cremi(file: h5py.File, path: str, require_raw: bool) -> CremiVolu
         # A submission file: annotations only, in its own frame.
         group = file[ANNOTATIONS]
         where = f"{path}:/{ANNOTATIONS}"
-        resolution = as_triple(group.attrs.get("resolution", (1.0, 1.0, 1.0)), "resolution", where)
-        offset = as_triple(group.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", where)
+        resolution = number_triple(
+            group.attrs.get("resolution", (1.0, 1.0, 1.0)), f"{where} resolution", DataError
+        )
+        offset = number_triple(
+            group.attrs.get("offset", (0.0, 0.0, 0.0)), f"{where} offset", DataError
+        )
         return CremiVolume(raw=None, resolution=resolution, offset=offset, annotations=annotations)
     # Labels set the frame; a larger (padded) raw is cropped to it.
     reference = next(iter(labels.values())) if labels else volumes[0]
@@ -279,8 +286,10 @@ def write_cremi(path: str | os.PathLike, volume: CremiVolume, overwrite: bool = 
     if os.path.exists(path) and not overwrite:
         raise DataError(f"{path} already exists; pass overwrite=True to replace it")
     datasets = _check_volume(volume, path)
-    resolution = np.asarray(as_triple(volume.resolution, "resolution", path), np.float64)
-    offset = np.asarray(as_triple(volume.offset, "offset", path), np.float64)
+    resolution = np.asarray(
+        number_triple(volume.resolution, f"{path} resolution", DataError), np.float64
+    )
+    offset = np.asarray(number_triple(volume.offset, f"{path} offset", DataError), np.float64)
     with atomic_path(path) as temporary, h5py.File(temporary, "w") as file:
         file.attrs["file_format"] = FILE_FORMAT
         for key, array in datasets.items():

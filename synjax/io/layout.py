@@ -6,6 +6,9 @@
     predictions/<name>.zarr                 predicted volumes, written block by block;
     predictions/<name>.zarr.blocks.jsonl    its finished blocks (`synjax.inference.blockwise`)
     metrics.json, example_slices.png        every pipeline's scores and example slices
+    neuroglancer_state.json, predictions/raw.zarr   the run's outputs as neuroglancer layers
+                                            over the raw they came from (`synjax.report.
+                                            neuroglancer_state`; opened by `synjax.view`)
 
     partner pipeline: predictions/proximity.zarr, predictions/train_proximity.zarr,
       predictions/<volume>_segmentation.zarr, pruner_threshold.json, candidates.csv,
@@ -35,6 +38,10 @@ INTENSITY_FILE = "intensity.json"
 # Results of every pipeline.
 METRICS_FILE = "metrics.json"
 EXAMPLE_SLICES_FILE = "example_slices.png"
+
+# The neuroglancer state of a run's outputs and the raw it shows them over.
+NEUROGLANCER_STATE_FILE = "neuroglancer_state.json"
+VIEW_RAW = f"{PREDICTIONS_DIR}/raw.zarr"
 
 # Partner pipeline.
 THRESHOLD_FILE = "pruner_threshold.json"

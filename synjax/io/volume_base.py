@@ -15,29 +15,12 @@ from typing import Any
 import numpy as np
 
 from synjax.errors import DataError
-from synjax.geometry import SPATIAL_DIMS, Box
+from synjax.geometry import Box, number_triple
 from synjax.io.voxels import world_to_voxel
 
 # Physical size of a voxel (nm, z-y-x) when a source does not say.
 DEFAULT_RESOLUTION = (1.0, 1.0, 1.0)
 DEFAULT_OFFSET = (0.0, 0.0, 0.0)
-
-
-def as_triple(values: Any, what: str, source: str) -> tuple[float, float, float]:
-    """Converts a z-y-x triple (resolution, offset) to three Python floats.
-
-    Args:
-      values: any sequence of three numbers.
-      what: name of the quantity, for the error message.
-      source: printable name of the volume, for the error message.
-
-    Returns:
-      The three values as floats.
-    """
-    array = np.asarray(values, dtype=np.float64).reshape(-1)
-    if array.shape != (SPATIAL_DIMS,) or not np.all(np.isfinite(array)):
-        raise DataError(f"{source}: {what} must be 3 finite numbers (z, y, x), got {values!r}")
-    return tuple(float(v) for v in array)
 
 
 def _format_index(key: Any) -> str:
@@ -203,8 +186,8 @@ class Volume(abc.ABC):
         self.path = path
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
-        self.resolution = as_triple(resolution, "resolution", path)
-        self.offset = as_triple(offset, "offset", path)
+        self.resolution = number_triple(resolution, f"{path} resolution", DataError)
+        self.offset = number_triple(offset, f"{path} offset", DataError)
         self.writable = writable
         self.chunks = None if chunks is None else tuple(int(c) for c in chunks)
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from synjax.errors import DataError
-from synjax.geometry import SPATIAL_DIMS
+from synjax.geometry import SPATIAL_DIMS, number_triple
 from synjax.io.file_volumes import (
     Hdf5Volume,
     TiffVolume,
@@ -34,7 +34,7 @@ from synjax.io.file_volumes import (
     open_hdf5_file,
 )
 from synjax.io.tensorstore_volume import create_path_volume, open_path_volume, open_spec_volume
-from synjax.io.volume_base import Volume, as_triple
+from synjax.io.volume_base import Volume
 
 PRECOMPUTED_PREFIX = "precomputed://"
 MODES = ("r", "r+")
@@ -167,8 +167,8 @@ def create_volume(
     dtype = np.dtype(dtype)
     if dtype.name not in CREATE_DTYPES:
         raise DataError(f"{name}: unsupported dtype {dtype}; use one of {', '.join(CREATE_DTYPES)}")
-    resolution = as_triple(resolution, "resolution", name)
-    offset = as_triple(offset, "offset", name)
+    resolution = number_triple(resolution, f"{name} resolution", DataError)
+    offset = number_triple(offset, f"{name} offset", DataError)
     if min(resolution) <= 0:
         raise DataError(f"{name}: resolution {resolution} must be positive")
     fmt, location, dataset = parse_source(name)

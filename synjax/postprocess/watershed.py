@@ -61,6 +61,77 @@ class GridResult(NamedTuple):
     threshold: float | None = None
 
 
+def _check_smoothing(sigma_xy: float, smoothing: Smoothing) -> None:
+    if smoothing not in ("2d", "3d"):
+        raise ConfigError(f"smoothing must be '2d' or '3d', got {smoothing!r}")
+    if sigma_xy < 0:
+        raise ConfigError(f"sigma_xy must be >= 0, got {sigma_xy}")
+
+
+def smoothing_radius(sigma_xy: float, smoothing: Smoothing = "2d") -> tuple[int, int, int]:
+    """Voxels `(z, y, x)` on each side that one smoothed voxel depends on.
+
+    scipy's Gaussian kernel reaches `int(4 * sigma + 0.5)` voxels (its default
+    `truncate=4`); a block smoothed with this much more input around it equals
+    the whole volume smoothed, cropped (block-wise watershed relies on it).
+    """
+    _check_smoothing(sigma_xy, smoothing)
+    reach = int(4.0 * sigma_xy + 0.5) if sigma_xy > 0 else 0
+    return (reach if smoothing == "3d" else 0, reach, reach)
+
+
+def smooth(image: np.ndarray, sigma_xy: float, smoothing: Smoothing = "2d") -> np.ndarray:
+    """Gaussian smoothing of a boundary map, in float64 (`"2d"`: per z-slice in y-x).
+
+    Args:
+        image: Boundary map `[z, y, x]`, any real dtype.
+        sigma_xy: Gaussian sigma in voxels; 0 skips smoothing.
+        smoothing: `"2d"` or `"3d"` (see `smooth_and_quantise`).
+
+    Returns:
+        `[z, y, x]` float64.
+
+    Raises:
+        ConfigError: for an unknown `smoothing` or a negative sigma.
+        DataError: if the image is not 3D.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise DataError(f"watershed expects a 3D [z, y, x] volume, got shape {image.shape}")
+    _check_smoothing(sigma_xy, smoothing)
+    # float64: float32 rounding would create spurious plateaus and minima.
+    smoothed = image.astype(np.float64)
+    if sigma_xy > 0:
+        sigma_z = sigma_xy if smoothing == "3d" else 0.0
+        smoothed = ndimage.gaussian_filter(smoothed, sigma=(sigma_z, sigma_xy, sigma_xy))
+    return smoothed
+
+
+def quantise(smoothed: np.ndarray, low: float, high: float, rescale: bool = True) -> np.ndarray:
+    """Maps a smoothed map to uint16 levels of [0, 1], given its range over the mask.
+
+    Args:
+        smoothed: `[z, y, x]` float64 from `smooth`.
+        low, high: minimum and maximum of the smoothed map over the mask (of
+            the whole volume, when `smoothed` is one block of it).
+        rescale: Min-max rescale to [0, 1]; if False the map must already lie
+            in [0, 1] (`low >= 0`, `high <= 1`).
+
+    Returns:
+        `[z, y, x]` uint16, 0 = lowest (cell interior), `QUANT_MAX` = 1.0.
+
+    Raises:
+        DataError: if `rescale` is False and [low, high] leaves [0, 1].
+    """
+    if rescale:
+        smoothed = (smoothed - low) / (high - low) if high > low else np.zeros_like(smoothed)
+    elif low < 0.0 or high > 1.0:
+        raise DataError(
+            f"watershed input must lie in [0, 1] when rescale=False, got [{low:.4g}, {high:.4g}]"
+        )
+    return np.round(np.clip(smoothed, 0.0, 1.0) * QUANT_MAX).astype(np.uint16)
+
+
 def smooth_and_quantise(
     image: np.ndarray,
     sigma_xy: float,
@@ -86,29 +157,40 @@ def smooth_and_quantise(
         ConfigError: for an unknown `smoothing` or a negative sigma.
         DataError: if the image is not 3D, or not in [0, 1] with rescale=False.
     """
-    image = np.asarray(image)
-    if image.ndim != 3:
-        raise DataError(f"watershed expects a 3D [z, y, x] volume, got shape {image.shape}")
-    if smoothing not in ("2d", "3d"):
-        raise ConfigError(f"smoothing must be '2d' or '3d', got {smoothing!r}")
-    if sigma_xy < 0:
-        raise ConfigError(f"sigma_xy must be >= 0, got {sigma_xy}")
-    # float64: float32 rounding would create spurious plateaus and minima.
-    smoothed = image.astype(np.float64)
-    if sigma_xy > 0:
-        sigma_z = sigma_xy if smoothing == "3d" else 0.0
-        smoothed = ndimage.gaussian_filter(smoothed, sigma=(sigma_z, sigma_xy, sigma_xy))
+    smoothed = smooth(image, sigma_xy, smoothing)
     inside = smoothed if mask is None else smoothed[mask]
     if inside.size == 0:
-        return np.zeros(image.shape, dtype=np.uint16)
-    low, high = float(inside.min()), float(inside.max())
-    if rescale:
-        smoothed = (smoothed - low) / (high - low) if high > low else np.zeros_like(smoothed)
-    elif low < 0.0 or high > 1.0:
-        raise DataError(
-            f"watershed input must lie in [0, 1] when rescale=False, got [{low:.4g}, {high:.4g}]"
-        )
-    return np.round(np.clip(smoothed, 0.0, 1.0) * QUANT_MAX).astype(np.uint16)
+        return np.zeros(smoothed.shape, dtype=np.uint16)
+    return quantise(smoothed, float(inside.min()), float(inside.max()), rescale)
+
+
+def check_h(h: float) -> np.uint16:
+    """The H-minima depth in uint16 levels for `h`, a fraction of the [0, 1] range.
+
+    Raises:
+        ConfigError: if h is not in (0, 1].
+    """
+    if not 0.0 < h <= 1.0:
+        raise ConfigError(f"h must be in (0, 1] (fraction of the map's range), got {h}")
+    return np.uint16(max(1, round(h * QUANT_MAX)))
+
+
+def relief_and_keep(
+    levels: np.ndarray,
+    mask: np.ndarray | None = None,
+    background_threshold: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The relief that is flooded and the voxels that take part (see `watershed_from_quantised`).
+
+    Returns:
+        `(relief, keep)`: uint16 `[z, y, x]` levels with background raised to
+        `QUANT_MAX`, and bool `[z, y, x]` foreground.
+    """
+    keep = np.ones(levels.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if background_threshold is not None:
+        keep = keep & (levels <= round(background_threshold * QUANT_MAX))
+    # Background is raised to the top so that it neither seeds nor deepens basins.
+    return np.where(keep, levels, np.uint16(QUANT_MAX)), keep
 
 
 def watershed_from_quantised(
@@ -132,16 +214,10 @@ def watershed_from_quantised(
     Raises:
         ConfigError: if h is not in (0, 1].
     """
-    if not 0.0 < h <= 1.0:
-        raise ConfigError(f"h must be in (0, 1] (fraction of the map's range), got {h}")
-    keep = np.ones(levels.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    if background_threshold is not None:
-        keep = keep & (levels <= round(background_threshold * QUANT_MAX))
+    depth = check_h(h)
+    relief, keep = relief_and_keep(levels, mask, background_threshold)
     if not keep.any():
         return np.zeros(levels.shape, dtype=np.uint64)
-    # Background is raised to the top so that it neither seeds nor deepens basins.
-    relief = np.where(keep, levels, np.uint16(QUANT_MAX))
-    depth = np.uint16(max(1, round(h * QUANT_MAX)))
     seeds = h_minima(relief, depth, footprint=FACE_CONNECTIVITY).astype(bool) & keep
     if not seeds.any():
         # h exceeds the whole relief, where h_minima returns nothing: the

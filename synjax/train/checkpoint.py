@@ -248,12 +248,14 @@ def checkpoint_provenance(
     directory = checkpoint_dir(workdir, name)
     if not directory.is_dir():
         raise DataError(f"no checkpoints for model {name!r}: {directory} is absent")
-    # A handler for "params" lets the manager read its metadata (shapes and
-    # dtypes), restored onto one device whatever the topology it was saved from.
+    # A handler per item lets the manager read the metadata (shapes and dtypes)
+    # of "params", restored onto one device whatever the topology it was saved
+    # from; the other items need handlers too, or orbax warns that it found
+    # items it cannot restore (only "params" is read).
     manager = ocp.CheckpointManager(
         directory,
         item_names=_ITEMS,
-        item_handlers={PARAMS_ITEM: ocp.StandardCheckpointHandler()},
+        item_handlers={item: ocp.StandardCheckpointHandler() for item in _ITEMS},
     )
     try:
         steps = manager.all_steps()

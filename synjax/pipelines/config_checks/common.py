@@ -1,0 +1,79 @@
+"""Rules shared by several pipelines' checks: training, intensity, top-level keys.
+
+The value sets mirror library constants so that the checks stay fast (no JAX
+import: a bad config is reported in a second); tests/test_bad_input.py keeps
+them equal to the library's.
+"""
+
+from __future__ import annotations
+
+from synjax.errors import ConfigError
+from synjax.pipelines.config_checks.rules import (
+    Block,
+    boolean,
+    choice,
+    integer,
+    non_negative,
+    number,
+    optional,
+    positive,
+    text,
+)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")  # synjax.train.state.OPTIMIZERS
+SCHEDULES = ("constant", "cosine", "warmup_cosine")  # synjax.train.state.SCHEDULES
+INTENSITY_METHODS = ("dtype", "percentiles")  # synjax.data.intensity methods
+EXECUTORS = ("local", "dask")  # synjax.inference.blockwise.EXECUTORS
+RESUME_MODES = ("auto", "strict")  # synjax.inference.blockwise.RESUME_MODES
+
+# Ranges of the `synjax.train.settings.TrainSettings` fields.
+TRAIN_RULES = {
+    "steps": integer(1),
+    "batch_size": integer(1),
+    "learning_rate": positive(),
+    "optimizer": choice(OPTIMIZERS),
+    "schedule": choice(SCHEDULES),
+    "warmup_steps": integer(0),
+    "weight_decay": non_negative(),
+    "grad_clip_norm": optional(positive()),
+    "log_every": integer(0),
+    "eval_every": integer(0),
+    "checkpoint_every": integer(1),
+    "keep_checkpoints": integer(1),
+    "num_devices": optional(integer(1)),
+}
+
+
+INTENSITY = Block(
+    {
+        "method": choice(INTENSITY_METHODS),
+        "low_percent": number(0, 100, required=False),
+        "high_percent": number(0, 100, required=False),
+    },
+    required=False,
+)
+
+TOP = {
+    "pipeline": text(),
+    "mode": text(),
+    "seed": integer(0),
+    "distributed": boolean(required=False),
+    # Absent: "auto" (see synjax.runtime.enable_compilation_cache).
+    "compilation_cache": optional(text(required=False)),
+}
+
+
+def check_warmup(warmup: int, steps: int, warmup_key: str, steps_key: str) -> None:
+    if warmup and warmup >= steps:
+        raise ConfigError(
+            f"{warmup_key}={warmup}: expected fewer warm-up steps than {steps_key}={steps}"
+        )
+
+
+def needed_splits(mode: str) -> list[str]:
+    """Which of the "train" and "test" files a run in `mode` reads."""
+    return [
+        split
+        for split, modes in (("train", ("train", "all")), ("test", ("predict", "evaluate", "all")))
+        if mode in modes
+    ]
