@@ -15,7 +15,7 @@ predict:  both on the test slab (image context from before it): the network
           block by block with axis-wise fusion (z, then x, then y), the
           baseline as threshold + connected components -> native-grid
           `predictions/instances.zarr` and `predictions/baseline.zarr`
-          (uint32), `synapses.csv` (id, centroid in nm, voxels, score) and
+          (uint32), `instances.csv` (one row per synapse: id, centroid in nm, voxels, score) and
           Grad-CAM attention PNGs of the best-scoring detections
           (`attention/`).
 evaluate: detection precision / recall / F1 (one-to-one, IoU >= 0.1),
@@ -53,7 +53,7 @@ from synjax.stages.instance_settings import InstancePredictSettings
 CHOSEN_FILE = "chosen.json"
 NETWORK_OUT = "predictions/instances.zarr"
 BASELINE_OUT = "predictions/baseline.zarr"
-TABLE_FILE = "synapses.csv"
+TABLE_FILE = "instances.csv"
 ATTENTION_DIR = "attention"
 OURS, BASELINE = "instance_unet", "baseline"
 # Instance F1: a prediction and a true synapse match at this IoU (one-to-one).
