@@ -13,17 +13,17 @@ test on y >= 768, scored once. The networks read the stack at (1, 2, 2)
 
 default:   the VNC stack; U-Net of base width 8 (8, 16, 32, 64, 128 channels),
            pools (1, 2, 2) x 3 then (2, 2, 2); the RPN on the (1, 4, 4) decoder
-           map (nine anchor shapes), box and mask heads on the (1, 2, 2) map. Sized for 2 CPU cores
-           (at most 45 minutes in all). Measured on the shared 2-core CPU (load
-           average ~7; benchmarks/bench_instance_unet.py, results/ JSON): a
-           training step of 2 crops of 8 x 128 x 128 read voxels takes 1.96 s
-           (instance network; 1.8-2.4 s in other runs) and 1.13 s (baseline;
-           up to 1.75 s), compilation ~2 min in all, one 12 x 128 x 128
-           block's detection 0.36 s and its fusion 0.02 s. So 650 + 350 steps
-           take 21 + 7 min (at most 26 + 10 min at the slowest step times
-           seen), inference, fusion and grid search of the 30 validation and
-           test blocks about 1 min: 31-41 minutes, extrapolated (not run whole
-           here: the CPU is shared).
+           map (nine anchor shapes), box and mask heads on the (1, 2, 2) map.
+           Sized for 2 CPU cores (at most 45 minutes in all). Measured on the
+           shared 2-core CPU (load average ~7; benchmarks/bench_instance_unet.py,
+           results/ JSON): a training step of 2 crops of 8 x 128 x 128 read
+           voxels takes 1.96 s (instance network; 1.8-2.4 s in other runs) and
+           1.13 s (baseline; up to 1.75 s), compilation ~2 min in all, one
+           12 x 128 x 128 block's detection 0.36 s and its fusion 0.02 s. So
+           650 + 350 steps take 21 + 7 min (at most 26 + 10 min at the slowest
+           step times seen), inference, fusion and grid search of the 30
+           validation and test blocks about 1 min: 31-41 minutes, extrapolated
+           (not run whole here: the CPU is shared).
 synthetic: the same protocol on a synthetic EM volume of the same shape and
            voxel size (`synjax.data.synthetic`), for the demo.
 smoke:     a tiny synthetic volume and network that run end to end in seconds
