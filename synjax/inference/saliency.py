@@ -12,12 +12,41 @@ grid (the map's stride) and scaled to a maximum of 1.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from synjax.errors import DataError
 from synjax.models.instance_unet import InstanceUNet
+
+
+@functools.lru_cache(maxsize=8)
+def _cam_function(model: InstanceUNet):
+    """The jitted `(params, image [z, y, x], boxes [n, 6]) -> [n, z', y', x']` Grad-CAM.
+
+    Cached per model (Linen modules compare and hash by their settings), so that
+    the attention maps of one run compile once.
+    """
+    level = model.settings.roi_name
+
+    def cam(params, image, boxes):
+        variables = {"params": params}
+        maps = model.apply(variables, image[None, ..., None], method=InstanceUNet.maps)
+
+        def scores(level_map):
+            replaced = dict(maps)
+            replaced[level] = level_map
+            logits = model.apply(variables, replaced, boxes[None], method=InstanceUNet.box_logits)
+            return logits[0, :, 1] - logits[0, :, 0]
+
+        activations = maps[level]
+        gradients = jax.jacrev(scores)(activations)  # [n, 1, z', y', x', c]
+        weights = jnp.mean(gradients[:, 0], axis=(1, 2, 3))  # [n, c]
+        return jax.nn.relu(jnp.einsum("nc,zyxc->nzyx", weights, activations[0]))
+
+    return jax.jit(cam)
 
 
 def grad_cam(model: InstanceUNet, params, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -42,24 +71,9 @@ def grad_cam(model: InstanceUNet, params, image: np.ndarray, boxes: np.ndarray) 
     if boxes.shape[0] == 0:
         return np.zeros((0, *image.shape), np.float32)
     settings = model.settings
-    level = settings.roi_name
-    variables = {"params": params}
-    maps = model.apply(variables, jnp.asarray(image)[None, ..., None], method=InstanceUNet.maps)
-
-    def scores(level_map):
-        replaced = dict(maps)
-        replaced[level] = level_map
-        logits = model.apply(
-            variables, replaced, jnp.asarray(boxes)[None], method=InstanceUNet.box_logits
-        )
-        return logits[0, :, 1] - logits[0, :, 0]
-
-    activations = maps[level]
-    gradients = jax.jit(jax.jacrev(scores))(activations)  # [n, 1, z', y', x', c]
-    weights = jnp.mean(gradients[:, 0], axis=(1, 2, 3))  # [n, c]
-    cam = jax.nn.relu(jnp.einsum("nc,zyxc->nzyx", weights, activations[0]))
+    cam = _cam_function(model)(params, jnp.asarray(image), jnp.asarray(boxes))
     cam = np.asarray(cam, np.float32)
-    for axis, stride in enumerate(settings.backbone.feature_strides[level], start=1):
+    for axis, stride in enumerate(settings.backbone.feature_strides[settings.roi_name], start=1):
         cam = np.repeat(cam, stride, axis=axis)
     peak = cam.reshape(cam.shape[0], -1).max(axis=1)
     cam = cam / np.where(peak > 0, peak, 1.0)[:, None, None, None]
