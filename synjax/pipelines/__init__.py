@@ -23,6 +23,7 @@ PIPELINES = {
     "partners": "synjax.pipelines.partners",
     "neurons": "synjax.pipelines.neurons",
     "fluorescence": "synjax.pipelines.fluorescence",
+    "instances": "synjax.pipelines.instances",
 }
 MODES = ("train", "predict", "evaluate", "all")
 
