@@ -16,6 +16,10 @@
     neuron pipeline: predictions/boundaries.zarr, predictions/watershed.zarr,
       predictions/segmentation.zarr, watershed.json
     classical instance baseline: pixel_forest.joblib (`synjax.models.pixel_forest`)
+    instance pipelines (fluorescence, instances): chosen.json (every parameter
+      chosen on training or validation data), instances.csv,
+      predictions/mask_rcnn.zarr or predictions/instances.zarr,
+      predictions/baseline.zarr, volume_histogram.png, attention/*.png
 
 Every module that writes or reads one of these takes its name from here, so a
 file is named once and the list above is the whole of a workdir.
@@ -61,6 +65,15 @@ SEGMENTATION = f"{PREDICTIONS_DIR}/segmentation.zarr"
 
 # Classical instance baseline.
 FOREST_FILE = "pixel_forest.joblib"
+
+# Instance pipelines (fluorescence Mask R-CNN, EM instance network).
+CHOSEN_FILE = "chosen.json"
+INSTANCES_TABLE_FILE = "instances.csv"
+MASK_RCNN_INSTANCES = f"{PREDICTIONS_DIR}/mask_rcnn.zarr"
+NETWORK_INSTANCES = f"{PREDICTIONS_DIR}/instances.zarr"
+BASELINE_INSTANCES = f"{PREDICTIONS_DIR}/baseline.zarr"
+VOLUME_HISTOGRAM_FILE = "volume_histogram.png"
+ATTENTION_DIR = "attention"
 
 # Suffix of a block-wise output's manifest of finished blocks.
 BLOCKS_SUFFIX = ".blocks.jsonl"

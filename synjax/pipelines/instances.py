@@ -39,7 +39,7 @@ from synjax.evaluation.clefts import cremi_cleft_scores, detection_scores
 from synjax.evaluation.instances import match_instances, overlap_table
 from synjax.inference.instance_blocks import BlockDetections, detect_blocks, fuse_detections
 from synjax.inference.saliency import grad_cam
-from synjax.io import create_volume, open_volume
+from synjax.io import create_volume, layout, open_volume
 from synjax.io.atomic import atomic_open
 from synjax.models.instance_unet import build_instance_unet
 from synjax.pipelines.instance_data import EMVolume, load_volume, split_rows, upsample
@@ -50,11 +50,6 @@ from synjax.settings import from_config
 from synjax.stages import cleft_segmenter, instance_unet
 from synjax.stages.instance_settings import InstancePredictSettings
 
-CHOSEN_FILE = "chosen.json"
-NETWORK_OUT = "predictions/instances.zarr"
-BASELINE_OUT = "predictions/baseline.zarr"
-TABLE_FILE = "instances.csv"
-ATTENTION_DIR = "attention"
 OURS, BASELINE = "instance_unet", "baseline"
 # Instance F1: a prediction and a true synapse match at this IoU (one-to-one).
 INSTANCE_IOU = 0.5
@@ -176,7 +171,7 @@ def _train(config, workdir: pathlib.Path) -> dict:
         "train_seconds": baseline_seconds,
     }
     logging.info("baseline chosen on the validation slab: %s", chosen[BASELINE])
-    files.write_json(workdir / CHOSEN_FILE, chosen)
+    files.write_json(workdir / layout.CHOSEN_FILE, chosen)
     return chosen
 
 
@@ -271,7 +266,7 @@ def _attention(config, trained, found: BlockDetections, volume: EMVolume, region
         heat = grad_cam(model, trained.params, block, det_box[None])[0]
         block_truth = np.zeros(block.shape, truth.dtype)
         block_truth[tuple(slice(0, n) for n in data.shape)] = truth[box.slices()]
-        path = workdir / ATTENTION_DIR / f"detection_{rank:02d}.png"
+        path = workdir / layout.ATTENTION_DIR / f"detection_{rank:02d}.png"
         plot_attention(
             block,
             heat,
@@ -285,7 +280,7 @@ def _attention(config, trained, found: BlockDetections, volume: EMVolume, region
 
 
 def _predict(config, workdir: pathlib.Path) -> None:
-    chosen = files.read_json(workdir / CHOSEN_FILE)
+    chosen = files.read_json(workdir / layout.CHOSEN_FILE)
     volume = load_volume(config)
     region = _region(config, volume, "test")
     y0, _ = split_rows(config, volume, "test")
@@ -298,9 +293,12 @@ def _predict(config, workdir: pathlib.Path) -> None:
     )
     labels, scores = _renumber(_slab(fused, region, volume.factors), scores)
     logging.info("instance network: %d synapses on the test slab", int(labels.max()))
-    _write_labels(workdir / NETWORK_OUT, labels, volume.resolution)
+    _write_labels(workdir / layout.NETWORK_INSTANCES, labels, volume.resolution)
     offset = (0.0, y0 * volume.resolution[1], 0.0)
-    _write_table(workdir / TABLE_FILE, synapse_table(labels, scores, volume.resolution, offset))
+    _write_table(
+        workdir / layout.INSTANCES_TABLE_FILE,
+        synapse_table(labels, scores, volume.resolution, offset),
+    )
     _attention(config, network, found, volume, region, workdir, ours)
 
     baseline = cleft_segmenter.load_cleft_segmenter(config, workdir)
@@ -308,7 +306,9 @@ def _predict(config, workdir: pathlib.Path) -> None:
     b = chosen[BASELINE]
     components = cleft_components(probability, b["threshold"], b["min_size"])
     _write_labels(
-        workdir / BASELINE_OUT, _slab(components, region, volume.factors), volume.resolution
+        workdir / layout.BASELINE_INSTANCES,
+        _slab(components, region, volume.factors),
+        volume.resolution,
     )
 
 
@@ -317,22 +317,19 @@ def _evaluate(config, workdir: pathlib.Path) -> dict:
     y0, y1 = split_rows(config, volume, "test")
     truth = volume.labels[:, y0:y1]
     raw = volume.raw[:, y0:y1]
-    predictions = {
-        OURS: open_volume(str(workdir / NETWORK_OUT)).read(),
-        BASELINE: open_volume(str(workdir / BASELINE_OUT)).read(),
-    }
+    paths = {OURS: layout.NETWORK_INSTANCES, BASELINE: layout.BASELINE_INSTANCES}
+    predictions = {name: open_volume(str(workdir / path)).read() for name, path in paths.items()}
     metrics: dict = {
         "test_rows": [y0, y1],
         "test_shape": list(truth.shape),
         "resolution_nm": list(volume.resolution),
         "read_downsample": list(volume.factors),
-        "chosen_on_validation_slab": files.read_json(workdir / CHOSEN_FILE),
+        "chosen_on_validation_slab": files.read_json(workdir / layout.CHOSEN_FILE),
     }
     for name, pred in predictions.items():
         if pred.shape != truth.shape:
             raise DataError(
-                f"{workdir / (NETWORK_OUT if name == OURS else BASELINE_OUT)}: shape "
-                f"{pred.shape}; expected the test slab {truth.shape}"
+                f"{workdir / paths[name]}: shape {pred.shape}; expected the test slab {truth.shape}"
             )
         result = detection_and_instance_scores(pred, truth)
         result.update(cremi_cleft_scores(pred, truth, volume.resolution)._asdict())
@@ -342,11 +339,11 @@ def _evaluate(config, workdir: pathlib.Path) -> dict:
     slices.plot_slices(
         raw,
         {"truth": truth, OURS: predictions[OURS], BASELINE: predictions[BASELINE]},
-        workdir / "example_slices.png",
+        workdir / layout.EXAMPLE_SLICES_FILE,
         slices=slices.pick_slices(truth.shape, int(config.evaluation.plot_slices), weights),
         title="EM clefts (test slab): truth, instance network, U-Net + components",
     )
-    files.write_json(workdir / "metrics.json", metrics)
+    files.write_json(workdir / layout.METRICS_FILE, metrics)
     return metrics
 
 
