@@ -276,39 +276,9 @@ class MaskRCNN3D(nn.Module):
                 f"MaskRCNN3D (training={self.training}) input has {x.shape[-1]} channels; "
                 f"expected {want} ({what})"
             )
-        if self.is_initializing():
-            return self._init_parts(x[..., :1])
         if self.training:
             return self._losses(x[..., :1], jnp.round(x[..., 1]).astype(jnp.int32))
         return self._detect(x)
-
-    def _init_parts(self, images: jax.Array) -> dict[str, jax.Array]:
-        """`init`: creates every part's parameters without the training or detection graph.
-
-        The parts see inputs of the shapes they see in both modes, in the same
-        order (pyramid, box head, mask head), so the parameters equal those
-        that an `init` through `_losses` or `_detect` would create; only the
-        anchors, targets, NMS and ROIAlign are left out, which made the
-        compilation of `jax.jit(model.init)` as long as that of a training step.
-        Returns zero scalars in place of the losses (training) or empty
-        detections (inference).
-        """
-        s = self.settings
-        features = self._pyramid(images)[0]
-        channels = features[0].shape[-1]
-        self.box_head(jnp.zeros((1, *s.box_head.roi_size, channels), features[0].dtype))
-        self.mask_head(jnp.zeros((1, *s.mask_roi_size, channels), features[0].dtype))
-        batch = images.shape[0]
-        if self.training:
-            names = ("rpn_objectness", "rpn_box", "roi_class", "roi_box", "mask", "loss")
-            names += ("gt_instances", "roi_foreground")
-            return {name: jnp.zeros((), jnp.float32) for name in names}
-        return {
-            "boxes": jnp.zeros((batch, s.detections, 6), jnp.float32),
-            "scores": jnp.zeros((batch, s.detections), jnp.float32),
-            "masks": jnp.zeros((batch, s.detections, *s.mask_size), jnp.float32),
-            "valid": jnp.zeros((batch, s.detections), bool),
-        }
 
     def _losses(self, images: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
         s = self.settings
