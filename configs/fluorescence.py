@@ -30,10 +30,11 @@ Training step time: the dense anchor-to-box IoU matrix of the RPN matcher
 (55k anchors x 192 slots, 0.4-0.6 s a step on its own) is now matched tile
 by tile (`synjax.detection.matcher.match_boxes`, the same labels), the
 anchor sample drawn by a top-k instead of a full sort, and the stem pool's
-gradient taken without index tracking. Measured back to back, 20 steps each
-on the shared 2-core CPU (load 5.5-6): median 2.78 s per step before, 2.19 s
-after (0.79x); a quiet step of ~2 s before gives ~1.6 s after, so 800 steps
-take ~21 min.
+gradient taken without index tracking. Measured back to back on the shared
+2-core CPU, median of 20 steps at load 5.5-6: 2.78 s per step before, 2.19 s
+after (0.79x); of 12 steps at load 6-7: 2.24 s before, 1.70 s after (0.76x).
+A quiet step of at most ~2 s before gives at most ~1.6 s after, so 800 steps
+take at most ~21 min.
 
 Measured (default variant, before that speed-up, shared 2-core CPU at load
 average 5-10, 43 min wall clock of which 40 min training): test volume of 509
