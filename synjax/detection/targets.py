@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from synjax.detection._validate import positive_int, triple
 from synjax.detection.box_coder import DEFAULT_WEIGHTS, encode_boxes
 from synjax.detection.iou import pairwise_iou
-from synjax.detection.matcher import match, sample_labels
+from synjax.detection.matcher import match, match_boxes, sample_labels
 from synjax.errors import DataError
 
 
@@ -108,8 +108,7 @@ def rpn_targets(
     Returns:
       `RPNTargets`.
     """
-    iou = pairwise_iou(anchors, gt_boxes)
-    matched, labels = match(iou, gt_valid, high_threshold, low_threshold, True)
+    matched, labels = match_boxes(anchors, gt_boxes, gt_valid, high_threshold, low_threshold, True)
     sampled, _, _ = sample_labels(key, labels, num_samples, positive_fraction)
     # Padding boxes are zeros: encode against a unit box there, masked by the labels.
     target = jnp.where((sampled == 1)[:, None], gt_boxes[matched], anchors)
