@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
     variant = configlib.variant(arg, VARIANTS, "configs/cremi.py")
     config = configlib.config_dict(
         {
-            # pipeline, mode, seed, distributed (see synjax.configlib.job_fields).
+            # pipeline, mode, seed, distributed, compilation_cache (see configlib.job_fields).
             **configlib.job_fields("partners"),
             "data": {
                 # CREMI-layout HDF5 files with raw, neuron_ids, clefts, annotations.

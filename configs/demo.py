@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
     variant = configlib.variant(arg, VARIANTS, "configs/demo.py")
     config = configlib.config_dict(
         {
-            # pipeline, mode, seed, distributed (see synjax.configlib.job_fields).
+            # pipeline, mode, seed, distributed, compilation_cache (see configlib.job_fields).
             **configlib.job_fields("partners"),
             "data": {
                 # "synthetic" (generated here) or "cremi" (files below).

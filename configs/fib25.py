@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
     path = str(DATA_FILE)
     config = configlib.config_dict(
         {
-            # pipeline, mode, seed, distributed (see synjax.configlib.job_fields).
+            # pipeline, mode, seed, distributed, compilation_cache (see configlib.job_fields).
             **configlib.job_fields("neurons"),
             "data": {
                 # Named in the error when a file below is missing.

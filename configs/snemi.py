@@ -63,7 +63,7 @@ def get_config(arg: str | None = None):
     variant = configlib.variant(arg, VARIANTS, "configs/snemi.py")
     config = configlib.config_dict(
         {
-            # pipeline, mode, seed, distributed (see synjax.configlib.job_fields).
+            # pipeline, mode, seed, distributed, compilation_cache (see configlib.job_fields).
             **configlib.job_fields("neurons"),
             "data": {
                 # Named in the error when a file below is missing.

@@ -120,6 +120,16 @@ def job_fields(pipeline: str) -> dict:
       `mode`: "train", "predict", "evaluate", or "all" three in turn;
       `seed`: seed of parameter initialisation and patch sampling (a
       `config.models` entry may have its own); `distributed`: call
-      `jax.distributed.initialize()` first (multi-host runs).
+      `jax.distributed.initialize()` first (multi-host runs; see
+      `synjax.runtime.initialize_distributed` for the environment it reads);
+      `compilation_cache`: folder of JAX's persistent compilation cache, so a
+      second run compiles nothing again ("auto": `.jax_compilation_cache`
+      beside the workdir; "" for none).
     """
-    return {"pipeline": pipeline, "mode": "all", "seed": 0, "distributed": False}
+    return {
+        "pipeline": pipeline,
+        "mode": "all",
+        "seed": 0,
+        "distributed": False,
+        "compilation_cache": "auto",
+    }

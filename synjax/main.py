@@ -11,7 +11,7 @@ The config file chooses the pipeline (`config.pipeline`) and what to run of it
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from synjax import pipelines, runtime
@@ -35,7 +35,10 @@ def main(argv: list[str]) -> None:
         config = _CONFIG.value
         workdir = runtime.prepare_workdir(_WORKDIR.value)
         runtime.initialize_distributed(config)
+        cache = runtime.enable_compilation_cache(config, workdir)
         pipelines.run(config, workdir)
+        if cache is not None:
+            logging.info(cache.summary())
     except SynjaxError as error:
         # One line naming the culprit is more useful to a user than a traceback.
         sys.exit(f"synjax: error: {error}")

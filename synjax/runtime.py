@@ -6,6 +6,7 @@ can be tested without running a pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -21,6 +22,12 @@ _CONFIG_FLAG = re.compile(r"^--config(?:=|$)")
 _OVERRIDE_FLAG = re.compile(r"^--config\.([A-Za-z0-9_.]+)")
 # Libraries whose INFO lines (dozens per checkpoint) drown the progress log.
 _CHATTY_LIBRARIES = ("/orbax/",)
+# Where `compilation_cache="auto"` keeps JAX's compiled programs: beside the
+# workdir, so that every run in the same parent folder shares them.
+AUTO_CACHE_DIR = ".jax_compilation_cache"
+# The `jax.monitoring` events of the persistent compilation cache.
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_CACHE_STORE = "/jax/compilation_cache/cache_misses"
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
@@ -97,15 +104,57 @@ def prepare_workdir(workdir: str) -> pathlib.Path:
     return path
 
 
+# This process's place in a multi-process run, where no cluster manager that JAX
+# recognises (SLURM, Open MPI, Cloud TPU, Kubernetes) says it. The coordinator
+# (host:port of process 0) is JAX's own variable, JAX_COORDINATOR_ADDRESS.
+NUM_PROCESSES_ENV = "SYNJAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "SYNJAX_PROCESS_ID"
+
+
+def _int_from_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
 def initialize_distributed(config) -> None:
-    """Joins a multi-process JAX run when the config asks for one.
+    """Joins a multi-process JAX run when the config asks for one (`config.distributed`).
 
-    Must run before any device is touched; on one machine it does nothing.
+    Must run before any device is touched; without `config.distributed` it
+    does nothing. Under SLURM or Open MPI, JAX finds the coordinator, the
+    process count and this process's index itself; elsewhere set
+    `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `SYNJAX_NUM_PROCESSES`
+    and `SYNJAX_PROCESS_ID` on every host. Processes on CPUs only
+    (`JAX_PLATFORMS=cpu`, e.g. a test) exchange gradients through gloo, the
+    CPU collectives that JAX ships.
+
+    Raises:
+      ConfigError: a bad environment variable, or JAX could not set up the
+        run (no coordinator found, or it did not answer).
     """
-    if config.get("distributed", False):
-        import jax
+    if not config.get("distributed", False):
+        return
+    import jax
 
-        jax.distributed.initialize()
+    kwargs = {
+        "num_processes": _int_from_env(NUM_PROCESSES_ENV),
+        "process_id": _int_from_env(PROCESS_ID_ENV),
+    }
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"config.distributed=True: jax.distributed.initialize failed ({first_line}); "
+            f"outside SLURM or Open MPI set JAX_COORDINATOR_ADDRESS=host:port of process 0, "
+            f"{NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} on every host"
+        ) from None
 
 
 class _QuietLibraries(logging.Filter):
@@ -119,3 +168,76 @@ class _QuietLibraries(logging.Filter):
 def quiet_library_logs() -> None:
     """Keeps the run's log readable: synjax's progress lines, libraries' warnings."""
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+@dataclasses.dataclass
+class CompilationCacheLog:
+    """Counts the programs a run loaded from JAX's persistent cache and the ones it compiled.
+
+    Attributes:
+      directory: the cache folder.
+      loaded: programs read from the cache instead of being compiled.
+      stored: programs compiled in this run and written to the cache.
+    """
+
+    directory: pathlib.Path
+    loaded: int = 0
+    stored: int = 0
+
+    def __call__(self, event: str, **kwargs) -> None:
+        # A `jax.monitoring` event listener.
+        if event == _CACHE_HIT:
+            self.loaded += 1
+        elif event == _CACHE_STORE:
+            self.stored += 1
+
+    def summary(self) -> str:
+        return (
+            f"JAX compilation cache {self.directory}: {self.loaded} programs loaded from the "
+            f"cache, {self.stored} compiled and stored"
+        )
+
+
+def cache_directory(setting: str | None, workdir: pathlib.Path) -> pathlib.Path | None:
+    """The folder of the persistent compilation cache that `config.compilation_cache` names.
+
+    Args:
+      setting: "auto" (`<workdir's parent>/.jax_compilation_cache`), a folder,
+        or None / "" for no cache.
+      workdir: the run's folder.
+    """
+    if not setting:
+        return None
+    if setting == "auto":
+        return pathlib.Path(workdir).expanduser().absolute().parent / AUTO_CACHE_DIR
+    return pathlib.Path(setting).expanduser().absolute()
+
+
+def enable_compilation_cache(config, workdir: pathlib.Path) -> CompilationCacheLog | None:
+    """Turns on JAX's persistent compilation cache, so a second run compiles nothing again.
+
+    Every program is cached however short its compilation (JAX's default keeps
+    only those that took over a second), since a run compiles dozens of small
+    ones. Returns the log that counts loads and compilations, or None when
+    `config.compilation_cache` is off.
+
+    Raises:
+      ConfigError: the cache folder cannot be created.
+    """
+    directory = cache_directory(config.get("compilation_cache", "auto"), workdir)
+    if directory is None:
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"config.compilation_cache: cannot create the cache folder {directory} ({error})"
+        ) from None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    log = CompilationCacheLog(directory)
+    jax.monitoring.register_event_listener(log)
+    return log

@@ -16,7 +16,7 @@ from synjax.detection.fpn import FPN3D, FPNSettings, upsample_nearest_to
 from synjax.detection.heads import BoxHead, BoxHeadSettings, MaskHead, MaskHeadSettings
 from synjax.detection.rpn import BOX_DIM, RPNHead, RPNSettings
 from synjax.errors import ConfigError, DataError
-from synjax.models.resnet3d import ResNet3D, ResNet3DSettings
+from synjax.models.resnet3d import ResNet3D, ResNet3DSettings, stem_max_pool
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -432,3 +432,20 @@ def test_mask_head_anisotropic_upsampling_and_settings():
         MaskHeadSettings(upconv_implementation="cudnn")
     with pytest.raises(ConfigError, match="upsample_factors"):
         MaskHeadSettings(upsample_factors=(2, 0, 2))
+
+
+@pytest.mark.parametrize("factors", [(1, 2, 2), (2, 2, 2), (1, 3, 2)])
+def test_stem_max_pool_equals_nn_max_pool_forward_and_gradient(factors):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 13, 11, 3))  # no ties: gradients equal
+    window = tuple(2 * p - 1 for p in factors)
+    pads = tuple((p - 1, p - 1) for p in factors)
+
+    def reference(x):
+        return nn.max_pool(x, window, strides=factors, padding=pads)
+
+    expected, reference_vjp = jax.vjp(reference, x)
+    got, pool_vjp = jax.vjp(lambda x: stem_max_pool(x, factors), x)
+    assert got.shape == (2, -(-5 // factors[0]), -(-13 // factors[1]), -(-11 // factors[2]), 3)
+    np.testing.assert_array_equal(got, expected)
+    cotangent = jax.random.normal(jax.random.key(1), got.shape)
+    np.testing.assert_allclose(pool_vjp(cotangent)[0], reference_vjp(cotangent)[0], atol=1e-6)

@@ -22,6 +22,7 @@ from synjax.detection import (
     encode_boxes,
     level_anchors,
     match,
+    match_boxes,
     multilevel_roi_align,
     pairwise_intersection,
     pairwise_iou,
@@ -575,3 +576,64 @@ def test_every_op_has_data_independent_shapes():
     }
     for name, (result, expected) in shapes.items():
         assert result.shape == expected, name
+
+
+# ------------------------------------------------------- match_boxes (tiled)
+
+
+def _random_boxes(rng, count, extent=20, largest=8):
+    low = rng.integers(0, extent, (count, 3)).astype(np.float32)
+    size = rng.integers(1, largest, (count, 3)).astype(np.float32)
+    return np.concatenate([low, low + size], axis=1)
+
+
+@pytest.mark.parametrize(
+    "thresholds, low_quality, tile, candidates",
+    [((0.3, 0.7), True, 7, 3), ((0.0, 0.5), True, 24, 16), ((0.5, 0.5), False, 5, 2)],
+)
+def test_match_boxes_equals_match_of_the_dense_iou(thresholds, low_quality, tile, candidates):
+    low, high = thresholds
+    rng = np.random.default_rng(7)
+    run = jax.jit(lambda a, b, v: match_boxes(a, b, v, high, low, low_quality, tile, candidates))
+    for trial in range(8):
+        # 101 boxes: not a multiple of the tile; with few candidates per round,
+        # crowded tiles need several rounds.
+        anchors = _random_boxes(rng, 101)
+        gt = _random_boxes(rng, 23)
+        if trial % 2:  # identical boxes: ties broken towards the lower index
+            gt[len(gt) // 2] = gt[0]
+            anchors[len(anchors) // 2] = anchors[0]
+        valid = rng.random(len(gt)) < 0.8
+        expected = match(pairwise_iou(anchors, gt), valid, high, low, low_quality)
+        got = run(anchors, gt, valid)
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(got[0], expected[0])
+
+
+def test_match_boxes_by_hand_and_without_ground_truth():
+    # Anchor 0 is gt 0 itself (IoU 1); anchor 1 overlaps gt 1 at IoU 1/2 (its best,
+    # so foreground by the low-quality rule); anchor 2 overlaps nothing.
+    anchors = jnp.array([[0, 0, 0, 2, 2, 2], [10, 10, 10, 12, 12, 12], [30, 30, 30, 31, 31, 31]])
+    gt = jnp.array([[0, 0, 0, 2, 2, 2], [10, 10, 10, 12, 12, 13], [0, 0, 0, 1, 1, 1]], jnp.float32)
+    matched, labels = match_boxes(
+        anchors.astype(jnp.float32), gt, jnp.array([1, 1, 0], bool), tile_size=2, candidates=1
+    )
+    np.testing.assert_array_equal(labels, [1, 1, 0])
+    np.testing.assert_array_equal(matched[:2], [0, 1])
+    _, labels = match_boxes(anchors.astype(jnp.float32), gt, jnp.zeros(3, bool))
+    np.testing.assert_array_equal(labels, [0, 0, 0])
+
+
+def test_sample_labels_takes_the_lowest_priorities_like_a_stable_sort():
+    # With many equal priorities a top-k must pick what a stable argsort picks.
+    labels = jnp.array([1, 0] * 300 + [-1] * 50)
+    for seed in range(5):
+        key = jax.random.key(seed)
+        sampled, _, _ = sample_labels(key, labels, 64, 0.25)
+        priority = np.asarray(jax.random.uniform(key, (labels.shape[0],)))
+        for value, count in ((1, 16), (0, 48)):
+            candidates = np.asarray(labels) == value
+            order = np.argsort(np.where(candidates, priority, 2.0), kind="stable")[:count]
+            expected = np.zeros(labels.shape[0], bool)
+            expected[order] = True
+            np.testing.assert_array_equal(np.asarray(sampled) == value, expected)

@@ -29,7 +29,7 @@ FLOW = (
     ("evaluation",),  # metrics on arrays
     ("stages",),  # one per trained model: build, train, load, predict
     ("pipelines",),  # end-to-end jobs, their data and config checks
-    ("main",),  # the command line
+    ("main", "view"),  # the command line; the viewer of a run
 )
 # Importable from anywhere; they themselves import only these and the first line.
 ANYWHERE = ("errors", "geometry", "settings", "lazy", "report", "runtime")

@@ -59,6 +59,13 @@ def test_smoke_variant_runs_the_whole_partner_pipeline(tmp_path: pathlib.Path):
     # Metrics count every ground-truth pair once: matched or missed.
     cremi = metrics["cremi_partners"]
     assert cremi["tp"] + cremi["fn"] == metrics["truth_pairs"]
+    # The neuroglancer state shows the test raw, the proximity and every kept synapse.
+    state = json.loads((workdir / "neuroglancer_state.json").read_text())
+    layers = {layer["name"]: layer for layer in state["layers"]}
+    assert layers["raw"]["source"]["url"].endswith("/predictions/raw.zarr")
+    assert layers["proximity"]["source"]["url"].endswith("/predictions/proximity.zarr")
+    kept = (workdir / "synapses.csv").read_text().splitlines()[1:]
+    assert len(layers["synapses"]["annotations"]) == len(kept)
 
 
 def test_smoke_variant_on_a_predicted_segmentation(tmp_path: pathlib.Path):

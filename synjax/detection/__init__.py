@@ -35,6 +35,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "encode_boxes": "box_coder",
         "level_anchors": "anchors",
         "match": "matcher",
+        "match_boxes": "matcher",
         "multilevel_roi_align": "roi_align",
         "pairwise_intersection": "iou",
         "pairwise_iou": "iou",

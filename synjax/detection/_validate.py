@@ -28,16 +28,6 @@ def check_length(op: str, name: str, shape: Sequence[int], n: int) -> None:
         raise DataError(f"{op}: {name} has shape {tuple(shape)}; expected ({n},), one per box")
 
 
-def triple(op: str, name: str, value: float | Sequence[float]) -> tuple[float, float, float]:
-    """`value` as a (z, y, x) triple: a scalar is repeated, a sequence must hold 3 numbers."""
-    if isinstance(value, numbers.Real):
-        return (float(value),) * 3
-    values = tuple(value)
-    if len(values) != 3:
-        raise ConfigError(f"{op}: {name}={value!r}; expected one number or 3 (z, y, x)")
-    return tuple(float(v) for v in values)  # type: ignore[return-value]
-
-
 def positive_int(op: str, name: str, value: int) -> int:
     """`value` if it is an int >= 1, else ConfigError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:

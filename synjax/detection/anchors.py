@@ -23,8 +23,9 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from synjax.detection._validate import positive_int, triple
+from synjax.detection._validate import positive_int
 from synjax.errors import ConfigError
+from synjax.geometry import number_triple
 
 
 def cartesian_sizes(
@@ -71,7 +72,7 @@ def level_anchors(
     shape = tuple(positive_int("level_anchors", "feature_shape", int(s)) for s in feature_shape)
     if len(shape) != 3:
         raise ConfigError(f"level_anchors: feature_shape={feature_shape!r}; expected (fz, fy, fx)")
-    strides = np.asarray(triple("level_anchors", "stride", stride), np.float32)
+    strides = np.asarray(number_triple(stride, "level_anchors stride", broadcast=True), np.float32)
     size = _sizes("level_anchors", sizes)
     # Computed in NumPy: anchors depend on static shapes only, so under jit they
     # are a constant folded into the program.

@@ -26,9 +26,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from synjax.detection._validate import check_boxes, positive_int, triple
+from synjax.detection._validate import check_boxes, positive_int
 from synjax.detection.iou import box_volume
 from synjax.errors import ConfigError, DataError
+from synjax.geometry import number_triple
 
 
 def _axis_taps(
@@ -96,13 +97,15 @@ def roi_align(
     features, boxes = jnp.asarray(features), jnp.asarray(boxes)
     out = tuple(
         positive_int("roi_align", "output_size", int(o))
-        for o in triple("roi_align", "output_size", output_size)
+        for o in number_triple(output_size, "roi_align output_size", broadcast=True)
     )
     ratio = tuple(
         positive_int("roi_align", "sampling_ratio", int(r))
-        for r in triple("roi_align", "sampling_ratio", sampling_ratio)
+        for r in number_triple(sampling_ratio, "roi_align sampling_ratio", broadcast=True)
     )
-    scale = jnp.asarray(triple("roi_align", "spatial_scale", spatial_scale), jnp.float32)
+    scale = jnp.asarray(
+        number_triple(spatial_scale, "roi_align spatial_scale", broadcast=True), jnp.float32
+    )
     shape = features.shape[:3]
     _, size_y, size_x, channels = features.shape
     flat = features.reshape(-1, channels)

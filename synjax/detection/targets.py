@@ -29,11 +29,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from synjax.detection._validate import positive_int, triple
+from synjax.detection._validate import positive_int
 from synjax.detection.box_coder import DEFAULT_WEIGHTS, encode_boxes
 from synjax.detection.iou import pairwise_iou
-from synjax.detection.matcher import match, sample_labels
+from synjax.detection.matcher import match, match_boxes, sample_labels
 from synjax.errors import DataError
+from synjax.geometry import number_triple
 
 
 def boxes_from_labels(labels: jnp.ndarray, max_instances: int) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -108,8 +109,7 @@ def rpn_targets(
     Returns:
       `RPNTargets`.
     """
-    iou = pairwise_iou(anchors, gt_boxes)
-    matched, labels = match(iou, gt_valid, high_threshold, low_threshold, True)
+    matched, labels = match_boxes(anchors, gt_boxes, gt_valid, high_threshold, low_threshold, True)
     sampled, _, _ = sample_labels(key, labels, num_samples, positive_fraction)
     # Padding boxes are zeros: encode against a unit box there, masked by the labels.
     target = jnp.where((sampled == 1)[:, None], gt_boxes[matched], anchors)
@@ -214,11 +214,11 @@ def mask_targets(
         raise DataError(f"mask_targets: labels shape {jnp.shape(labels)}; expected [z, y, x]")
     size = tuple(
         positive_int("mask_targets", "mask_size", int(m))
-        for m in triple("mask_targets", "mask_size", mask_size)
+        for m in number_triple(mask_size, "mask_targets mask_size", broadcast=True)
     )
     reads = tuple(
         positive_int("mask_targets", "samples", int(r))
-        for r in triple("mask_targets", "samples", samples)
+        for r in number_triple(samples, "mask_targets samples", broadcast=True)
     )
     labels = jnp.asarray(labels)
     shape = labels.shape

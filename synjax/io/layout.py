@@ -6,6 +6,9 @@
     predictions/<name>.zarr                 predicted volumes, written block by block;
     predictions/<name>.zarr.blocks          its finished blocks (`synjax.inference.blockwise`)
     metrics.json, example_slices.png        every pipeline's scores and example slices
+    neuroglancer_state.json, predictions/raw.zarr   the run's outputs as neuroglancer layers
+                                            over the raw they came from (`synjax.report.
+                                            neuroglancer_state`; opened by `synjax.view`)
 
     partner pipeline: predictions/proximity.zarr, predictions/train_proximity.zarr,
       predictions/<volume>_segmentation.zarr, pruner_threshold.json, candidates.csv,
@@ -13,6 +16,10 @@
     neuron pipeline: predictions/boundaries.zarr, predictions/watershed.zarr,
       predictions/segmentation.zarr, watershed.json
     classical instance baseline: pixel_forest.joblib (`synjax.models.pixel_forest`)
+    instance pipelines (fluorescence, instances): chosen.json (every parameter
+      chosen on training or validation data), instances.csv,
+      predictions/mask_rcnn.zarr or predictions/instances.zarr,
+      predictions/baseline.zarr, volume_histogram.png, attention/*.png
 
 Every module that writes or reads one of these takes its name from here, so a
 file is named once and the list above is the whole of a workdir.
@@ -36,6 +43,10 @@ INTENSITY_FILE = "intensity.json"
 METRICS_FILE = "metrics.json"
 EXAMPLE_SLICES_FILE = "example_slices.png"
 
+# The neuroglancer state of a run's outputs and the raw it shows them over.
+NEUROGLANCER_STATE_FILE = "neuroglancer_state.json"
+VIEW_RAW = f"{PREDICTIONS_DIR}/raw.zarr"
+
 # Partner pipeline.
 THRESHOLD_FILE = "pruner_threshold.json"
 CANDIDATES_FILE = "candidates.csv"
@@ -54,6 +65,15 @@ SEGMENTATION = f"{PREDICTIONS_DIR}/segmentation.zarr"
 
 # Classical instance baseline.
 FOREST_FILE = "pixel_forest.joblib"
+
+# Instance pipelines (fluorescence Mask R-CNN, EM instance network).
+CHOSEN_FILE = "chosen.json"
+INSTANCES_TABLE_FILE = "instances.csv"
+MASK_RCNN_INSTANCES = f"{PREDICTIONS_DIR}/mask_rcnn.zarr"
+NETWORK_INSTANCES = f"{PREDICTIONS_DIR}/instances.zarr"
+BASELINE_INSTANCES = f"{PREDICTIONS_DIR}/baseline.zarr"
+VOLUME_HISTOGRAM_FILE = "volume_histogram.png"
+ATTENTION_DIR = "attention"
 
 # Suffix of a block-wise output's done-state (a folder: `synjax.inference.done_blocks`).
 BLOCKS_SUFFIX = ".blocks"

@@ -26,6 +26,7 @@ PIPELINES = {
     "partners": "synjax.pipelines.partners",
     "neurons": "synjax.pipelines.neurons",
     "fluorescence": "synjax.pipelines.fluorescence",
+    "instances": "synjax.pipelines.instances",
 }
 MODES = ("train", "predict", "evaluate", "all")
 # The jobs that predict a user's volume (`config.predict.input`): `predict_volume(config, workdir)`.
@@ -83,11 +84,16 @@ def run_phases(job, config, workdir: pathlib.Path) -> dict:
       config: the run's config.
       workdir: the run folder.
 
+    After the phases, the neuroglancer state of what the run wrote
+    (`synjax.report.neuroglancer_state`) is written, over a copy of the test
+    raw when the phases loaded one.
+
     Returns:
       The metrics of "evaluate", or {} when the mode does not evaluate.
     """
     mode = config.mode
     metrics: dict = {}
+    test = None
     if mode in ("train", "all"):
         job.train(config, workdir)
     if mode in ("predict", "evaluate", "all"):
@@ -96,4 +102,13 @@ def run_phases(job, config, workdir: pathlib.Path) -> dict:
             job.predict(config, workdir, test)
         if mode in ("evaluate", "all"):
             metrics = job.evaluate(config, workdir, test)
+    # Only predictions (after predict, or an earlier run's for evaluate) are
+    # shown, so a training-only run writes no state.
+    if mode != "train":
+        from synjax.report import neuroglancer_state  # tensorstore: not for --help
+
+        raw = getattr(test, "raw", None)
+        resolution = getattr(test, "resolution", None)
+        path = neuroglancer_state.write_state(workdir, raw, resolution)
+        logging.info("Neuroglancer state in %s (open it with python -m synjax.view)", path)
     return metrics

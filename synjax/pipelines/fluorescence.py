@@ -36,7 +36,7 @@ from synjax.errors import DataError
 from synjax.evaluation.distributions import compare_volume_distributions, instance_volumes
 from synjax.evaluation.instances import instance_scores, merge_split_errors, overlap_table
 from synjax.inference.instances import merge_detections
-from synjax.io import create_volume, open_volume
+from synjax.io import create_volume, layout, open_volume
 from synjax.io.atomic import atomic_open
 from synjax.models.pixel_forest import PixelForestSettings, train_or_load_pixel_forest
 from synjax.postprocess.instance_watershed import (
@@ -48,10 +48,6 @@ from synjax.postprocess.instance_watershed import (
 from synjax.report import files, slices
 from synjax.stages import mask_rcnn
 
-CHOSEN_FILE = "chosen.json"
-MASK_RCNN_OUT = "predictions/mask_rcnn.zarr"
-BASELINE_OUT = "predictions/baseline.zarr"
-TABLE_FILE = "instances.csv"
 OURS, BASELINE = "mask_rcnn", "baseline"
 
 
@@ -125,7 +121,7 @@ def _train(config, workdir: pathlib.Path) -> dict:
         "train_seconds": train_seconds,
     }
     logging.info("Mask R-CNN chosen on the training volume: %s", chosen[OURS])
-    files.write_json(workdir / CHOSEN_FILE, chosen)
+    files.write_json(workdir / layout.CHOSEN_FILE, chosen)
     return chosen
 
 
@@ -186,7 +182,7 @@ def _write_table(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def _predict(config, workdir: pathlib.Path) -> None:
-    chosen = files.read_json(workdir / CHOSEN_FILE)
+    chosen = files.read_json(workdir / layout.CHOSEN_FILE)
     image, _ = synthetic_volume(config, "test")
     resolution = tuple(config.data.resolution)
     trained = mask_rcnn.load_mask_rcnn(config, workdir)
@@ -200,8 +196,11 @@ def _predict(config, workdir: pathlib.Path) -> None:
         ours.num_detections,
         detections.num_patches,
     )
-    _write_labels(workdir / MASK_RCNN_OUT, ours.labels, resolution)
-    _write_table(workdir / TABLE_FILE, instance_table(ours.labels, image, ours.scores, resolution))
+    _write_labels(workdir / layout.MASK_RCNN_INSTANCES, ours.labels, resolution)
+    _write_table(
+        workdir / layout.INSTANCES_TABLE_FILE,
+        instance_table(ours.labels, image, ours.scores, resolution),
+    )
 
     forest = train_or_load_pixel_forest(
         *synthetic_volume(config, "train"),
@@ -217,7 +216,7 @@ def _predict(config, workdir: pathlib.Path) -> None:
         distance_sigma_nm=b["distance_sigma_nm"],
     )
     baseline = instance_watershed(forest.predict(image, resolution), resolution, params)
-    _write_labels(workdir / BASELINE_OUT, baseline, resolution)
+    _write_labels(workdir / layout.BASELINE_INSTANCES, baseline, resolution)
 
 
 def _plot_histogram(path: pathlib.Path, volumes: dict[str, np.ndarray], edges: np.ndarray) -> None:
@@ -253,8 +252,8 @@ def _evaluate(config, workdir: pathlib.Path) -> dict:
     resolution = tuple(config.data.resolution)
     voxel_um3 = float(np.prod(resolution)) / 1e9
     predictions = {
-        OURS: open_volume(str(workdir / MASK_RCNN_OUT)).read(),
-        BASELINE: open_volume(str(workdir / BASELINE_OUT)).read(),
+        OURS: open_volume(str(workdir / layout.MASK_RCNN_INSTANCES)).read(),
+        BASELINE: open_volume(str(workdir / layout.BASELINE_INSTANCES)).read(),
     }
     true_volumes = instance_volumes(truth, voxel_um3)
     metrics: dict = {
@@ -262,7 +261,7 @@ def _evaluate(config, workdir: pathlib.Path) -> dict:
         "resolution_nm": list(resolution),
         "truth_instances": int(true_volumes.size),
         "truth_median_voxels": float(np.median(true_volumes / voxel_um3)),
-        "chosen_on_training_volume": files.read_json(workdir / CHOSEN_FILE),
+        "chosen_on_training_volume": files.read_json(workdir / layout.CHOSEN_FILE),
     }
     volumes = {"truth": true_volumes}
     for name, pred in predictions.items():
@@ -285,17 +284,17 @@ def _evaluate(config, workdir: pathlib.Path) -> dict:
         logging.info("%s on the test volume: %s", name, metrics[name])
     every = np.concatenate(list(volumes.values()))
     edges = np.linspace(0.0, max(float(every.max()) if every.size else 1.0, 1e-9), 31)
-    _plot_histogram(workdir / "volume_histogram.png", volumes, edges)
+    _plot_histogram(workdir / layout.VOLUME_HISTOGRAM_FILE, volumes, edges)
     slices.plot_slices(
         image,
         {"truth": truth, OURS: predictions[OURS], BASELINE: predictions[BASELINE]},
-        workdir / "example_slices.png",
+        workdir / layout.EXAMPLE_SLICES_FILE,
         slices=np.linspace(0, truth.shape[0] - 1, int(config.evaluation.plot_slices) + 2)[1:-1]
         .astype(int)
         .tolist(),
         title="Fluorescent puncta: truth, 3D Mask R-CNN, pixel forest + watershed",
     )
-    files.write_json(workdir / "metrics.json", metrics)
+    files.write_json(workdir / layout.METRICS_FILE, metrics)
     return metrics
 
 

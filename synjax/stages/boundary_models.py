@@ -39,6 +39,7 @@ from synjax.stages.settings import (
 )
 from synjax.targets.boundaries import boundary_labels, class_weights
 from synjax.train import checkpoint
+from synjax.train.batches import process_batch_fn
 from synjax.train.loop import train
 
 TARGET_KEY = "boundary"
@@ -54,9 +55,12 @@ def _loss(weights: np.ndarray):
     return loss
 
 
-def _centre_slice_batch(sampler: PatchSampler, step: int, batch_size: int) -> dict:
-    """Sampler batch; the target `[batch, 1, y, x]` becomes the centre slice's `[batch, y, x]`."""
-    batch = sampler.batch(step, batch_size)
+def _centre_slice_batch(
+    sampler: PatchSampler, step: int, batch_size: int, shard: int = 0, num_shards: int = 1
+) -> dict:
+    """Sampler batch (this process's share of it, as `PatchSampler.batch`); the target
+    `[batch, 1, y, x]` becomes the centre slice's `[batch, y, x]`."""
+    batch = sampler.batch(step, batch_size, shard=shard, num_shards=num_shards)
     return {"input": batch["input"], TARGET_KEY: batch[TARGET_KEY][:, 0].astype(np.int32)}
 
 
@@ -157,8 +161,9 @@ class BoundaryEnsembleStage:
                 seed=model.seed,
                 intensity=intensity,
             )
-            batch_fn = functools.partial(
-                _centre_slice_batch, sampler, batch_size=settings.batch_size
+            # Each process samples its own share of the batch (multi-host training).
+            batch_fn = process_batch_fn(
+                functools.partial(_centre_slice_batch, sampler), settings.batch_size
             )
             logging.info(
                 "Model %s: s%d, kernel %s, width %s, %d steps, boundary share %.3f, weights %s",

@@ -10,7 +10,6 @@ and re-applied at prediction (`synjax.data.intensity`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 from collections.abc import Callable
 
@@ -44,6 +43,7 @@ from synjax.stages.settings import (
     ProximityTrainSettings,
 )
 from synjax.train import checkpoint
+from synjax.train.batches import process_batch_fn
 from synjax.train.loop import train
 
 MODEL_NAME = "proximity"
@@ -127,7 +127,8 @@ class ProximityStage:
             positive_fraction=self.training.positive_fraction,
             intensity=intensity,
         )
-        batch_fn = functools.partial(sampler.batch, batch_size=self.training.batch_size)
+        # Each process samples its own share of the batch (multi-host training).
+        batch_fn = process_batch_fn(sampler.batch, self.training.batch_size)
         state = train(UNet3D(cfg), _loss, batch_fn, self.training, workdir, name=MODEL_NAME)
         return TrainedParams(jax.device_get(state.params), intensity)
 

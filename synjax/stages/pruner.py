@@ -31,6 +31,7 @@ from synjax.postprocess.pruning_windows import NUM_CHANNELS, extract_windows
 from synjax.settings import from_config as settings_from_config
 from synjax.stages.settings import PrunerSettings
 from synjax.train import checkpoint
+from synjax.train.batches import host_batch_size
 from synjax.train.loop import train
 
 MODEL_NAME = "pruner"
@@ -121,6 +122,10 @@ class PrunerStage:
                     else np.zeros(0, np.int64),
                 ]
             ).astype(np.int64)
+            # The rows of the whole batch are drawn on every process (cheap);
+            # each reads the windows of its own share only (multi-host training).
+            share = host_batch_size(settings.batch_size)
+            rows = rows[jax.process_index() * share : (jax.process_index() + 1) * share]
             windows = extract_windows(
                 raw,
                 proximity,

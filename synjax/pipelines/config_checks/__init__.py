@@ -20,7 +20,7 @@ blocks (data, candidates, watershed, ...) are declared here. A new config
 field goes in its settings class or here; the tests run every shipped config
 variant through `check_config`.
 
-One module per pipeline (`partners`, `neurons`, `fluorescence`) holds its
+One module per pipeline (`partners`, `neurons`, `fluorescence`, `instances`) holds its
 schema (`SCHEMA`), its checks across keys (`check_relations`) and the input
 files it opens (`check_input_files`); `rules` holds what one key may hold,
 `common` the blocks several pipelines share. A new pipeline adds its module
@@ -32,11 +32,16 @@ a test keeps them equal.
 from __future__ import annotations
 
 from synjax.errors import ConfigError
-from synjax.pipelines.config_checks import fluorescence, neurons, partners
+from synjax.pipelines.config_checks import fluorescence, instances, neurons, partners
 from synjax.pipelines.config_checks.rules import check_block
 
 # The checks of each pipeline, by `config.pipeline`.
-CHECKS = {"partners": partners, "neurons": neurons, "fluorescence": fluorescence}
+CHECKS = {
+    "partners": partners,
+    "neurons": neurons,
+    "fluorescence": fluorescence,
+    "instances": instances,
+}
 
 
 def _checks_of(config):

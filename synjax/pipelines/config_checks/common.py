@@ -91,6 +91,8 @@ TOP = {
     "mode": text(),
     "seed": integer(0),
     "distributed": boolean(required=False),
+    # Absent: "auto" (see synjax.runtime.enable_compilation_cache).
+    "compilation_cache": optional(text(required=False)),
 }
 
 
