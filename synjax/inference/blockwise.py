@@ -281,8 +281,10 @@ def predict_blockwise(
       channels: Output channels written to ``dest``: None (all; dest's channel
         axis, if any, must match), an int (that channel, into a ``[z, y, x]``
         dest) or a sequence of ints (those, into ``[z, y, x, len]``).
-      client: For ``executor="dask"``: a ``distributed.Client`` or
-        ``LocalCluster``; None creates a default ``LocalCluster``.
+      client: For ``executor="dask"``: a ``distributed.Client``, a
+        ``LocalCluster`` or a scheduler address (``"tcp://host:8786"``, e.g.
+        of a dask-jobqueue or dask-kubernetes cluster); None creates a
+        default ``LocalCluster``.
       blocks_per_task: Blocks per dask task (default ``batch_size``).
       provenance: What makes the blocks, recorded in the manifest and compared
         with what it records (see the module docstring): conventionally
@@ -369,7 +371,7 @@ def blockwise_map(
       manifest_path: Makes the run resumable, as in :func:`predict_blockwise`.
       executor: ``"local"`` or ``"dask"``.
       progress: Show a tqdm progress bar.
-      client: Dask client or cluster for ``executor="dask"``.
+      client: Dask client, cluster or scheduler address for ``executor="dask"``.
       blocks_per_task: Blocks per dask task.
       provenance: What makes the blocks, as in :func:`predict_blockwise`.
       resume: ``"auto"`` or ``"strict"``, as in :func:`predict_blockwise`.
