@@ -138,28 +138,9 @@ def get_config(arg: str | None = None):
             ),
             "predict": {
                 "batch_size": 1,
-                # "local" or "dask" (needs the `distributed` extra).
-                "executor": "local",
-                # With "dask": a running scheduler's address ("tcp://host:8786",
-                # e.g. from dask-jobqueue on SLURM or dask-kubernetes); "": a
-                # LocalCluster on this machine.
-                "scheduler": "",
-                # A proximity output made by another model, input or block grid:
-                # "auto" predicts it afresh (and logs why), "strict" stops with an
-                # error naming what differs.
-                "resume": "auto",
-                # How many more times a failing block is tried before the run
-                # stops with an error naming it (index, voxel box, error).
-                "retries": 2,
-                # A volume of your own to predict with the models trained in the
-                # workdir (with --config.mode=predict): any synjax.io source
-                # (x.zarr, x.n5, precomputed://..., x.h5:/dataset, x.tif); ""
-                # predicts the test data. Predictions go to the folder `output`
-                # (zarr, block by block), for the region `roi`
-                # "z0:z1,y0:y1,x0:x1" in voxels ("" = the whole volume).
-                "input": "",
-                "output": "",
-                "roi": "",
+                # executor, scheduler, resume, retries, input, output, roi (see
+                # synjax.configlib.volume_predict_fields).
+                **configlib.volume_predict_fields(),
             },
             "candidates": {
                 # Site threshold |p| > tau and minimum site/segment overlap (voxels).

@@ -138,26 +138,9 @@ def get_config(arg: str | None = None):
                 # A volume of your own (config.predict.input, below) is predicted
                 # block by block in slabs of this many slices per orientation.
                 "slab_depth": 16,
-                # Such an output made by another model or input: "auto" predicts
-                # it afresh (and logs why), "strict" stops with an error.
-                "resume": "auto",
-                # How many more times a failing slab is tried before the run
-                # stops with an error naming it (index, voxel box, error).
-                "retries": 2,
-                # A volume of your own to predict with the models trained in the
-                # workdir (with --config.mode=predict): any synjax.io source
-                # (x.zarr, x.n5, precomputed://..., x.h5:/dataset, x.tif); ""
-                # predicts the test part. The boundary maps go to the folder
-                # `output` (zarr), for the region `roi` "z0:z1,y0:y1,x0:x1" in
-                # voxels ("" = the whole volume).
-                "input": "",
-                "output": "",
-                "roi": "",
-                # How those slabs run: "local", or "dask" (the `distributed`
-                # extra) on the scheduler at `scheduler` ("tcp://host:8786";
-                # "": a LocalCluster on this machine).
-                "executor": "local",
-                "scheduler": "",
+                # executor, scheduler, resume, retries, input, output, roi (see
+                # synjax.configlib.volume_predict_fields).
+                **configlib.volume_predict_fields(),
             },
             "watershed": {
                 # Per-slice Gaussian (anisotropic sections) before the H-minima

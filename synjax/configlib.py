@@ -133,3 +133,33 @@ def job_fields(pipeline: str) -> dict:
         "distributed": False,
         "compilation_cache": "auto",
     }
+
+
+def volume_predict_fields() -> dict:
+    """The prediction keys every block-wise pipeline shares (override them like any other).
+
+    Returns:
+      `executor`: "local", or "dask" (the `distributed` extra) on the
+      scheduler at `scheduler` ("tcp://host:8786", e.g. from dask-jobqueue
+      on SLURM or dask-kubernetes; "": a LocalCluster on this machine);
+      `resume`: an output made by another model, input or block grid is
+      predicted afresh and the reason logged ("auto"), or the run stops with
+      an error naming what differs ("strict");
+      `retries`: how many more times a failing block is tried before the run
+      stops with an error naming it (index, voxel box, error);
+      `input`: a volume of your own to predict with the models trained in
+      the workdir (with `--config.mode=predict`): any `synjax.io` source
+      (x.zarr, x.n5, precomputed://..., x.h5:/dataset, x.tif); "" predicts
+      the test data; `output`: the folder the predictions go to (zarr,
+      block by block); `roi`: the region "z0:z1,y0:y1,x0:x1" in voxels
+      ("" = the whole volume).
+    """
+    return {
+        "executor": "local",
+        "scheduler": "",
+        "resume": "auto",
+        "retries": 2,
+        "input": "",
+        "output": "",
+        "roi": "",
+    }
