@@ -344,3 +344,17 @@ def test_world_voxel_conversions(tmp_path):
     np.testing.assert_array_equal(volume.world_to_voxel([140.0, 13.0, 17.9]), [2, 1, 1])
     with pytest.raises(DataError, match=r"a\.zarr: slice bound 1\.5 is not an int"):
         volume[1.5:3]
+
+
+def test_corrupt_zarr_chunk_is_one_line_naming_the_region(tmp_path):
+    path = tmp_path / "corrupt.zarr"
+    volume = create_volume(str(path), shape=(8, 16, 16), dtype=np.uint8, chunks=(4, 8, 8))
+    volume[...] = np.arange(8 * 16 * 16, dtype=np.uint8).reshape(8, 16, 16)
+    (path / "0.0.0").write_bytes(b"garbage")
+    reopened = open_volume(str(path))
+    # Chunks that are intact still read.
+    np.testing.assert_array_equal(reopened[4:8, 8:16, 8:16], volume[4:8, 8:16, 8:16])
+    with pytest.raises(
+        DataError, match=r"corrupt.zarr: cannot read region \[\[0, 8\].*corrupt chunk"
+    ):
+        reopened[...]

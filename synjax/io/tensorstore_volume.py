@@ -58,7 +58,14 @@ class TensorStoreVolume(Volume):
         return self._store
 
     def _read(self, box: Box) -> np.ndarray:
-        return self._store[box.slices()].read().result()
+        try:
+            return self._store[box.slices()].read().result()
+        except ValueError as error:
+            # e.g. a damaged chunk: "Invalid blosc-compressed data".
+            raise DataError(
+                f"{self.path}: cannot read region {[list(b) for b in zip(*box, strict=True)]} "
+                f"(truncated or corrupt chunk?): {_first_line(error)}"
+            ) from None
 
     def _write(self, box: Box, block: np.ndarray) -> None:
         self._store[box.slices()].write(block).result()
