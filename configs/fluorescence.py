@@ -12,36 +12,28 @@ near the paper's ~200. At 0.05 puncta per um^3 the training volume holds about
     python -m synjax.main --config=configs/fluorescence.py:smoke --workdir=/tmp/fluo_smoke
     python -m synjax.main --config=configs/fluorescence.py:paper --workdir=workdir/fluo_paper
 
-default: sized for 2 CPU cores (about 25 minutes on a quiet machine): a
-         ResNet-18 backbone (depth 18, basic blocks 2-2-2-2) of base width 8
-         (C2..C5: 8, 16, 32, 64 channels, GroupNorm of 4 groups), a
-         32-channel FPN and RPN on the P2 level only (the puncta are small),
-         a 64-wide box head, a 16-wide mask head with two convs; 800 steps
-         of 2 patches of 32 x 96 x 96 (z-y-x). Budget: ~4 min for the data,
-         the forest and the evaluation, ~21 min for training at ~1.6 s per
-         step (extrapolated; see the note below).
+default: sized for 2 CPU cores: a ResNet-18 backbone (depth 18, basic
+         blocks 2-2-2-2) of base width 8 (C2..C5: 8, 16, 32, 64 channels,
+         GroupNorm of 4 groups), a 32-channel FPN and RPN on the P2 level only
+         (the puncta are small), a 64-wide box head, a 16-wide mask head with
+         two convs; 800 steps of 2 patches of 32 x 96 x 96 (z-y-x). Measured
+         at 397fb46 on 2 quiet CPU cores: 13 min 56 s in all (training 12 min,
+         0.88 s a step; results/fluorescence/RUN.json).
 paper:   the paper's ResNet-101 (base width 64), 256-channel FPN over P2..P5,
          128-channel RPN, four-conv mask head, score threshold 0.99, sized for
          a GPU.
 smoke:   a tiny network and volume that run end to end (about 90 s on a loaded
          2-core CPU, mostly compilation).
 
-Training step time: the dense anchor-to-box IoU matrix of the RPN matcher
-(55k anchors x 192 slots, 0.4-0.6 s a step on its own) is now matched tile
-by tile (`synjax.detection.matcher.match_boxes`, the same labels), the
-anchor sample drawn by a top-k instead of a full sort, and the stem pool's
-gradient taken without index tracking. Measured back to back on the shared
-2-core CPU, median of 20 steps at load 5.5-6: 2.78 s per step before, 2.19 s
-after (0.79x); of 12 steps at load 6-7: 2.24 s before, 1.70 s after (0.76x).
-A quiet step of at most ~2 s before gives at most ~1.6 s after, so 800 steps
-take at most ~21 min.
+The training step matches anchors to boxes tile by tile
+(`synjax.detection.matcher.match_boxes`, the same labels as the dense
+55k x 192 IoU matrix, which took 0.4-0.6 s a step), draws the anchor sample
+by a top-k instead of a full sort, and takes the stem pool's gradient without
+index tracking: about 4x faster than before on the same machine.
 
-Measured (default variant, before that speed-up, shared 2-core CPU at load
-average 5-10, 43 min wall clock of which 40 min training): test volume of 509
-puncta; Mask R-CNN F1 0.930 at IoU 0.5 (P 0.982, R 0.882), 6 merges, 0
-splits, mean F1 over IoU 0.5:0.95 0.646; pixel forest + watershed F1 0.919
-(P 0.956, R 0.886), 39 merges, 1 split, mean F1 0.715. Score threshold (0.7)
-and watershed parameters chosen on the training volume.
+Results (README, results/fluorescence/): Mask R-CNN F1 0.954 at IoU 0.5,
+1 merge; pixel forest + watershed 0.919, 39 merges; every parameter of both
+chosen on the training volume.
 """
 
 from ml_collections import config_dict
