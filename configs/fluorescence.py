@@ -29,7 +29,8 @@ The training step matches anchors to boxes tile by tile
 (`synjax.detection.matcher.match_boxes`, the same labels as the dense
 55k x 192 IoU matrix, which took 0.4-0.6 s a step), draws the anchor sample
 by a top-k instead of a full sort, and takes the stem pool's gradient without
-index tracking: about 4x faster than before on the same machine.
+index tracking: 0.76-0.79x the step time of before, measured back to back on
+the shared 2-core CPU (20 and 12 steps).
 
 Results (README, results/fluorescence/): Mask R-CNN F1 0.954 at IoU 0.5,
 1 merge; pixel forest + watershed 0.919, 39 merges; every parameter of both
