@@ -13,8 +13,8 @@ import pytest
 
 from synjax.errors import ConfigError, DataError
 from synjax.io import open_volume
+from synjax.io.instance_table import instance_rows
 from synjax.pipelines import config_checks
-from synjax.pipelines.fluorescence import instance_table
 from tests.conftest import REPO_ROOT
 
 CONFIG = REPO_ROOT / "configs" / "fluorescence.py"
@@ -76,7 +76,7 @@ def test_instance_table_by_hand():
     image = np.zeros(labels.shape, np.float32)
     image[0, 0, 0], image[0, 0, 1] = 2.0, 4.0
     image[1, 2:4, 3] = 10.0
-    rows = instance_table(labels, image, np.asarray([0.9, 0.5]), (1000.0, 100.0, 10.0))
+    rows = instance_rows(labels, np.asarray([0.9, 0.5]), (1000.0, 100.0, 10.0), image=image)
     assert [r["id"] for r in rows] == [1, 2]
     assert rows[0]["z_nm"] == pytest.approx(500.0)
     assert rows[0]["y_nm"] == pytest.approx(50.0)
@@ -86,7 +86,7 @@ def test_instance_table_by_hand():
     assert rows[0]["mean_intensity"] == pytest.approx(3.0)
     assert rows[1]["mean_intensity"] == pytest.approx(10.0) and rows[1]["score"] == 0.5
     with pytest.raises(DataError, match="3 scores for 2 instances"):
-        instance_table(labels, image, np.zeros(3), (1.0, 1.0, 1.0))
+        instance_rows(labels, np.zeros(3), (1.0, 1.0, 1.0), image=image)
 
 
 def test_smoke_variant_runs_end_to_end_through_the_cli(tmp_path: pathlib.Path):

@@ -15,6 +15,7 @@ from synjax.detection.rpn import RPNSettings
 from synjax.errors import ConfigError, DataError
 from synjax.inference.instance_blocks import detect_blocks, fuse_detections, paint_block
 from synjax.inference.saliency import grad_cam
+from synjax.io.instance_table import instance_rows
 from synjax.models.instance_unet import (
     InstanceUNetSettings,
     UNetBackbone,
@@ -22,7 +23,6 @@ from synjax.models.instance_unet import (
     build_instance_unet,
 )
 from synjax.pipelines.instance_data import downsample, upsample
-from synjax.pipelines.instances import synapse_table
 from synjax.postprocess.components import cleft_components, tune_components
 from synjax.stages.instance_unet import TrainingCrops
 
@@ -281,7 +281,7 @@ def test_synapse_table_by_hand():
     labels = np.zeros((2, 4, 4), np.uint32)
     labels[0, 0, 0:2] = 1  # voxel centres (0.5, 0.5, 1.0)
     labels[1, 2:4, 3] = 2  # (1.5, 3.0, 3.5)
-    rows = synapse_table(labels, np.asarray([0.9, 0.5]), (50.0, 4.0, 2.0), (0.0, 100.0, 0.0))
+    rows = instance_rows(labels, np.asarray([0.9, 0.5]), (50.0, 4.0, 2.0), (0.0, 100.0, 0.0))
     assert [r["id"] for r in rows] == [1, 2]
     assert rows[0]["z_nm"] == pytest.approx(25.0)
     assert rows[0]["y_nm"] == pytest.approx(102.0)  # 0.5 * 4 + 100 offset
@@ -289,4 +289,4 @@ def test_synapse_table_by_hand():
     assert rows[1]["y_nm"] == pytest.approx(112.0) and rows[1]["x_nm"] == pytest.approx(7.0)
     assert rows[0]["voxels"] == 2 and rows[1]["score"] == 0.5
     with pytest.raises(DataError, match="3 scores for 2 instances"):
-        synapse_table(labels, np.zeros(3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+        instance_rows(labels, np.zeros(3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))

@@ -32,12 +32,12 @@ import numpy as np
 from absl import logging
 
 from synjax.data.synthetic_fluorescence import make_fluorescence_volume
-from synjax.errors import DataError
 from synjax.evaluation.distributions import compare_volume_distributions, instance_volumes
 from synjax.evaluation.instances import instance_scores, merge_split_errors, overlap_table
 from synjax.inference.instances import merge_detections
-from synjax.io import create_volume, layout, open_volume
+from synjax.io import layout, open_volume
 from synjax.io.atomic import atomic_open
+from synjax.io.instance_table import instance_rows, write_instance_labels, write_instance_table
 from synjax.models.pixel_forest import PixelForestSettings, train_or_load_pixel_forest
 from synjax.postprocess.instance_watershed import (
     InstanceWatershedGrid,
@@ -49,6 +49,8 @@ from synjax.report import files, slices
 from synjax.stages import mask_rcnn
 
 OURS, BASELINE = "mask_rcnn", "baseline"
+# Columns of `instances.csv`.
+TABLE_COLUMNS = ("id", "z_nm", "y_nm", "x_nm", "voxels", "volume_um3", "mean_intensity", "score")
 
 
 def synthetic_volume(config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -125,62 +127,6 @@ def _train(config, workdir: pathlib.Path) -> dict:
     return chosen
 
 
-def _write_labels(path: pathlib.Path, labels: np.ndarray, resolution) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    volume = create_volume(
-        str(path), labels.shape, np.uint32, resolution=resolution, overwrite=True
-    )
-    volume[...] = labels
-
-
-def instance_table(
-    labels: np.ndarray, image: np.ndarray, scores: np.ndarray, resolution
-) -> list[dict]:
-    """One row per instance id 1..k: centroid (nm), volume, mean intensity, score.
-
-    Args:
-      labels: [z, y, x] instance ids 1..k (0 background).
-      image: [z, y, x] raw intensities.
-      scores: [k] score of instance i + 1.
-      resolution: voxel size in nm, z-y-x.
-    """
-    count = int(labels.max()) if labels.size else 0
-    if scores.shape != (count,):
-        raise DataError(f"instance_table: {scores.shape[0]} scores for {count} instances")
-    flat = labels.ravel().astype(np.int64)
-    voxels = np.bincount(flat, minlength=count + 1)[1:]
-    safe = np.maximum(voxels, 1)
-    grids = np.indices(labels.shape).reshape(3, -1)
-    centroid = [
-        (np.bincount(flat, weights=grids[a] + 0.5, minlength=count + 1)[1:] / safe) * resolution[a]
-        for a in range(3)
-    ]
-    intensity = np.bincount(flat, weights=image.ravel(), minlength=count + 1)[1:] / safe
-    voxel_um3 = float(np.prod(resolution)) / 1e9
-    return [
-        {
-            "id": i + 1,
-            "z_nm": float(centroid[0][i]),
-            "y_nm": float(centroid[1][i]),
-            "x_nm": float(centroid[2][i]),
-            "voxels": int(voxels[i]),
-            "volume_um3": float(voxels[i] * voxel_um3),
-            "mean_intensity": float(intensity[i]),
-            "score": float(scores[i]),
-        }
-        for i in range(count)
-    ]
-
-
-def _write_table(path: pathlib.Path, rows: list[dict]) -> None:
-    columns = ("id", "z_nm", "y_nm", "x_nm", "voxels", "volume_um3", "mean_intensity", "score")
-    with atomic_open(path, "w") as stream:
-        stream.write(",".join(columns) + "\n")
-        for row in rows:
-            stream.write(",".join(f"{row[c]:.6g}" if c != "id" else str(row[c]) for c in columns))
-            stream.write("\n")
-
-
 def _predict(config, workdir: pathlib.Path) -> None:
     chosen = files.read_json(workdir / layout.CHOSEN_FILE)
     image, _ = synthetic_volume(config, "test")
@@ -196,10 +142,11 @@ def _predict(config, workdir: pathlib.Path) -> None:
         ours.num_detections,
         detections.num_patches,
     )
-    _write_labels(workdir / layout.MASK_RCNN_INSTANCES, ours.labels, resolution)
-    _write_table(
+    write_instance_labels(workdir / layout.MASK_RCNN_INSTANCES, ours.labels, resolution)
+    write_instance_table(
         workdir / layout.INSTANCES_TABLE_FILE,
-        instance_table(ours.labels, image, ours.scores, resolution),
+        instance_rows(ours.labels, ours.scores, resolution, image=image),
+        TABLE_COLUMNS,
     )
 
     forest = train_or_load_pixel_forest(
@@ -216,7 +163,7 @@ def _predict(config, workdir: pathlib.Path) -> None:
         distance_sigma_nm=b["distance_sigma_nm"],
     )
     baseline = instance_watershed(forest.predict(image, resolution), resolution, params)
-    _write_labels(workdir / layout.BASELINE_INSTANCES, baseline, resolution)
+    write_instance_labels(workdir / layout.BASELINE_INSTANCES, baseline, resolution)
 
 
 def _plot_histogram(path: pathlib.Path, volumes: dict[str, np.ndarray], edges: np.ndarray) -> None:

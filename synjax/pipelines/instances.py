@@ -39,8 +39,8 @@ from synjax.evaluation.clefts import cremi_cleft_scores, detection_scores
 from synjax.evaluation.instances import match_instances, overlap_table
 from synjax.inference.instance_blocks import BlockDetections, detect_blocks, fuse_detections
 from synjax.inference.saliency import grad_cam
-from synjax.io import create_volume, layout, open_volume
-from synjax.io.atomic import atomic_open
+from synjax.io import layout, open_volume
+from synjax.io.instance_table import instance_rows, write_instance_labels, write_instance_table
 from synjax.models.instance_unet import build_instance_unet
 from synjax.pipelines.instance_data import EMVolume, load_volume, split_rows, upsample
 from synjax.postprocess.components import cleft_components, tune_components
@@ -51,6 +51,8 @@ from synjax.stages import cleft_segmenter, instance_unet
 from synjax.stages.instance_settings import InstancePredictSettings
 
 OURS, BASELINE = "instance_unet", "baseline"
+# Columns of `instances.csv`.
+TABLE_COLUMNS = ("id", "z_nm", "y_nm", "x_nm", "voxels", "score")
 # Instance F1: a prediction and a true synapse match at this IoU (one-to-one).
 INSTANCE_IOU = 0.5
 
@@ -175,59 +177,6 @@ def _train(config, workdir: pathlib.Path) -> dict:
     return chosen
 
 
-def _write_labels(path: pathlib.Path, labels: np.ndarray, resolution) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    volume = create_volume(
-        str(path), labels.shape, np.uint32, resolution=resolution, overwrite=True
-    )
-    volume[...] = labels
-
-
-def synapse_table(labels: np.ndarray, scores: np.ndarray, resolution, offset_nm) -> list[dict]:
-    """One row per instance id 1..k: centroid (nm, voxel centres), voxels, score.
-
-    Args:
-      labels: [z, y, x] instance ids 1..k (0 background).
-      scores: [k] score of instance i + 1.
-      resolution: voxel size (z, y, x) in nm.
-      offset_nm: (z, y, x) position in nm of the labels' voxel (0, 0, 0) corner.
-    """
-    count = int(labels.max()) if labels.size else 0
-    if scores.shape != (count,):
-        raise DataError(f"synapse_table: {scores.shape[0]} scores for {count} instances")
-    flat = labels.ravel().astype(np.int64)
-    voxels = np.bincount(flat, minlength=count + 1)[1:]
-    safe = np.maximum(voxels, 1)
-    grids = np.indices(labels.shape).reshape(3, -1)
-    centroid = [
-        np.bincount(flat, weights=grids[a] + 0.5, minlength=count + 1)[1:] / safe * resolution[a]
-        + offset_nm[a]
-        for a in range(3)
-    ]
-    return [
-        {
-            "id": i + 1,
-            "z_nm": float(centroid[0][i]),
-            "y_nm": float(centroid[1][i]),
-            "x_nm": float(centroid[2][i]),
-            "voxels": int(voxels[i]),
-            "score": float(scores[i]),
-        }
-        for i in range(count)
-    ]
-
-
-def _write_table(path: pathlib.Path, rows: list[dict]) -> None:
-    columns = ("id", "z_nm", "y_nm", "x_nm", "voxels", "score")
-    with atomic_open(path, "w") as stream:
-        stream.write(",".join(columns) + "\n")
-        for row in rows:
-            stream.write(
-                ",".join(str(row[c]) if c in ("id", "voxels") else f"{row[c]:.6g}" for c in columns)
-            )
-            stream.write("\n")
-
-
 def _renumber(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ids present in `labels` renumbered 1..k, with their scores (id i scored scores[i - 1])."""
     present = np.unique(labels)
@@ -293,11 +242,12 @@ def _predict(config, workdir: pathlib.Path) -> None:
     )
     labels, scores = _renumber(_slab(fused, region, volume.factors), scores)
     logging.info("instance network: %d synapses on the test slab", int(labels.max()))
-    _write_labels(workdir / layout.NETWORK_INSTANCES, labels, volume.resolution)
+    write_instance_labels(workdir / layout.NETWORK_INSTANCES, labels, volume.resolution)
     offset = (0.0, y0 * volume.resolution[1], 0.0)
-    _write_table(
+    write_instance_table(
         workdir / layout.INSTANCES_TABLE_FILE,
-        synapse_table(labels, scores, volume.resolution, offset),
+        instance_rows(labels, scores, volume.resolution, offset),
+        TABLE_COLUMNS,
     )
     _attention(config, network, found, volume, region, workdir, ours)
 
@@ -305,7 +255,7 @@ def _predict(config, workdir: pathlib.Path) -> None:
     probability = _baseline_probability(config, baseline, volume, region)
     b = chosen[BASELINE]
     components = cleft_components(probability, b["threshold"], b["min_size"])
-    _write_labels(
+    write_instance_labels(
         workdir / layout.BASELINE_INSTANCES,
         _slab(components, region, volume.factors),
         volume.resolution,

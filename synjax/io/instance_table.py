@@ -1,0 +1,100 @@
+"""Per-instance tables and label volumes written by the instance pipelines.
+
+Both instance pipelines (fluorescence Mask R-CNN, EM instance network) write
+their instances as a uint32 zarr label volume and a CSV with one row per
+instance: id, centroid in nm (voxel centres), voxel count, volume, optional
+mean intensity, and the detector's score.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from synjax.errors import DataError
+from synjax.io.atomic import atomic_open
+from synjax.io.volumes import create_volume
+
+# Columns written as integers; every other column as `%.6g`.
+_INTEGER_COLUMNS = ("id", "voxels")
+
+
+def instance_rows(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    resolution: Sequence[float],
+    offset_nm: Sequence[float] = (0.0, 0.0, 0.0),
+    image: np.ndarray | None = None,
+) -> list[dict]:
+    """One row per instance id 1..k: centroid (nm), voxels, volume, mean intensity, score.
+
+    Args:
+      labels: [z, y, x] instance ids 1..k (0 background).
+      scores: [k] score of instance i + 1.
+      resolution: voxel size (z, y, x) in nm.
+      offset_nm: (z, y, x) position in nm of the labels' voxel (0, 0, 0) corner.
+      image: optional [z, y, x] raw intensities; adds "mean_intensity".
+
+    Returns:
+      Rows with "id", "z_nm", "y_nm", "x_nm" (centroid of voxel centres),
+      "voxels", "volume_um3", "score", and "mean_intensity" when `image` is given.
+
+    Raises:
+      DataError: `scores` does not hold one score per instance.
+    """
+    count = int(labels.max()) if labels.size else 0
+    if scores.shape != (count,):
+        raise DataError(f"instance table: {scores.shape[0]} scores for {count} instances")
+    flat = labels.ravel().astype(np.int64)
+    voxels = np.bincount(flat, minlength=count + 1)[1:]
+    safe = np.maximum(voxels, 1)
+    grids = np.indices(labels.shape).reshape(3, -1)
+    centroid = [
+        np.bincount(flat, weights=grids[a] + 0.5, minlength=count + 1)[1:] / safe * resolution[a]
+        + offset_nm[a]
+        for a in range(3)
+    ]
+    voxel_um3 = float(np.prod(resolution)) / 1e9
+    rows = [
+        {
+            "id": i + 1,
+            "z_nm": float(centroid[0][i]),
+            "y_nm": float(centroid[1][i]),
+            "x_nm": float(centroid[2][i]),
+            "voxels": int(voxels[i]),
+            "volume_um3": float(voxels[i] * voxel_um3),
+            "score": float(scores[i]),
+        }
+        for i in range(count)
+    ]
+    if image is not None:
+        intensity = np.bincount(flat, weights=image.ravel(), minlength=count + 1)[1:] / safe
+        for row, mean in zip(rows, intensity, strict=True):
+            row["mean_intensity"] = float(mean)
+    return rows
+
+
+def write_instance_table(path: str | os.PathLike, rows: list[dict], columns: Sequence[str]) -> None:
+    """Writes `columns` of `rows` as CSV, atomically (ids and voxel counts as integers)."""
+    with atomic_open(pathlib.Path(path), "w") as stream:
+        stream.write(",".join(columns) + "\n")
+        for row in rows:
+            stream.write(
+                ",".join(str(row[c]) if c in _INTEGER_COLUMNS else f"{row[c]:.6g}" for c in columns)
+            )
+            stream.write("\n")
+
+
+def write_instance_labels(
+    path: str | os.PathLike, labels: np.ndarray, resolution: Sequence[float]
+) -> None:
+    """Writes `[z, y, x]` instance ids as a uint32 zarr volume (replacing one there)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    volume = create_volume(
+        str(path), labels.shape, np.uint32, resolution=resolution, overwrite=True
+    )
+    volume[...] = labels
