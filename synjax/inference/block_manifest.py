@@ -103,6 +103,50 @@ def manifest_differences(
     return grid_diff + provenance_differences(found, provenance)
 
 
+def blocks_reusable(
+    path: Path,
+    found: dict[str, Any],
+    header: dict[str, Any],
+    provenance: dict | None,
+    resume: str,
+    kind: str,
+    instead: str = "another output",
+) -> bool:
+    """Whether the finished blocks recorded under the header `found` may be reused.
+
+    Args:
+      path: the record (a manifest file or a done-state folder), for messages.
+      found: the header read back from it.
+      header: this run's header (its "grid").
+      provenance: what makes this run's blocks; None: not checked.
+      resume: "auto" (another provenance: log why, return False) or "strict".
+      kind: what `path` is, for messages ("manifest", "done-state").
+      instead: what to use instead of a record of another grid, for messages.
+
+    Raises:
+      ConfigError: `found` records another grid.
+      DataError: `resume="strict"` and the blocks were made by another model
+        or input.
+    """
+    if found.get("grid") != plain(header["grid"]):
+        raise ConfigError(
+            f"{path}: {kind} of grid {found.get('grid')}, not {header['grid']}; "
+            f"use {instead} or delete it"
+        )
+    stale = provenance_differences(found, provenance)
+    if not stale:
+        return True
+    what = "; ".join(stale)
+    if resume == "strict":
+        raise DataError(
+            f"{path}: its blocks were made by another model or input ({what}); "
+            f"resume='strict' does not reuse them: delete the output and this {kind}, "
+            "or resume with 'auto' to start afresh"
+        )
+    log.warning("%s: blocks made by another model or input (%s); starting afresh", path, what)
+    return False
+
+
 class BlockManifest:
     """Append-only JSON-lines record of finished block ids.
 
@@ -148,23 +192,9 @@ class BlockManifest:
             self._start(header)
             return
         found = _read_header(self.path)
-        if found.get("grid") != plain(header["grid"]):
-            raise ConfigError(
-                f"{self.path}: manifest is for grid {found.get('grid')}, not {header['grid']}; "
-                "use another manifest_path or delete it"
-            )
-        stale = provenance_differences(found, provenance)
-        if stale:
-            what = "; ".join(stale)
-            if resume == "strict":
-                raise DataError(
-                    f"{self.path}: its blocks were made by another model or input ({what}); "
-                    "resume='strict' does not reuse them: delete the output and this manifest, "
-                    "or resume with 'auto' to start afresh"
-                )
-            log.warning(
-                "%s: blocks made by another model or input (%s); starting afresh", self.path, what
-            )
+        if not blocks_reusable(
+            self.path, found, header, provenance, resume, "manifest", "another manifest_path"
+        ):
             self._start(header)
             return
         lines = self.path.read_text().splitlines()

@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from synjax.errors import ConfigError, DataError
+from synjax.errors import DataError
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.block_manifest import (
     BlockManifest,
+    blocks_reusable,
     check_resume,
     manifest_differences,
     provenance_differences,
@@ -119,23 +120,7 @@ class DoneBlocks:
         if found is None or not (self.path / DONE_ARRAY).exists():
             self._start(header)
             return
-        if found.get("grid") != plain(header["grid"]):
-            raise ConfigError(
-                f"{self.path}: done-state of grid {found.get('grid')}, not {header['grid']}; "
-                "use another output or delete it"
-            )
-        stale = provenance_differences(found, provenance)
-        if stale:
-            what = "; ".join(stale)
-            if resume == "strict":
-                raise DataError(
-                    f"{self.path}: its blocks were made by another model or input ({what}); "
-                    "resume='strict' does not reuse them: delete the output and this folder, "
-                    "or resume with 'auto' to start afresh"
-                )
-            log.warning(
-                "%s: blocks made by another model or input (%s); starting afresh", self.path, what
-            )
+        if not blocks_reusable(self.path, found, header, provenance, resume, "done-state"):
             self._start(header)
             return
         try:
