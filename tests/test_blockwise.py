@@ -1,4 +1,4 @@
-"""Tests of the block grid and block-wise prediction (local and Dask executors)."""
+"""Tests of block-wise prediction (local and Dask executors, resuming, durability)."""
 
 import json
 import pickle
@@ -8,14 +8,12 @@ import pytest
 import scipy.ndimage
 
 from synjax.errors import ConfigError, DataError
-from synjax.geometry import Box, read_padded
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.blockwise import (
     BlockError,
     BlockManifest,
     LazyPredictor,
     blockwise_map,
-    manifest_differences,
     predict_blockwise,
 )
 
@@ -23,7 +21,6 @@ from synjax.inference.blockwise import (
 VOLUME = (9, 10, 11)
 BLOCK = (4, 4, 4)
 CONTEXT = (1, 2, 3)
-NUMPY_PAD = {"reflect": "reflect", "edge": "edge", "zero": "constant"}
 SCIPY_MODE = {"reflect": "mirror", "edge": "nearest", "zero": "constant"}
 
 
@@ -77,78 +74,7 @@ def _manifest_ids(path):
     return [i for line in lines for i in json.loads(line)["blocks"]]
 
 
-# ---------------------------------------------------------------- block grid
-
-
-def test_grid_covers_every_voxel_once_with_cropped_last_blocks():
-    grid = BlockGrid((5, 7, 4), (2, 3, 4))
-    assert grid.grid_shape == (3, 3, 1)
-    assert grid.num_blocks == 9
-    assert grid.output_box(1) == (slice(0, 2), slice(3, 6), slice(0, 4))
-    # Last block: index (2, 2, 0), cropped to the volume end.
-    assert grid.block_index(8) == (2, 2, 0)
-    assert grid.output_box(8) == (slice(4, 5), slice(6, 7), slice(0, 4))
-    assert grid.output_crop(8) == (slice(0, 1), slice(0, 1), slice(0, 4))
-    count = np.zeros(grid.volume_shape, np.int32)
-    for i in grid.block_ids():
-        count[grid.output_box(i)] += 1
-    np.testing.assert_array_equal(count, 1)
-
-
-def test_input_boxes_by_hand():
-    grid = BlockGrid((5, 7, 4), (2, 3, 4), context=(1, 2, 0))
-    assert grid.input_shape == (4, 7, 4)
-    start, stop = grid.input_box(4)  # index (1, 1, 0): output start (2, 3, 0)
-    np.testing.assert_array_equal(start, (1, 1, 0))
-    np.testing.assert_array_equal(stop, (5, 8, 4))
-    start, stop = grid.input_box(0)
-    np.testing.assert_array_equal(start, (-1, -2, 0))
-    np.testing.assert_array_equal(stop, (3, 5, 4))
-
-
-def test_from_io_shapes_and_bad_settings():
-    grid = BlockGrid.from_io_shapes((20, 30, 30), (10, 12, 12), (8, 8, 8))
-    assert grid.context == (1, 2, 2)
-    assert grid.block_shape == (8, 8, 8)
-    with pytest.raises(ConfigError, match="even"):
-        BlockGrid.from_io_shapes((20, 30, 30), (10, 12, 11), (8, 8, 8))
-    with pytest.raises(ConfigError, match="pad_mode"):
-        BlockGrid((4, 4, 4), 2, pad_mode="wrap")
-    with pytest.raises(ConfigError, match="block_shape"):
-        BlockGrid((4, 4, 4), (2, 0, 2))
-    with pytest.raises(ConfigError, match="block id"):
-        BlockGrid((4, 4, 4), 2).output_box(8)
-
-
-def test_read_padded_one_axis_by_hand():
-    vol = np.arange(4, dtype=np.int16).reshape(4, 1, 1)
-    expected = {
-        "reflect": [2, 1, 0, 1, 2, 3, 2, 1],
-        "edge": [0, 0, 0, 1, 2, 3, 3, 3],
-        "zero": [0, 0, 0, 1, 2, 3, 0, 0],
-    }
-    for mode, values in expected.items():
-        got = read_padded(vol, Box((-2, 0, 0), (6, 1, 1)), mode)
-        assert got.dtype == np.int16
-        np.testing.assert_array_equal(got[:, 0, 0], values, err_msg=mode)
-    # A pad wider than the volume keeps mirroring: [0 1 2] -> ... 1 0 1 2 1 0 ...
-    small = np.arange(3).reshape(3, 1, 1)
-    got = read_padded(small, Box((-5, 0, 0), (5, 1, 1)), "reflect")[:, 0, 0]
-    np.testing.assert_array_equal(got, [1, 0, 1, 2, 1, 0, 1, 2, 1, 0])
-
-
-@pytest.mark.parametrize("mode", ["reflect", "edge", "zero"])
-def test_read_padded_matches_numpy_pad(mode):
-    vol = _volume((6, 7, 8))[..., None].repeat(2, axis=-1)  # with a channel axis
-    pad = 3
-    padded = np.pad(vol, [(pad, pad)] * 3 + [(0, 0)], mode=NUMPY_PAD[mode])
-    for start, stop in [
-        ((-3, -1, 2), (4, 5, 11)),
-        ((2, 2, 2), (5, 6, 7)),
-        ((-3, -3, -3), (9, 10, 11)),
-    ]:
-        window = tuple(slice(a + pad, b + pad) for a, b in zip(start, stop, strict=True))
-        np.testing.assert_array_equal(read_padded(vol, Box(start, stop), mode), padded[window])
+# ------------------------------------------------------------- block reads
 
 
 def test_reads_only_block_input_regions():
@@ -497,119 +423,6 @@ def test_zarr_volumes_local_and_dask(tmp_path, dask_client):
         )
         assert summary.computed == grid.num_blocks
         np.testing.assert_array_equal(dest[...], expected, err_msg=executor)
-
-
-# --------------------------------------------------------------- provenance
-
-MODEL_A = {"model": {"name": "net", "step": 8, "params_hash": "aa"}, "input": {"path": "/x.h5"}}
-MODEL_B = {"model": {"name": "net", "step": 16, "params_hash": "bb"}, "input": {"path": "/x.h5"}}
-
-
-def _header(path):
-    return json.loads(path.read_text().splitlines()[0])
-
-
-def test_same_provenance_resumes_other_provenance_starts_afresh(tmp_path, caplog):
-    vol = _volume()
-    grid = BlockGrid(VOLUME, BLOCK, CONTEXT)
-    manifest = tmp_path / "p.blocks.jsonl"
-    dest = RecordingVolume(np.zeros(VOLUME, np.float32))
-    kwargs = dict(manifest_path=manifest, progress=False)
-    first = predict_blockwise(_crop_affine(CONTEXT), vol, dest, grid, provenance=MODEL_A, **kwargs)
-    assert first.computed == grid.num_blocks
-    assert _header(manifest)["provenance"] == MODEL_A
-    # The same model and input: every block is skipped, nothing is written.
-    writes = len(dest.writes)
-    again = predict_blockwise(_crop_affine(CONTEXT), vol, dest, grid, provenance=MODEL_A, **kwargs)
-    assert (again.skipped, again.computed) == (grid.num_blocks, 0)
-    assert len(dest.writes) == writes
-
-    # Another model ("trained further"): a new function whose blocks must all replace the old.
-    def retrained(batch):
-        return _crop_affine(CONTEXT)(batch) * 10
-
-    with caplog.at_level("WARNING"):
-        redo = predict_blockwise(retrained, vol, dest, grid, provenance=MODEL_B, **kwargs)
-    assert (redo.skipped, redo.computed) == (0, grid.num_blocks)
-    np.testing.assert_allclose(dest.array, (vol * 2 + 1) * 10, rtol=1e-6)
-    assert _header(manifest)["provenance"] == MODEL_B
-    assert sorted(_manifest_ids(manifest)) == list(grid.block_ids())
-    logged = caplog.text
-    assert "model.step: 8 -> 16" in logged and "model.params_hash: 'aa' -> 'bb'" in logged
-
-
-def test_strict_resume_names_what_differs(tmp_path):
-    vol = _volume()
-    grid = BlockGrid(VOLUME, BLOCK, CONTEXT)
-    manifest = tmp_path / "s.blocks.jsonl"
-    dest = np.zeros(VOLUME, np.float32)
-    kwargs = dict(manifest_path=manifest, progress=False)
-    predict_blockwise(_crop_affine(CONTEXT), vol, dest, grid, provenance=MODEL_A, **kwargs)
-    before = manifest.read_text()
-    other_input = {"model": MODEL_A["model"], "input": {"path": "/y.h5"}}
-    with pytest.raises(DataError) as error:
-        predict_blockwise(
-            lambda b: b, vol, dest, grid, provenance=other_input, resume="strict", **kwargs
-        )
-    message = str(error.value)
-    assert "input.path: '/x.h5' -> '/y.h5'" in message and "\n" not in message
-    assert "model" not in message.split("(", 1)[1].split(")")[0]  # only what differs
-    assert manifest.read_text() == before  # nothing reset
-    np.testing.assert_array_equal(dest, vol * 2 + 1)
-    with pytest.raises(ConfigError, match="resume"):
-        predict_blockwise(lambda b: b, vol, dest, grid, resume="sometimes", **kwargs)
-
-
-def test_reset_then_killed_then_resumed(tmp_path):
-    # A reset rewrites the header first: blocks recorded after it belong to the
-    # new provenance and are kept by the next run, the old ones never are.
-    vol = _volume()
-    grid = BlockGrid(VOLUME, BLOCK, CONTEXT)
-    manifest = tmp_path / "r.blocks.jsonl"
-    dest = RecordingVolume(np.zeros(VOLUME, np.float32))
-    kwargs = dict(manifest_path=manifest, progress=False)
-    old = _crop_affine(CONTEXT)
-    predict_blockwise(lambda b: old(b) * 0, vol, dest, grid, provenance=MODEL_A, **kwargs)
-    crashing = FailAfter(_crop_affine(CONTEXT), fail_at=4)
-    with pytest.raises(RuntimeError, match="simulated"):
-        predict_blockwise(crashing, vol, dest, grid, provenance=MODEL_B, **kwargs)
-    assert _header(manifest)["provenance"] == MODEL_B
-    assert sorted(_manifest_ids(manifest)) == [0, 1, 2]
-    dest.writes.clear()
-    rest = FailAfter(_crop_affine(CONTEXT))
-    summary = predict_blockwise(rest, vol, dest, grid, provenance=MODEL_B, **kwargs)
-    assert (summary.skipped, summary.computed) == (3, grid.num_blocks - 3)
-    assert len(dest.writes) == grid.num_blocks - 3
-    np.testing.assert_array_equal(dest.array, vol * 2 + 1)
-
-
-def test_version_1_manifests_and_manifest_differences(tmp_path):
-    grid = BlockGrid(VOLUME, BLOCK, CONTEXT)
-    path = tmp_path / "v1.jsonl"
-    path.write_text(
-        json.dumps({"format": "synjax-block-manifest-v1", "grid": grid.to_dict()})
-        + '\n{"blocks": [0, 1]}\n'
-    )
-    assert manifest_differences(tmp_path / "absent.jsonl", grid) is None
-    assert manifest_differences(path, grid) == []
-    assert manifest_differences(path, grid, MODEL_A) == [
-        "provenance: not recorded (synjax-block-manifest-v1 header)"
-    ]
-    other = BlockGrid(VOLUME, BLOCK, context=0)
-    assert manifest_differences(path, other)[0].startswith("grid: ")
-    # Without a provenance to check, an old manifest resumes as before.
-    assert BlockManifest(path, grid).done == {0, 1}
-    with pytest.raises(DataError, match="not recorded"):
-        BlockManifest(path, grid, MODEL_A, resume="strict")
-    assert BlockManifest(path, grid, MODEL_A).done == set()
-    assert _header(path) == {
-        "format": "synjax-block-manifest-v2",
-        "grid": json.loads(json.dumps(grid.to_dict())),
-        "provenance": MODEL_A,
-    }
-    path.write_text('{"format": "something else"}\n')
-    with pytest.raises(DataError, match="format"):
-        manifest_differences(path, grid)
 
 
 # ------------------------------------------------- durability under SIGKILL
