@@ -1,4 +1,4 @@
-"""The anchor matcher (dense and tiled) and fixed-count label sampling, by hand and cross-checked."""
+"""The anchor matcher (dense and tiled) and fixed-count label sampling: by hand, cross-checked."""
 
 import jax
 import jax.numpy as jnp
