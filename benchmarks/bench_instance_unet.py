@@ -39,8 +39,9 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
 
 from synjax.data.intensity import normalize_intensity
-from synjax.inference.instance_blocks import detect_blocks, fuse_detections
+from synjax.inference.instance_blocks import Painting, detect_blocks, fuse_detections
 from synjax.models.instance_unet import build_instance_unet
+from synjax.models.losses import positive_weighted_sigmoid_cross_entropy
 from synjax.pipelines.instance_data import load_volume, split_rows
 from synjax.stages import cleft_segmenter, instance_unet
 from synjax.train.loop import make_train_step
@@ -117,7 +118,10 @@ def bench(variant: str, repeats: int) -> list[dict]:
     weight = float(cleft_segmenter.baseline_block(config).positive_weight)
     compile_s, timing, _ = _time_step(
         segmenter,
-        lambda logits, batch: (cleft_segmenter.weighted_bce(logits, batch["target"], weight), {}),
+        lambda logits, batch: (
+            positive_weighted_sigmoid_cross_entropy(logits, batch["target"], weight),
+            {},
+        ),
         crops.segmenter_batch(0, size),
         train_settings,
         repeats,
@@ -143,7 +147,7 @@ def bench(variant: str, repeats: int) -> list[dict]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        labels, _ = fuse_detections(found, 0.0, 0.4, float(predict.fusion_iou))
+        labels, _ = fuse_detections(found, Painting(0.0, 0.4), float(predict.fusion_iou))
         times.append((time.perf_counter() - start) / blocks)
     row = _row(variant, "fusion per block", 1, 0.0, common.Timing(times))
     row["blocks"] = blocks

@@ -115,6 +115,11 @@ def get_config(arg: str | None = None):
                 "max_instances": 8 if smoke else 16,
                 "detections": 8 if smoke else 32,
                 "final_nms": 0.3,
+                # The semantic head (cleft probability per voxel, a 1x1x1 convolution
+                # on the finest decoder map) trained with the detector: its loss
+                # weight and the weight of a cleft voxel in it (as the baseline's).
+                "semantic_weight": 1.0,
+                "semantic_positive_weight": 10.0,
             },
             "train": {
                 # Random crops (z, y, x) of the training slab in read voxels.
@@ -156,8 +161,12 @@ def get_config(arg: str | None = None):
                 # Native y rows before a slab read as image context.
                 "context": 16 if smoke else 256,
                 # Grids searched on the validation slab.
-                "score_thresholds": (0.0,) if smoke else (0.3, 0.5, 0.7, 0.9),
+                "score_thresholds": (0.0,) if smoke else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                 "mask_thresholds": (0.3,) if smoke else (0.3, 0.5),
+                # A mask voxel reads (1 - mix) * mask head + mix * semantic head; and
+                # scores times the mean semantic probability of the mask, or not.
+                "semantic_mixes": (0.0, 0.5),
+                "semantic_rescoring": (False, True),
                 # Instances of neighbouring blocks with IoU above this (within the
                 # shared margin) become one.
                 "fusion_iou": 0.5,

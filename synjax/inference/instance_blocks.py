@@ -12,9 +12,18 @@ be chosen on a validation slab from one pass of the network:
 one block's detections into local labels at a (score, mask) threshold pair;
 `fuse_detections` paints all blocks at that pair and fuses them.
 
-Painting: detections above the score threshold, highest score first, each
-pasted at the mask threshold (`synjax.inference.instances.paste_mask`);
-a voxel keeps the first (highest-scoring) instance that claims it.
+Painting (`Painting`): detections above the score threshold, highest score
+first, each pasted at the mask threshold; a voxel keeps the first
+(highest-scoring) instance that claims it. With the network's semantic head
+(`semantic [z, y, x]` cleft probability per block), two choices:
+
+* `semantic_mix` a: a voxel of a detection's box is in its mask where
+  (1 - a) * mask + a * semantic > mask threshold (the mask head's
+  probability resampled onto the voxel, `pasted_probabilities`). The mask
+  head sees a 14 x 14 grid per box; the semantic head predicts every voxel.
+* `semantic_rescore`: a detection's score is multiplied by the mean semantic
+  probability over its mask-head mask (mask > threshold), so that a box the
+  classifier likes over membrane without a cleft falls below the threshold.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import scipy.ndimage
 from synjax.errors import ConfigError, DataError
 from synjax.geometry import Box
 from synjax.inference.fusion import block_boxes, fuse_blocks
-from synjax.inference.instances import paste_mask
+from synjax.inference.instances import pasted_probabilities
 
 # `detector(blocks [n, z, y, x]) -> dict` of "boxes" [n, D, 6], "scores" [n, D],
 # "masks" [n, D, mz, my, mx] (probabilities) and "valid" [n, D], numpy.
@@ -37,13 +46,35 @@ BlockDetector = Callable[[np.ndarray], dict]
 AXIS_ORDER = ("z", "x", "y")
 
 
+class Painting(NamedTuple):
+    """How one block's detections become labels (see the module docstring).
+
+    Attributes:
+      score_threshold: detections scoring at or below this are left out.
+      mask_threshold: probability above which a voxel is in the instance.
+      semantic_mix: share of the semantic probability in that probability.
+      semantic_rescore: multiply scores by the mean semantic probability of the mask.
+    """
+
+    score_threshold: float
+    mask_threshold: float
+    semantic_mix: float = 0.0
+    semantic_rescore: bool = False
+
+    @property
+    def uses_semantic(self) -> bool:
+        return self.semantic_mix > 0 or self.semantic_rescore
+
+
 class BlockDetections(NamedTuple):
     """Every detection of every block of a volume.
 
     Attributes:
       boxes: the blocks (`Box`, volume voxels), as `block_boxes` gives them.
       detections: per block, {"boxes", "scores", "masks"} of its valid
-        detections (boxes in block voxels).
+        detections (boxes in block voxels), and "semantic" (the block's
+        [z, y, x] cleft probability, cut to the block) where the detector
+        gives one.
       shape: (z, y, x) of the volume.
     """
 
@@ -84,47 +115,69 @@ def detect_blocks(
             data = image[box.slices()]
             blocks[(i, *(slice(0, n) for n in data.shape))] = data
         out = detector(blocks)
-        for i in range(len(chunk)):
+        for i, box in enumerate(chunk):
             valid = np.asarray(out["valid"][i], bool)
-            detections.append(
-                {
-                    "boxes": np.asarray(out["boxes"][i])[valid],
-                    "scores": np.asarray(out["scores"][i])[valid],
-                    "masks": np.asarray(out["masks"][i])[valid],
-                }
-            )
+            found = {
+                "boxes": np.asarray(out["boxes"][i])[valid],
+                "scores": np.asarray(out["scores"][i])[valid],
+                "masks": np.asarray(out["masks"][i])[valid],
+            }
+            if "semantic" in out:
+                inside = tuple(slice(0, n) for n in box.shape)
+                found["semantic"] = np.asarray(out["semantic"][i], np.float32)[inside]
+            detections.append(found)
     return BlockDetections(boxes, detections, tuple(int(s) for s in image.shape))
 
 
 def paint_block(
-    detections: dict[str, np.ndarray],
-    block_shape: Sequence[int],
-    score_threshold: float,
-    mask_threshold: float,
+    detections: dict[str, np.ndarray], block_shape: Sequence[int], painting: Painting
 ) -> tuple[np.ndarray, np.ndarray]:
     """Local labels of one block's detections.
 
     Args:
-      detections: {"boxes" [D, 6], "scores" [D], "masks" [D, mz, my, mx]}.
+      detections: {"boxes" [D, 6], "scores" [D], "masks" [D, mz, my, mx]},
+        and "semantic" [z, y, x] (the block's cleft probability) when
+        `painting` uses it.
       block_shape: (z, y, x) of the block's labels.
-      score_threshold: detections scoring at or below this are left out.
-      mask_threshold: mask probability above which a voxel is in the instance.
+      painting: thresholds and the use of the semantic probability.
 
     Returns:
-      (labels [z, y, x] uint32 ids 1..k, scores [k] float32 of id i + 1);
-      instances left without a voxel are dropped and the rest renumbered.
+      (labels [z, y, x] uint32 ids 1..k, scores [k] float32 of id i + 1,
+      rescored where asked); instances left without a voxel are dropped and
+      the rest renumbered.
     """
     shape = tuple(int(s) for s in block_shape)
+    semantic = None
+    if painting.uses_semantic:
+        if "semantic" not in detections:
+            raise ConfigError(
+                f"paint_block: {painting} reads the semantic probability, which the detector "
+                "did not give (a network without a semantic head)"
+            )
+        semantic = np.asarray(detections["semantic"], np.float32)
+        if semantic.shape != shape:
+            raise DataError(f"paint_block: semantic {semantic.shape}; expected the block {shape}")
+        semantic = semantic.reshape(-1)
     labels = np.zeros(int(np.prod(shape)), np.uint32)
-    scores = []
-    order = np.argsort(-np.asarray(detections["scores"]), kind="stable")
-    for d in order:
-        score = float(detections["scores"][d])
-        if score <= score_threshold:
-            break
-        voxels = paste_mask(
-            detections["masks"][d], detections["boxes"][d], (0, 0, 0), shape, mask_threshold
+    candidates = []
+    for d, score in enumerate(np.asarray(detections["scores"], np.float64)):
+        flat, mask = pasted_probabilities(
+            detections["masks"][d], detections["boxes"][d], (0, 0, 0), shape
         )
+        own = mask > painting.mask_threshold
+        if semantic is not None:
+            semantic_here = semantic[flat]
+            if painting.semantic_rescore:
+                score *= float(semantic_here[own].mean()) if own.any() else 0.0
+            mixed = (1.0 - painting.semantic_mix) * mask + painting.semantic_mix * semantic_here
+            own = mixed > painting.mask_threshold
+        candidates.append((float(score), flat[own]))
+    scores = []
+    order = np.argsort([-score for score, _ in candidates], kind="stable")
+    for d in order:
+        score, voxels = candidates[d]
+        if score <= painting.score_threshold:
+            break
         free = voxels[labels[voxels] == 0]
         if free.size:
             scores.append(score)
@@ -133,19 +186,16 @@ def paint_block(
 
 
 def fuse_detections(
-    found: BlockDetections,
-    score_threshold: float,
-    mask_threshold: float,
-    iou_threshold: float = 0.5,
+    found: BlockDetections, painting: Painting, iou_threshold: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Paints every block at one threshold pair and fuses them along z, then x, then y.
+    """Paints every block one way (`Painting`) and fuses them along z, then x, then y.
 
     Returns:
       (labels [z, y, x] uint32 fused instance ids 1..k, scores [k] float32:
       the highest score of the block instances that make up instance i + 1).
     """
     painted = [
-        paint_block(det, box.shape, score_threshold, mask_threshold)
+        paint_block(det, box.shape, painting)
         for det, box in zip(found.detections, found.boxes, strict=True)
     ]
     out = np.zeros(found.shape, np.uint32)

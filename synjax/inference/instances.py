@@ -51,6 +51,56 @@ def patch_starts(size: int, patch: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
+def pasted_probabilities(
+    mask: np.ndarray,
+    box: Sequence[float],
+    origin: Sequence[int],
+    volume_shape: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """A box's mask probabilities resampled onto the volume voxels whose centres it holds.
+
+    Args:
+      mask: [mz, my, mx] mask probabilities over the box.
+      box: (z0, y0, x0, z1, y1, x1) in patch voxels.
+      origin: (z, y, x) volume position of the patch's voxel (0, 0, 0).
+      volume_shape: (z, y, x) of the volume; voxels outside it are dropped.
+
+    Returns:
+      (flat [k] int64 C-order volume indices in increasing order, values [k]
+      float32: the mask's trilinear read at each voxel centre).
+    """
+    mask = np.asarray(mask, np.float32)
+    box = np.asarray(box, np.float64)
+    if mask.ndim != 3 or box.shape != (6,):
+        raise DataError(
+            f"pasted_probabilities: mask {mask.shape}, box {box.shape}; expected 3D and (6,)"
+        )
+    empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    lo, hi = box[:3], box[3:]
+    if np.any(hi <= lo):
+        return empty
+    # Voxels whose centres lie inside the box.
+    first = np.ceil(lo - 0.5).astype(int)
+    last = np.floor(hi - 0.5 - 1e-9).astype(int)
+    if np.any(last < first):
+        return empty
+    axes = [np.arange(a, b + 1) for a, b in zip(first, last, strict=True)]
+    # Continuous mask coordinate of each voxel centre (bin centres at integers).
+    coords = [
+        (ax + 0.5 - lo[i]) / (hi[i] - lo[i]) * mask.shape[i] - 0.5 for i, ax in enumerate(axes)
+    ]
+    grid = np.meshgrid(*coords, indexing="ij")
+    values = scipy.ndimage.map_coordinates(mask, grid, order=1, mode="nearest")
+    position = np.meshgrid(*[ax + o for ax, o in zip(axes, origin, strict=True)], indexing="ij")
+    shape = np.asarray(volume_shape)
+    keep = np.ones(values.shape, bool)
+    for i in range(3):
+        keep &= (position[i] >= 0) & (position[i] < shape[i])
+    # C-order over (z, y, x) positions that increase along each axis: already sorted.
+    flat = np.ravel_multi_index(tuple(p[keep] for p in position), tuple(int(s) for s in shape))
+    return flat.astype(np.int64), values[keep].astype(np.float32)
+
+
 def paste_mask(
     mask: np.ndarray,
     box: Sequence[float],
@@ -70,34 +120,8 @@ def paste_mask(
     Returns:
       [k] int64 sorted flat indices.
     """
-    mask = np.asarray(mask, np.float32)
-    box = np.asarray(box, np.float64)
-    if mask.ndim != 3 or box.shape != (6,):
-        raise DataError(f"paste_mask: mask {mask.shape}, box {box.shape}; expected 3D and (6,)")
-    lo, hi = box[:3], box[3:]
-    if np.any(hi <= lo):
-        return np.zeros(0, np.int64)
-    # Voxels whose centres lie inside the box.
-    first = np.ceil(lo - 0.5).astype(int)
-    last = np.floor(hi - 0.5 - 1e-9).astype(int)
-    if np.any(last < first):
-        return np.zeros(0, np.int64)
-    axes = [np.arange(a, b + 1) for a, b in zip(first, last, strict=True)]
-    # Continuous mask coordinate of each voxel centre (bin centres at integers).
-    coords = [
-        (ax + 0.5 - lo[i]) / (hi[i] - lo[i]) * mask.shape[i] - 0.5 for i, ax in enumerate(axes)
-    ]
-    grid = np.meshgrid(*coords, indexing="ij")
-    values = scipy.ndimage.map_coordinates(mask, grid, order=1, mode="nearest")
-    inside = values > mask_threshold
-    position = np.meshgrid(*[ax + o for ax, o in zip(axes, origin, strict=True)], indexing="ij")
-    shape = np.asarray(volume_shape)
-    in_volume = np.ones(inside.shape, bool)
-    for i in range(3):
-        in_volume &= (position[i] >= 0) & (position[i] < shape[i])
-    keep = inside & in_volume
-    flat = np.ravel_multi_index(tuple(p[keep] for p in position), tuple(int(s) for s in shape))
-    return np.sort(flat.astype(np.int64))
+    flat, values = pasted_probabilities(mask, box, origin, volume_shape)
+    return flat[values > mask_threshold]
 
 
 class PatchDetections(NamedTuple):

@@ -6,7 +6,9 @@ sets each class's share of the loss without changing its scale.
 `class_weighted_softmax_cross_entropy` takes a weight per class (DeepEM3D's
 boundary nets, with `synjax.targets.boundaries.class_weights`) and is the
 plain mean of w[label] * loss. Both cross-entropies share one per-voxel
-negative log-likelihood (`softmax_nll`).
+negative log-likelihood (`softmax_nll`). `positive_weighted_sigmoid_cross_entropy`
+is the binary cleft loss of the EM instance stages (the baseline segmenter and
+the instance network's semantic head).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from synjax.errors import DataError
 
@@ -113,3 +116,23 @@ def class_weighted_softmax_cross_entropy(
         )
     nll = softmax_nll(logits, labels)
     return jnp.mean(weights[labels] * nll)
+
+
+def positive_weighted_sigmoid_cross_entropy(
+    logits: jnp.ndarray, targets: jnp.ndarray, positive_weight: float
+) -> jnp.ndarray:
+    """Mean binary cross-entropy with positive voxels (target 1) weighted `positive_weight`.
+
+    Args:
+      logits: [...] logits, any dtype (computed in float32).
+      targets: [...] 0/1 targets of the same shape.
+      positive_weight: weight of a positive voxel; negatives weigh 1.
+
+    Returns:
+      sum(w * bce) / sum(w), a scalar.
+    """
+    logits = logits.astype(jnp.float32)
+    targets = _match_channels(targets.astype(jnp.float32), logits, "targets")
+    per_voxel = optax.sigmoid_binary_cross_entropy(logits, targets)
+    weights = jnp.where(targets > 0.5, positive_weight, 1.0)
+    return jnp.sum(weights * per_voxel) / jnp.sum(weights)

@@ -8,9 +8,11 @@ train:    the instance network (`synjax.stages.instance_unet`) and the
           baseline segmenter with the same U-Net (`synjax.stages.cleft_segmenter`)
           on crops of the training slab. On the validation slab (never trained
           on; image context from the training slab before it) the network's
-          score and mask thresholds and the baseline's probability threshold
-          and smallest component are chosen by detection F1 (ties: instance F1
-          at IoU 0.5, then the stricter setting) -> `chosen.json`.
+          painting (score and mask thresholds, and the use of its semantic
+          head: `synjax.inference.instance_blocks.Painting`) and the
+          baseline's probability threshold and smallest component are chosen
+          by detection F1 (ties: instance F1 at IoU 0.5, then the stricter
+          setting) -> `chosen.json`.
 predict:  both on the test slab (image context from before it): the network
           block by block with axis-wise fusion (z, then x, then y), the
           baseline as threshold + connected components -> native-grid
@@ -37,7 +39,12 @@ from synjax.data.intensity import normalize_intensity
 from synjax.errors import DataError
 from synjax.evaluation.clefts import cremi_cleft_scores, detection_scores
 from synjax.evaluation.instances import match_instances, overlap_table
-from synjax.inference.instance_blocks import BlockDetections, detect_blocks, fuse_detections
+from synjax.inference.instance_blocks import (
+    BlockDetections,
+    Painting,
+    detect_blocks,
+    fuse_detections,
+)
 from synjax.inference.saliency import grad_cam
 from synjax.io import layout, open_volume
 from synjax.io.instance_table import instance_rows, write_instance_labels, write_instance_table
@@ -111,6 +118,27 @@ def _detect(config, trained, volume: EMVolume, region) -> BlockDetections:
     )
 
 
+def _paintings(predict: InstancePredictSettings) -> list[Painting]:
+    """Every painting of the validation grid."""
+    return [
+        Painting(float(score), float(mask), float(mix), bool(rescore))
+        for score in predict.score_thresholds
+        for mask in predict.mask_thresholds
+        for mix in predict.semantic_mixes
+        for rescore in predict.semantic_rescoring
+    ]
+
+
+def _chosen_painting(chosen: dict) -> Painting:
+    """The painting recorded in `chosen.json` (a file without the semantic keys: none)."""
+    return Painting(
+        float(chosen["score_threshold"]),
+        float(chosen["mask_threshold"]),
+        float(chosen.get("semantic_mix", 0.0)),
+        bool(chosen.get("semantic_rescore", False)),
+    )
+
+
 def _baseline_probability(config, trained, volume: EMVolume, region) -> np.ndarray:
     start, _, end = region
     return cleft_segmenter.predict_probability(config, trained, volume.image[:, start:end])
@@ -139,17 +167,25 @@ def _train(config, workdir: pathlib.Path) -> dict:
     predict = _predict_settings(config)
     found = _detect(config, network, volume, region)
     table = []
-    for score in predict.score_thresholds:
-        for mask in predict.mask_thresholds:
-            fused, _ = fuse_detections(found, float(score), float(mask), float(predict.fusion_iou))
-            result = detection_and_instance_scores(_slab(fused, region, volume.factors), truth)
-            table.append((float(score), float(mask), result))
-    best = max(table, key=lambda row: (*_rank(row[2]), row[0], row[1]))
+    for painting in _paintings(predict):
+        fused, _ = fuse_detections(found, painting, float(predict.fusion_iou))
+        result = detection_and_instance_scores(_slab(fused, region, volume.factors), truth)
+        table.append((painting, result))
+    # Ties: the stricter thresholds, then the plainer use of the semantic head.
+    best, result = max(
+        table,
+        key=lambda row: (
+            *_rank(row[1]),
+            row[0].score_threshold,
+            row[0].mask_threshold,
+            -row[0].semantic_mix,
+            not row[0].semantic_rescore,
+        ),
+    )
     chosen[OURS] = {
-        "score_threshold": best[0],
-        "mask_threshold": best[1],
-        "validation": best[2],
-        "grid": [{"score_threshold": s, "mask_threshold": m, **r} for s, m, r in table],
+        **best._asdict(),
+        "validation": result,
+        "grid": [{**painting._asdict(), **r} for painting, r in table],
         "train_seconds": network_seconds,
     }
     logging.info("instance network chosen on the validation slab: %s", chosen[OURS]["validation"])
@@ -237,9 +273,7 @@ def _predict(config, workdir: pathlib.Path) -> None:
     network = instance_unet.load_instance_unet(config, workdir)
     found = _detect(config, network, volume, region)
     ours = chosen[OURS]
-    fused, scores = fuse_detections(
-        found, ours["score_threshold"], ours["mask_threshold"], float(predict.fusion_iou)
-    )
+    fused, scores = fuse_detections(found, _chosen_painting(ours), float(predict.fusion_iou))
     labels, scores = _renumber(_slab(fused, region, volume.factors), scores)
     logging.info("instance network: %d synapses on the test slab", int(labels.max()))
     write_instance_labels(workdir / layout.NETWORK_INSTANCES, labels, volume.resolution)

@@ -19,7 +19,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from synjax.data.intensity import (
     TrainedParams,
@@ -29,6 +28,7 @@ from synjax.data.intensity import (
 )
 from synjax.inference.instances import patch_starts
 from synjax.models.cleft_segmenter import CleftSegmenter
+from synjax.models.losses import positive_weighted_sigmoid_cross_entropy
 from synjax.settings import from_config
 from synjax.stages.instance_settings import CleftBaselineSettings, InstancePredictSettings
 from synjax.stages.instance_unet import (
@@ -52,13 +52,6 @@ def baseline_block(config) -> CleftBaselineSettings:
 
 def build_segmenter(config) -> CleftSegmenter:
     return CleftSegmenter(backbone_settings(network_block(config)))
-
-
-def weighted_bce(logits: jax.Array, targets: jax.Array, positive_weight: float) -> jax.Array:
-    """Mean binary cross-entropy, cleft voxels (target 1) weighted `positive_weight`."""
-    per_voxel = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets)
-    weights = jnp.where(targets > 0.5, positive_weight, 1.0)
-    return jnp.sum(weights * per_voxel) / jnp.sum(weights)
 
 
 def train_cleft_segmenter(
@@ -85,7 +78,7 @@ def train_cleft_segmenter(
     weight = float(baseline.positive_weight)
 
     def loss_fn(logits, batch):
-        loss = weighted_bce(logits, batch["target"], weight)
+        loss = positive_weighted_sigmoid_cross_entropy(logits, batch["target"], weight)
         return loss, {}
 
     batch_fn = functools.partial(crops.segmenter_batch, batch_size=settings.batch_size)

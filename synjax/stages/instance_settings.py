@@ -41,6 +41,9 @@ class InstanceNetworkSettings:
       max_instances: ground-truth slots per training patch.
       detections: detections per block.
       final_nms: NMS IoU of the detections.
+      semantic_weight: weight of the semantic (cleft probability) head's
+        loss; 0 builds no head.
+      semantic_positive_weight: weight of a cleft voxel in that loss.
     """
 
     base_features: int
@@ -68,6 +71,8 @@ class InstanceNetworkSettings:
     max_instances: int = 16
     detections: int = 32
     final_nms: float = 0.3
+    semantic_weight: float = 0.0
+    semantic_positive_weight: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +124,11 @@ class InstancePredictSettings:
       context: y rows (read voxels) of the preceding part read as image
         context before a slab (labels of that part are never used).
       score_thresholds, mask_thresholds: the instance network's grids.
+      semantic_mixes: shares of the semantic head's probability in the
+        probability that a voxel of a detection's box is in its mask (0: the
+        mask head alone); a grid. Nonzero needs the semantic head.
+      semantic_rescoring: whether a detection's score is multiplied by the
+        mean semantic probability over its mask; a grid of booleans.
       fusion_iou: instances matched across a seam above this IoU become one.
     """
 
@@ -128,4 +138,6 @@ class InstancePredictSettings:
     context: int
     score_thresholds: tuple[float, ...]
     mask_thresholds: tuple[float, ...]
+    semantic_mixes: tuple[float, ...] = (0.0,)
+    semantic_rescoring: tuple[bool, ...] = (False,)
     fusion_iou: float = 0.5

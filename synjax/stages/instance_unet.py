@@ -94,6 +94,8 @@ def network_settings(model: InstanceNetworkSettings, seed: int = 0) -> InstanceU
         max_instances=int(model.max_instances),
         detections=int(model.detections),
         final_nms=float(model.final_nms),
+        semantic_weight=float(model.semantic_weight),
+        semantic_positive_weight=float(model.semantic_positive_weight),
         seed=seed,
     )
 

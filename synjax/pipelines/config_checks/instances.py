@@ -136,6 +136,8 @@ SCHEMA = {
             "max_instances": integer(1),
             "detections": integer(1),
             "final_nms": number(0, 1, open_low=True),
+            "semantic_weight": number(0),
+            "semantic_positive_weight": positive(),
         },
     ),
     "train": settings_block(
@@ -166,6 +168,8 @@ SCHEMA = {
             "context": integer(0),
             "score_thresholds": _thresholds(),
             "mask_thresholds": sequence(number(0, 1, open_low=True, open_high=True)),
+            "semantic_mixes": sequence(number(0, 1)),
+            "semantic_rescoring": sequence(boolean()),
             "fusion_iou": number(0, 1, open_high=True),
         },
     ),
@@ -198,6 +202,16 @@ def check_relations(config) -> None:
                 f"config.model.{key}={model[key]}: expected a decoder level in "
                 f"0..{len(pools) - 1} (one per entry of config.model.pool_factors)"
             )
+    semantic_grid = any(float(m) > 0 for m in predict.get("semantic_mixes", (0.0,))) or any(
+        predict.get("semantic_rescoring", (False,))
+    )
+    if semantic_grid and not float(model.get("semantic_weight", 0.0)) > 0:
+        raise ConfigError(
+            f"config.predict.semantic_mixes={tuple(predict.get('semantic_mixes', ()))}, "
+            f"semantic_rescoring={tuple(predict.get('semantic_rescoring', ()))}: they read the "
+            "semantic head, which config.model.semantic_weight=0 does not build; expected "
+            "semantic_weight > 0, or mixes (0.0,) and rescoring (False,)"
+        )
     check_warmup(train.warmup_steps, train.steps, "config.train.warmup_steps", "config.train.steps")
     splits = [tuple(data.splits[name]) for name in SPLIT_ORDER]
     for (name, (_, stop)), (next_name, (start, _)) in zip(
