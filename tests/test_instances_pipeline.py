@@ -78,6 +78,17 @@ def test_config_checks_name_bad_instance_keys():
     config.baseline.unknown = 1
     with pytest.raises(ConfigError, match=r"config.baseline: unknown key 'unknown'"):
         config_checks.check_config(config)
+    # The semantic grids read a head that semantic_weight 0 does not build.
+    config = _config("smoke")
+    config.model.semantic_weight = 0.0
+    with pytest.raises(ConfigError, match=r"config.predict.semantic_mixes=\(0.0, 0.5\)"):
+        config_checks.check_config(config)
+    config.predict.semantic_mixes = (0.0,)
+    config.predict.semantic_rescoring = (False,)
+    config_checks.check_config(config)
+    config.predict.semantic_mixes = (1.5,)
+    with pytest.raises(ConfigError, match=r"config.predict.semantic_mixes"):
+        config_checks.check_config(config)
 
 
 def test_vnc_volume_reads_33_synapses_on_both_grids(shared_data, monkeypatch):

@@ -61,7 +61,6 @@ Two modes, one parameter tree (as `MaskRCNN3D`):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -69,28 +68,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synjax.detection import two_stage
 from synjax.detection.anchors import level_anchors
-from synjax.detection.box_coder import clip_boxes, decode_boxes
 from synjax.detection.heads import BoxHead, BoxHeadSettings, MaskHead, MaskHeadSettings
-from synjax.detection.losses import (
-    box_regression_loss,
-    classification_loss,
-    mask_loss,
-    objectness_loss,
-)
-from synjax.detection.nms import nms
 from synjax.detection.proposals import select_proposals
 from synjax.detection.roi_align import roi_align
 from synjax.detection.rpn import RPNHead, RPNSettings
-from synjax.detection.targets import boxes_from_labels, mask_targets, roi_targets, rpn_targets
+from synjax.detection.two_stage import TwoStageSettings
 from synjax.errors import ConfigError, DataError
 from synjax.geometry import Triple, spatial_triple
 from synjax.models.conv import Conv3D
 from synjax.models.layers import ConvBlock, Upsample
 from synjax.models.losses import positive_weighted_sigmoid_cross_entropy
-
-# Second-stage box coder weights (detectron2's default for the ROI heads).
-ROI_BOX_WEIGHTS = (10.0, 10.0, 10.0, 5.0, 5.0, 5.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +201,11 @@ class LevelProjection(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class InstanceUNetSettings:
+class InstanceUNetSettings(TwoStageSettings):
     """Typed settings of the instance network.
+
+    The steps after the backbone take `TwoStageSettings`; the defaults here
+    are those of the VNC configuration (`configs/vnc.py`).
 
     Attributes:
       backbone: the U-Net.
@@ -221,23 +213,9 @@ class InstanceUNetSettings:
       rpn_level, roi_level: decoder levels of the RPN and of the ROI heads.
       anchor_sizes: (z, y, x) anchor sizes in input voxels, one anchor each per
         voxel of the RPN map.
-      rpn, box_head, mask_head: the heads (`rpn.num_anchors` is set here).
-      rpn_samples, rpn_positive_fraction, rpn_iou, rpn_nms: the RPN's sample,
-        matcher (low, high) IoU and proposal NMS.
-      train_pre_nms, train_post_nms, test_pre_nms, test_post_nms: proposals
-        kept before and after NMS, while training and at inference.
-      roi_samples, roi_positive_fraction, roi_iou: the ROI sample per image.
-      mask_roi_size: (z, y, x) ROIAlign size of the mask head's input; the
-        masks are this times `mask_head.upsample_factors`.
-      roi_sampling_ratio: ROIAlign samples per bin and axis.
-      max_instances: ground-truth slots per patch.
-      detections: detections per image.
-      box_score_threshold: candidates below this are dropped before the final NMS.
-      final_nms: class-agnostic NMS IoU of the detections.
-      mask_samples: reads per bin and axis of the mask targets.
+      rpn: the RPN head (`rpn.num_anchors` is set here).
       semantic_weight: weight of the semantic head's loss; 0 builds no head.
       semantic_positive_weight: weight of a cleft voxel in that loss.
-      seed: base of the sampling keys.
     """
 
     backbone: UNetBackboneSettings = UNetBackboneSettings()
@@ -253,26 +231,19 @@ class InstanceUNetSettings:
         features=16, num_convs=2, upsample_factors=(1, 2, 2)
     )
     rpn_samples: int = 128
-    rpn_positive_fraction: float = 0.5
     rpn_iou: tuple[float, float] = (0.3, 0.5)
-    rpn_nms: float = 0.7
     train_pre_nms: int = 512
     train_post_nms: int = 128
     test_pre_nms: int = 512
     test_post_nms: int = 128
     roi_samples: int = 64
     roi_positive_fraction: float = 0.5
-    roi_iou: float = 0.5
     mask_roi_size: Triple = (4, 14, 14)
-    roi_sampling_ratio: int = 2
     max_instances: int = 16
     detections: int = 32
-    box_score_threshold: float = 0.05
     final_nms: float = 0.3
-    mask_samples: int = 2
     semantic_weight: float = 0.0
     semantic_positive_weight: float = 10.0
-    seed: int = 0
 
     def __post_init__(self):
         depth = self.backbone.depth
@@ -291,36 +262,15 @@ class InstanceUNetSettings:
         object.__setattr__(self, "anchor_sizes", sizes)
         if self.rpn.num_anchors != len(sizes):
             object.__setattr__(self, "rpn", dataclasses.replace(self.rpn, num_anchors=len(sizes)))
-        low, high = self.rpn_iou
-        if not 0.0 <= low <= high <= 1.0 or not 0.0 < self.roi_iou <= 1.0:
-            raise ConfigError(
-                f"InstanceUNetSettings rpn_iou={self.rpn_iou}, roi_iou={self.roi_iou}; "
-                "expected 0 <= low <= high <= 1 and 0 < roi_iou <= 1"
-            )
-        counts = {
-            "neck_features": self.neck_features,
-            "rpn_samples": self.rpn_samples,
-            "train_pre_nms": self.train_pre_nms,
-            "train_post_nms": self.train_post_nms,
-            "test_pre_nms": self.test_pre_nms,
-            "test_post_nms": self.test_post_nms,
-            "roi_samples": self.roi_samples,
-            "max_instances": self.max_instances,
-            "detections": self.detections,
-            "roi_sampling_ratio": self.roi_sampling_ratio,
-            "mask_samples": self.mask_samples,
-        }
-        for name, value in counts.items():
-            if int(value) < 1:
-                raise ConfigError(f"InstanceUNetSettings.{name}={value}; expected >= 1")
-        object.__setattr__(
-            self, "mask_roi_size", spatial_triple(self.mask_roi_size, "mask_roi_size")
-        )
+        super().__post_init__()
         if self.semantic_weight < 0 or self.semantic_positive_weight <= 0:
             raise ConfigError(
                 f"InstanceUNetSettings semantic_weight={self.semantic_weight}, "
                 f"semantic_positive_weight={self.semantic_positive_weight}; expected >= 0 and > 0"
             )
+
+    def counted_fields(self) -> tuple[str, ...]:
+        return (*super().counted_fields(), "neck_features")
 
     @property
     def rpn_name(self) -> str:
@@ -329,12 +279,6 @@ class InstanceUNetSettings:
     @property
     def roi_name(self) -> str:
         return f"D{self.roi_level}"
-
-    @property
-    def mask_size(self) -> Triple:
-        """(z, y, x) of the predicted masks."""
-        factors = self.mask_head.upsample_factors
-        return tuple(r * f for r, f in zip(self.mask_roi_size, factors, strict=True))
 
 
 def build_instance_unet(settings: InstanceUNetSettings, training: bool = False) -> InstanceUNet:
@@ -352,13 +296,6 @@ def build_instance_unet(settings: InstanceUNetSettings, training: bool = False) 
         else None,
         training=training,
     )
-
-
-def sampling_key(seed: int, images: jax.Array) -> jax.Array:
-    """A key that differs between batches: the bits of the image sum, folded into `seed`."""
-    total = jnp.sum(images.astype(jnp.float32))
-    bits = jax.lax.bitcast_convert_type(total, jnp.uint32)
-    return jax.random.fold_in(jax.random.key(seed), bits)
 
 
 class InstanceUNet(nn.Module):
@@ -448,80 +385,39 @@ class InstanceUNet(nn.Module):
         return jax.vmap(one)(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas))
 
     def __call__(self, x: jax.Array):
-        if x.ndim != 5:
-            raise DataError(f"InstanceUNet input shape {x.shape}; expected [b, z, y, x, channels]")
-        want = 2 if self.training else 1
-        if x.shape[-1] != want:
-            what = "image and instance ids" if self.training else "image"
-            raise DataError(
-                f"InstanceUNet (training={self.training}) input has {x.shape[-1]} channels; "
-                f"expected {want} ({what})"
-            )
+        two_stage.check_input(x, self.training, "InstanceUNet")
         if self.training:
-            return self._losses(x[..., :1], jnp.round(x[..., 1]).astype(jnp.int32))
+            return self._losses(*two_stage.split_training_input(x))
         return self._detect(x)
 
     def _losses(self, images: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
         s = self.settings
-        batch = images.shape[0]
         volume_shape = images.shape[1:4]
         maps = self.maps(images)
         roi_map, anchors, logits, deltas = self._rpn(maps)
-        gt_boxes, gt_valid = jax.vmap(lambda lab: boxes_from_labels(lab, s.max_instances))(labels)
-        keys = jax.random.split(sampling_key(s.seed, images), 2 * batch).reshape(batch, 2)
-
-        low, high = s.rpn_iou
-        rpn = jax.vmap(
-            lambda k, b, v: rpn_targets(
-                k, anchors, b, v, s.rpn_samples, s.rpn_positive_fraction, high, low
-            )
-        )(keys[:, 0], gt_boxes, gt_valid)
-        rpn_sampled = jnp.sum(rpn.labels >= 0).astype(jnp.float32)
-        losses = {
-            "rpn_objectness": objectness_loss(logits, rpn.labels),
-            "rpn_box": box_regression_loss(deltas, rpn.deltas, rpn.labels == 1, rpn_sampled),
-        }
-
+        gt_boxes, gt_valid, keys = two_stage.ground_truth(s, images, labels)
+        losses = two_stage.rpn_losses(s, anchors, logits, deltas, gt_boxes, gt_valid, keys)
         proposals, proposal_valid = self._proposals(
             anchors, logits, deltas, volume_shape, s.train_pre_nms, s.train_post_nms
         )
-        rois = jax.vmap(
-            lambda k, p, pv, b, v: roi_targets(
-                k, p, pv, b, v, s.roi_samples, s.roi_positive_fraction, s.roi_iou, ROI_BOX_WEIGHTS
-            )
-        )(keys[:, 1], proposals, proposal_valid, gt_boxes, gt_valid)
-        class_logits, box_deltas = self.box_head(
-            self._pool(roi_map, rois.boxes, s.box_head.roi_size)
+        roi, foreground = two_stage.roi_losses(
+            s,
+            labels,
+            proposals,
+            proposal_valid,
+            gt_boxes,
+            gt_valid,
+            keys,
+            lambda boxes, size: self._pool(roi_map, boxes, size),
+            self.box_head,
+            self.mask_head,
         )
-        classes = rois.classes.reshape(-1)
-        foreground = classes == 1
-        valid = rois.valid.reshape(-1)
-        losses["roi_class"] = classification_loss(class_logits, classes, valid)
-        losses["roi_box"] = box_regression_loss(
-            box_deltas[:, 0], rois.deltas.reshape(-1, 6), foreground, jnp.sum(valid)
-        )
-
-        # roi_targets lists foreground first: every foreground ROI is in the first slots.
-        num_mask = min(s.roi_samples, math.ceil(s.roi_samples * s.roi_positive_fraction))
-        mask_boxes = rois.boxes[:, :num_mask]
-        mask_fg = rois.classes[:, :num_mask] == 1
-        mask_ids = jnp.where(mask_fg, rois.matched[:, :num_mask] + 1, 0)
-        mask_logits = self.mask_head(self._pool(roi_map, mask_boxes, s.mask_roi_size))[..., 0]
-        targets = jax.vmap(lambda lab, b, i: mask_targets(lab, b, i, s.mask_size, s.mask_samples))(
-            labels, mask_boxes, mask_ids
-        )
-        losses["mask"] = mask_loss(
-            mask_logits, targets.reshape(mask_logits.shape), mask_fg.reshape(-1)
-        )
+        losses |= roi
         if self.semantic_head is not None:
             losses["semantic"] = s.semantic_weight * positive_weighted_sigmoid_cross_entropy(
                 self._semantic_logits(maps), labels > 0, s.semantic_positive_weight
             )
-        out = dict(losses)
-        out["loss"] = sum(losses.values())
-        out["gt_instances"] = jnp.sum(gt_valid).astype(jnp.float32) / batch
-        out["roi_foreground"] = jnp.sum(foreground).astype(jnp.float32) / batch
-        return out
+        return two_stage.training_outputs(losses, gt_valid, foreground)
 
     def _detect(self, images: jax.Array) -> dict[str, jax.Array]:
         s = self.settings
@@ -531,27 +427,15 @@ class InstanceUNet(nn.Module):
         proposals, proposal_valid = self._proposals(
             anchors, logits, deltas, volume_shape, s.test_pre_nms, s.test_post_nms
         )
-        class_logits, box_deltas = self.box_head(
-            self._pool(roi_map, proposals, s.box_head.roi_size)
+        out = two_stage.detect(
+            s,
+            volume_shape,
+            proposals,
+            proposal_valid,
+            lambda boxes, size: self._pool(roi_map, boxes, size),
+            self.box_head,
+            self.mask_head,
         )
-        batch, count = proposals.shape[:2]
-        scores = jax.nn.softmax(class_logits, axis=-1)[:, 1].reshape(batch, count)
-        boxes = decode_boxes(proposals.reshape(-1, 6), box_deltas[:, 0], ROI_BOX_WEIGHTS)
-        boxes = clip_boxes(boxes, volume_shape).reshape(batch, count, 6)
-        sizes = boxes[..., 3:] - boxes[..., :3]
-        keep = proposal_valid & (scores > s.box_score_threshold) & jnp.all(sizes > 0, axis=-1)
-
-        def final(b, sc, ok):
-            index, index_valid = nms(b, sc, s.final_nms, s.detections, valid=ok)
-            return b[index], jnp.where(index_valid, sc[index], 0.0), index_valid
-
-        det_boxes, det_scores, det_valid = jax.vmap(final)(boxes, scores, keep)
-        det_boxes = jnp.where(det_valid[..., None], det_boxes, 0.0)
-        masks = jax.nn.sigmoid(
-            self.mask_head(self._pool(roi_map, det_boxes, s.mask_roi_size))[..., 0]
-        )
-        masks = masks.reshape(batch, s.detections, *masks.shape[1:])
-        out = {"boxes": det_boxes, "scores": det_scores, "masks": masks, "valid": det_valid}
         if self.semantic_head is not None:
             out["semantic"] = jax.nn.sigmoid(self._semantic_logits(maps).astype(jnp.float32))
         return out

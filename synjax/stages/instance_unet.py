@@ -29,6 +29,7 @@ from synjax.data.intensity import (
     normalize_intensity,
     save_normalization,
 )
+from synjax.detection import two_stage
 from synjax.detection.heads import BoxHeadSettings, MaskHeadSettings
 from synjax.detection.rpn import RPNSettings
 from synjax.errors import ConfigError, DataError
@@ -216,11 +217,6 @@ def training_crops(config, image: np.ndarray, labels: np.ndarray, intensity) -> 
     )
 
 
-def _loss(outputs, batch):
-    del batch  # the model computed its losses from the packed input
-    return outputs["loss"], {k: v for k, v in outputs.items() if k != "loss"}
-
-
 def train_instance_unet(
     config, image: np.ndarray, labels: np.ndarray, workdir: pathlib.Path
 ) -> TrainedParams:
@@ -241,7 +237,9 @@ def train_instance_unet(
     train_settings = train_block(config)
     batch_fn = functools.partial(crops.instance_batch, batch_size=train_settings.batch_size)
     model = build_instance_unet(network_settings(network_block(config), config.seed), True)
-    state = train(model, _loss, batch_fn, train_settings, workdir, name=MODEL_NAME)
+    state = train(
+        model, two_stage.training_loss, batch_fn, train_settings, workdir, name=MODEL_NAME
+    )
     return TrainedParams(jax.device_get(state.params), intensity)
 
 

@@ -29,6 +29,7 @@ from synjax.data.intensity import (
     normalize_intensity,
     save_normalization,
 )
+from synjax.detection import two_stage
 from synjax.detection.fpn import FPNSettings
 from synjax.detection.heads import BoxHeadSettings, MaskHeadSettings
 from synjax.detection.mask_rcnn3d import MaskRCNN3DSettings, build_mask_rcnn
@@ -182,11 +183,6 @@ class TrainingPatches:
         return {"input": np.stack([self.item(rng) for _ in range(batch_size)])}
 
 
-def _loss(outputs, batch):
-    del batch  # the model computed its losses from the packed input
-    return outputs["loss"], {k: v for k, v in outputs.items() if k != "loss"}
-
-
 def train_mask_rcnn(
     config, image: np.ndarray, labels: np.ndarray, workdir: pathlib.Path
 ) -> TrainedParams:
@@ -214,7 +210,9 @@ def train_mask_rcnn(
     train_settings = TrainSettings.from_config(config.train, config.seed)
     batch_fn = functools.partial(patches.batch, batch_size=train_settings.batch_size)
     model = build_mask_rcnn(settings, training=True)
-    state = train(model, _loss, batch_fn, train_settings, workdir, name=MODEL_NAME)
+    state = train(
+        model, two_stage.training_loss, batch_fn, train_settings, workdir, name=MODEL_NAME
+    )
     return TrainedParams(jax.device_get(state.params), intensity)
 
 
