@@ -170,6 +170,14 @@ def get_config(arg: str | None = None):
                 # Instances of neighbouring blocks with IoU above this (within the
                 # shared margin) become one.
                 "fusion_iou": 0.5,
+                # A volume of your own (with --config.mode=predict), its output folder,
+                # region, reuse of blocks and retries: see
+                # synjax.configlib.volume_predict_fields (no Dask executor here).
+                "input": "",
+                "output": "",
+                "roi": "",
+                "resume": "auto",
+                "retries": 2,
             },
             "evaluation": {
                 # Example slices drawn; detections given a Grad-CAM attention PNG.

@@ -326,6 +326,37 @@ def test_detect_and_fuse_join_an_instance_cut_by_every_seam():
     np.testing.assert_allclose(scores, [0.9, 0.9])
 
 
+def test_fused_instances_take_the_best_score_of_their_block_instances():
+    from synjax.geometry import Box
+    from synjax.inference.instance_blocks import BlockDetections
+
+    full = np.ones((1, 2, 2), np.float32)
+    # Two 1 x 4 x 12 blocks overlapping in x 6..11 (block-local boxes below).
+    boxes = [Box((0, 0, 0), (1, 4, 12)), Box((0, 0, 6), (1, 4, 18))]
+    detections = [
+        # Block 0: the shared object (x 4..10) at 0.4, a lone one (x 0..2) at 0.3.
+        {
+            "boxes": np.asarray([[0, 0, 4, 1, 4, 10], [0, 0, 0, 1, 4, 2]], float),
+            "scores": np.asarray([0.4, 0.3], np.float32),
+            "masks": np.stack([full, full]),
+        },
+        # Block 1: the same object (volume x 6..10 is local 0..4) at 0.8.
+        {
+            "boxes": np.asarray([[0, 0, 0, 1, 4, 4]], float),
+            "scores": np.asarray([0.8], np.float32),
+            "masks": np.stack([full]),
+        },
+    ]
+    found = BlockDetections(boxes, detections, (1, 4, 18))
+    labels, scores = fuse_detections(found, Painting(0.0, 0.5), iou_threshold=0.3)
+    # Margin x 6..11: block 0's object covers x 6..9 there, block 1's x 6..9: IoU 1.
+    assert labels.max() == 2
+    shared, lone = labels[0, 0, 7], labels[0, 0, 1]
+    assert shared != lone and shared > 0 and lone > 0
+    assert set(np.unique(labels[0, :, 4:10]).tolist()) == {shared}
+    np.testing.assert_allclose(scores[[shared - 1, lone - 1]], [0.8, 0.3])
+
+
 def test_cleft_components_threshold_remove_small_and_tune():
     probability = np.zeros((3, 10, 10), np.float32)
     probability[0:2, 0:3, 0:3] = 0.8  # 18 voxels

@@ -362,6 +362,7 @@ def fuse_blocks(
     axis_order: Sequence[str] = DEFAULT_AXIS_ORDER,
     *,
     scratch_dir: str | os.PathLike | None = None,
+    on_block_ids: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> int:
     """Fuses per-block instance labels into one label volume, axis by axis.
 
@@ -380,6 +381,11 @@ def fuse_blocks(
       axis_order: the axes in the order they are fused (the paper's z, x, y).
       scratch_dir: where margins that wait for their neighbour block are kept
         (in memory when None).
+      on_block_ids: called as the blocks are written with `(block, local_ids,
+        fused_ids)`: the block's instance ids (sorted) and the output id each
+        became (0 where the instance owns no output voxel), so that callers
+        can carry per-instance values (scores) to the fused instances
+        without reading `out` again.
 
     Returns:
       The number of fused instances n: `out` holds ids 1..n, 0 background.
@@ -465,4 +471,6 @@ def fuse_blocks(
         provisional = np.arange(offsets[block] + 1, offsets[block + 1] + 1)
         written = _remap(labels, local_ids[block], final[provisional], block)
         out[core.slices()] = written.astype(out_dtype, copy=False)
+        if on_block_ids is not None:
+            on_block_ids(block, local_ids[block], final[provisional])
     return int(in_core.size)

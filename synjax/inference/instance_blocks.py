@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
-import scipy.ndimage
 
 from synjax.errors import ConfigError, DataError
 from synjax.geometry import Box
@@ -115,18 +114,29 @@ def detect_blocks(
             data = image[box.slices()]
             blocks[(i, *(slice(0, n) for n in data.shape))] = data
         out = detector(blocks)
-        for i, box in enumerate(chunk):
-            valid = np.asarray(out["valid"][i], bool)
-            found = {
-                "boxes": np.asarray(out["boxes"][i])[valid],
-                "scores": np.asarray(out["scores"][i])[valid],
-                "masks": np.asarray(out["masks"][i])[valid],
-            }
-            if "semantic" in out:
-                inside = tuple(slice(0, n) for n in box.shape)
-                found["semantic"] = np.asarray(out["semantic"][i], np.float32)[inside]
-            detections.append(found)
+        detections.extend(block_detections(out, i, box) for i, box in enumerate(chunk))
     return BlockDetections(boxes, detections, tuple(int(s) for s in image.shape))
+
+
+def block_detections(out: dict, index: int, box: Box) -> dict[str, np.ndarray]:
+    """Detections of block `index` of a detector batch: its valid ones, semantic cut to `box`.
+
+    Args:
+      out: a `BlockDetector`'s output for a batch of blocks.
+      index: the block's place in the batch.
+      box: the block's box in the volume (its data may be smaller than the
+        network's input at the volume's end).
+    """
+    valid = np.asarray(out["valid"][index], bool)
+    found = {
+        "boxes": np.asarray(out["boxes"][index])[valid],
+        "scores": np.asarray(out["scores"][index])[valid],
+        "masks": np.asarray(out["masks"][index])[valid],
+    }
+    if "semantic" in out:
+        inside = tuple(slice(0, n) for n in box.shape)
+        found["semantic"] = np.asarray(out["semantic"][index], np.float32)[inside]
+    return found
 
 
 def paint_block(
@@ -199,25 +209,40 @@ def fuse_detections(
         for det, box in zip(found.detections, found.boxes, strict=True)
     ]
     out = np.zeros(found.shape, np.uint32)
-    fuse_blocks(
+    scores = FusedScores()
+    count = fuse_blocks(
         found.boxes,
         lambda i: painted[i][0],
         out,
         iou_threshold=iou_threshold,
         axis_order=AXIS_ORDER,
+        on_block_ids=lambda block, local, fused: scores.add(local, fused, painted[block][1]),
     )
-    best = np.zeros(found.shape, np.float32)
-    for (labels, scores), box in zip(painted, found.boxes, strict=True):
-        lookup = np.concatenate([[0.0], scores]).astype(np.float32)
-        region = box.slices()
-        best[region] = np.maximum(best[region], lookup[labels])
-    ids = np.unique(out)
-    ids = ids[ids > 0]
-    if ids.size == 0:
-        return out, np.zeros(0, np.float32)
-    # Fused ids renumbered 1..k in increasing order (fastremap-free: a lookup).
-    lookup = np.zeros(int(ids.max()) + 1, np.uint32)
-    lookup[ids] = np.arange(1, ids.size + 1, dtype=np.uint32)
-    out = lookup[out]
-    scores = scipy.ndimage.maximum(best, out, np.arange(1, ids.size + 1))
-    return out, np.asarray(scores, np.float32)
+    return out, scores.result(count)
+
+
+class FusedScores:
+    """The highest score of the block instances that make up each fused instance."""
+
+    def __init__(self):
+        self._best: dict[int, float] = {}
+
+    def add(self, local_ids: np.ndarray, fused_ids: np.ndarray, block_scores: np.ndarray) -> None:
+        """One block's instances: painted ids `local_ids` (1..k) became `fused_ids` (0: none).
+
+        Args:
+          local_ids: [n] painted ids present in the block.
+          fused_ids: [n] the output id of each (0 where it owns no output voxel).
+          block_scores: [k] score of painted id i + 1.
+        """
+        for local, fused in zip(local_ids.tolist(), fused_ids.tolist(), strict=True):
+            if fused:
+                score = float(block_scores[local - 1])
+                self._best[fused] = max(score, self._best.get(fused, score))
+
+    def result(self, count: int) -> np.ndarray:
+        """[count] float32 score of fused instance i + 1."""
+        out = np.zeros(count, np.float32)
+        for fused, score in self._best.items():
+            out[fused - 1] = score
+        return out

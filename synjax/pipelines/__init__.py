@@ -6,7 +6,8 @@ neuron segmentation) each define `train(config, workdir)`,
 `evaluate(config, workdir, test)`; `run` checks the config, then runs the
 phases of `config.mode` in order. With `config.predict.input` (a volume of the
 user's, `volume_input.py`), predict mode runs `predict_volume(config, workdir)`
-of `partner_volume.py` or `neuron_volume.py` instead of predicting the test data. May
+of `partner_volume.py`, `neuron_volume.py` or `instance_volume.py` instead of
+predicting the test data. May
 import every package before it (the stages included); only `main.py` imports
 the pipelines. Jobs are imported lazily so that `python -m synjax.main --help`
 and the config checks stay fast.
@@ -33,6 +34,7 @@ MODES = ("train", "predict", "evaluate", "all")
 VOLUME_JOBS = {
     "partners": "synjax.pipelines.partner_volume",
     "neurons": "synjax.pipelines.neuron_volume",
+    "instances": "synjax.pipelines.instance_volume",
 }
 
 

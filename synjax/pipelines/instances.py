@@ -129,7 +129,7 @@ def _paintings(predict: InstancePredictSettings) -> list[Painting]:
     ]
 
 
-def _chosen_painting(chosen: dict) -> Painting:
+def chosen_painting(chosen: dict) -> Painting:
     """The painting recorded in `chosen.json` (a file without the semantic keys: none)."""
     return Painting(
         float(chosen["score_threshold"]),
@@ -273,7 +273,7 @@ def _predict(config, workdir: pathlib.Path) -> None:
     network = instance_unet.load_instance_unet(config, workdir)
     found = _detect(config, network, volume, region)
     ours = chosen[OURS]
-    fused, scores = fuse_detections(found, _chosen_painting(ours), float(predict.fusion_iou))
+    fused, scores = fuse_detections(found, chosen_painting(ours), float(predict.fusion_iou))
     labels, scores = _renumber(_slab(fused, region, volume.factors), scores)
     logging.info("instance network: %d synapses on the test slab", int(labels.max()))
     write_instance_labels(workdir / layout.NETWORK_INSTANCES, labels, volume.resolution)

@@ -130,6 +130,9 @@ class InstancePredictSettings:
       semantic_rescoring: whether a detection's score is multiplied by the
         mean semantic probability over its mask; a grid of booleans.
       fusion_iou: instances matched across a seam above this IoU become one.
+      input, output, roi, resume, retries: predicting a volume of your own
+        (`synjax.pipelines.instance_volume`; the keys of
+        `synjax.configlib.volume_predict_fields`, on this machine only).
     """
 
     block: Triple
@@ -141,3 +144,8 @@ class InstancePredictSettings:
     semantic_mixes: tuple[float, ...] = (0.0,)
     semantic_rescoring: tuple[bool, ...] = (False,)
     fusion_iou: float = 0.5
+    input: str = ""
+    output: str = ""
+    roi: str = ""
+    resume: str = "auto"
+    retries: int = 2

@@ -15,7 +15,14 @@ import math
 from synjax.errors import ConfigError
 from synjax.io import open_volume
 from synjax.io.checks import require_file
-from synjax.pipelines.config_checks.common import INTENSITY, TOP, TRAIN_RULES, check_warmup
+from synjax.pipelines.config_checks.common import (
+    INTENSITY,
+    PREDICT_VOLUME_RULES,
+    TOP,
+    TRAIN_RULES,
+    check_predict_volume,
+    check_warmup,
+)
 from synjax.pipelines.config_checks.rules import (
     Block,
     Value,
@@ -170,6 +177,7 @@ SCHEMA = {
             "mask_thresholds": sequence(number(0, 1, open_low=True, open_high=True)),
             "semantic_mixes": sequence(number(0, 1)),
             "semantic_rescoring": sequence(boolean()),
+            **PREDICT_VOLUME_RULES,
             "fusion_iou": number(0, 1, open_high=True),
         },
     ),
@@ -212,6 +220,7 @@ def check_relations(config) -> None:
             "semantic head, which config.model.semantic_weight=0 does not build; expected "
             "semantic_weight > 0, or mixes (0.0,) and rescoring (False,)"
         )
+    check_predict_volume(predict, "config.predict")
     check_warmup(train.warmup_steps, train.steps, "config.train.warmup_steps", "config.train.steps")
     splits = [tuple(data.splits[name]) for name in SPLIT_ORDER]
     for (name, (_, stop)), (next_name, (start, _)) in zip(

@@ -1,0 +1,279 @@
+"""The EM instance pipeline on a user's volume: the instance network block by block, fused.
+
+    python -m synjax.main --config=configs/vnc.py --workdir=RUN --config.mode=predict \
+        --config.predict.input=/data/em.zarr --config.predict.output=/data/em_synapses
+
+`config.predict.input` (`volume_input.py`, optionally its `roi`) is read on
+the network's grid: the mean over each `config.data.downsample` cell, as in
+training (voxels past the last whole cell at the far edges are left out). It
+is cut into the overlapping blocks of `config.predict.block` and `overlap`,
+each detected by the network trained in RUN and painted with the painting
+chosen on the validation slab (`RUN/chosen.json`); the blocks are fused along
+z, then x, then y (`synjax.inference.fusion`). Outputs, in
+`config.predict.output`:
+
+* `instances.zarr`: uint32 instance ids 1..n on the network's grid (voxel
+  size: the input's times the down-sampling; offset: the region's corner);
+* `instances.csv`: one row per instance (id, centroid in nm in the input's
+  frame, voxels, volume, score);
+* `instance_blocks.zarr` and `instance_scores.zarr`: each block's painted
+  labels (one chunk per block, stacked along z) and scores, with a done-state
+  that records the model, the input and the painting. A run killed part-way
+  resumes without detecting a finished block again; one made with another
+  model, input or painting is predicted afresh (`resume="auto"`) or refused
+  (`"strict"`).
+
+Memory holds one block, its detections and tables of ids: never the volume.
+Detection runs on this machine's default device; the Dask executor of the
+other pipelines is not offered here.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import skimage.measure
+from absl import logging
+
+from synjax.data.intensity import load_normalization, normalize_intensity
+from synjax.errors import DataError
+from synjax.geometry import Box
+from synjax.inference.block_grid import BlockGrid
+from synjax.inference.block_output import open_block_output
+from synjax.inference.done_blocks import open_done_state
+from synjax.inference.fusion import block_boxes, fuse_blocks
+from synjax.inference.instance_blocks import (
+    AXIS_ORDER,
+    FusedScores,
+    Painting,
+    block_detections,
+    paint_block,
+)
+from synjax.io import create_volume, layout, open_volume
+from synjax.io.instance_table import InstanceSums, write_instance_table
+from synjax.io.provenance import input_fingerprint
+from synjax.pipelines import volume_input
+from synjax.pipelines.instances import OURS, TABLE_COLUMNS, chosen_painting
+from synjax.report import files
+from synjax.report.progress import progress_bar
+from synjax.settings import from_config
+from synjax.stages import instance_unet
+from synjax.stages.instance_settings import InstancePredictSettings
+from synjax.train import checkpoint
+from synjax.train.checkpoint import checkpoint_provenance
+
+INSTANCES_OUTPUT = "instances.zarr"
+TABLE_OUTPUT = "instances.csv"
+BLOCKS_OUTPUT = "instance_blocks.zarr"
+SCORES_OUTPUT = "instance_scores.zarr"
+# Chunks of the fused labels (and of the table's block-wise pass).
+OUTPUT_CHUNKS = (16, 256, 256)
+
+
+def read_block_image(source, box: Box, factors, intensity) -> np.ndarray:
+    """The normalised network input of a read-grid `box`: cell means of the native voxels.
+
+    Args:
+      source: the native `[z, y, x]` volume (numpy slicing).
+      box: the block on the read grid.
+      factors: (z, y, x) down-sampling of the read grid.
+      intensity: the training run's `IntensityNormalization`.
+
+    Returns:
+      `[box.shape]` float32.
+    """
+    native = tuple(
+        slice(a * f, b * f) for a, b, f in zip(box.start, box.stop, factors, strict=True)
+    )
+    raw = np.asarray(source[native]).astype(np.float32)
+    if tuple(factors) != (1, 1, 1):
+        raw = skimage.measure.block_reduce(raw, tuple(factors), np.mean).astype(np.float32)
+    return normalize_intensity(raw, intensity, "instance network input")
+
+
+def _scores_store(path: pathlib.Path, num_blocks: int, detections: int, reuse: bool):
+    """Per-block scores `[blocks, 1, detections]`, kept when the painted blocks are reused."""
+    if reuse and path.exists():
+        return open_volume(str(path), mode="r+")
+    return create_volume(
+        str(path),
+        (num_blocks, 1, detections),
+        np.float32,
+        chunks=(1, 1, detections),
+        overwrite=True,
+    )
+
+
+def _paint_blocks(config, workdir, source, boxes, factors, painting, provenance, out_dir):
+    """Detects and paints every block not yet done; returns the two stores."""
+    predict = from_config(InstancePredictSettings, config.predict, "config.predict")
+    model = instance_unet.network_block(config)
+    block = instance_unet.check_shape(
+        predict.block,
+        instance_unet.backbone_settings(model).input_multiple,
+        "config.predict.block",
+    )
+    detections = int(model.detections)
+    stack_shape = (len(boxes) * block[0], block[1], block[2])
+    grid = BlockGrid(stack_shape, block)
+    labels_path = out_dir / BLOCKS_OUTPUT
+    labels_store, done_path = open_block_output(
+        labels_path, stack_shape, np.uint32, grid, provenance, predict.resume, chunks=block
+    )
+    scores_store = _scores_store(
+        out_dir / SCORES_OUTPUT, len(boxes), detections, reuse=done_path.exists()
+    )
+    done = open_done_state(done_path, grid, provenance, predict.resume)
+    todo = [int(b) for b in done.todo()]
+    if not todo:
+        logging.info("All %d blocks of %s were painted before: reused", len(boxes), labels_path)
+        return labels_store, scores_store, block
+    trained = instance_unet.load_instance_unet(config, workdir)
+    detector = instance_unet.block_detector(config, trained.params)
+    batch_size = int(predict.batch_size)
+    with progress_bar(
+        total=len(boxes), initial=len(boxes) - len(todo), unit="block", desc="instances"
+    ) as bar:
+        for first in range(0, len(todo), batch_size):
+            chunk = todo[first : first + batch_size]
+            for attempt in range(int(predict.retries) + 1):
+                try:
+                    painted = _paint(
+                        detector, source, [boxes[b] for b in chunk], block, factors, trained,
+                        painting,
+                    )  # fmt: skip
+                    break
+                except Exception as error:  # noqa: BLE001 - named and re-raised below
+                    if attempt == int(predict.retries):
+                        b = chunk[0]
+                        raise DataError(
+                            f"instance blocks {chunk} (first: read-grid voxels "
+                            f"{boxes[b].start}..{boxes[b].stop}) failed after "
+                            f"{attempt + 1} tries: {type(error).__name__}: {error}"
+                        ) from error
+                    logging.warning("blocks %s failed (%s); trying again", chunk, error)
+            for b, (labels, scores) in zip(chunk, painted, strict=True):
+                full = np.zeros(block, np.uint32)
+                full[tuple(slice(0, n) for n in labels.shape)] = labels
+                labels_store[b * block[0] : (b + 1) * block[0]] = full
+                row = np.zeros((1, 1, detections), np.float32)
+                row[0, 0, : scores.size] = scores
+                scores_store[b : b + 1] = row
+            done.record(chunk)
+            bar.update(len(chunk))
+    missing = done.missing()
+    if len(missing):
+        raise DataError(f"{labels_path}: blocks {list(missing)[:10]} were not painted")
+    return labels_store, scores_store, block
+
+
+def _paint(detector, source, boxes, block, factors, trained, painting: Painting):
+    """Painted (labels [box.shape], scores [k]) of a batch of read-grid boxes."""
+    images = np.zeros((len(boxes), *block), np.float32)
+    for i, box in enumerate(boxes):
+        data = read_block_image(source, box, factors, trained.intensity)
+        images[(i, *(slice(0, n) for n in data.shape))] = data
+    out = detector(images)
+    return [
+        paint_block(block_detections(out, i, box), box.shape, painting)
+        for i, box in enumerate(boxes)
+    ]
+
+
+def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
+    """Synapse instances of `config.predict.input` with the network trained in `workdir`.
+
+    Returns:
+      The path of the fused instance labels.
+
+    Raises:
+      DataError: no trained network or `chosen.json` in `workdir`, a bad
+        input (named in one line), or a block that failed every try.
+    """
+    workdir = pathlib.Path(workdir)
+    chosen_path = workdir / layout.CHOSEN_FILE
+    if not chosen_path.is_file():
+        raise DataError(
+            f"{chosen_path} is missing: train in this workdir first (config.mode=train), "
+            "which chooses the painting on the validation slab"
+        )
+    painting = chosen_painting(files.read_json(chosen_path)[OURS])
+    raw, roi = volume_input.open_input(config)
+    source = volume_input.RegionVolume(raw, roi)
+    factors = tuple(int(f) for f in config.data.downsample)
+    read_shape = tuple(n // f for n, f in zip(source.shape, factors, strict=True))
+    if min(read_shape) < 1:
+        raise DataError(
+            f"{volume_input.INPUT_KEY}={config.predict.input!r}: region {source.shape} is "
+            f"smaller than one cell of config.data.downsample={factors}"
+        )
+    predict = from_config(InstancePredictSettings, config.predict, "config.predict")
+    boxes = block_boxes(read_shape, tuple(predict.block), tuple(predict.overlap))
+    out_dir = volume_input.output_dir(config)
+    name = instance_unet.MODEL_NAME
+    intensity = load_normalization(checkpoint.checkpoint_dir(workdir, name))
+    provenance = {
+        "model": checkpoint_provenance(workdir, name) | {"intensity": intensity.to_dict()},
+        "input": input_fingerprint(raw, path=config.predict.input)
+        | {"roi": [list(roi.start), list(roi.stop)]},
+        "painting": painting._asdict(),
+        "grid": {"downsample": list(factors), "overlap": list(predict.overlap)},
+    }
+    logging.info(
+        "Predicting instances of %s (region %s..%s, read grid %s, %d blocks) into %s",
+        config.predict.input,
+        roi.start,
+        roi.stop,
+        read_shape,
+        len(boxes),
+        out_dir,
+    )
+    labels_store, scores_store, block = _paint_blocks(
+        config, workdir, source, boxes, factors, painting, provenance, out_dir
+    )
+
+    resolution = tuple(float(r) * f for r, f in zip(raw.resolution, factors, strict=True))
+    offset = tuple(
+        float(o) + a * float(r)
+        for o, a, r in zip(raw.offset, roi.start, raw.resolution, strict=True)
+    )
+    chunks = tuple(min(c, n) for c, n in zip(OUTPUT_CHUNKS, read_shape, strict=True))
+    out_path = out_dir / INSTANCES_OUTPUT
+    out = create_volume(
+        str(out_path),
+        read_shape,
+        np.uint32,
+        resolution=resolution,
+        offset=offset,
+        chunks=chunks,
+        overwrite=True,
+    )
+
+    def block_labels(i: int) -> np.ndarray:
+        box = boxes[i]
+        z0 = i * block[0]
+        return np.asarray(labels_store[z0 : z0 + box.shape[0], : box.shape[1], : box.shape[2]])
+
+    scores = FusedScores()
+    count = fuse_blocks(
+        boxes,
+        block_labels,
+        out,
+        iou_threshold=float(predict.fusion_iou),
+        axis_order=AXIS_ORDER,
+        scratch_dir=out_dir,
+        on_block_ids=lambda b, local, fused: scores.add(
+            local, fused, np.asarray(scores_store[b : b + 1])[0, 0]
+        ),
+    )
+    sums = InstanceSums(count)
+    grid = BlockGrid(read_shape, chunks)
+    for b in grid.block_ids():
+        region = grid.output_box(b)
+        sums.add(np.asarray(out[region]), origin=tuple(r.start for r in region))
+    write_instance_table(
+        out_dir / TABLE_OUTPUT, sums.rows(scores.result(count), resolution, offset), TABLE_COLUMNS
+    )
+    logging.info("%d synapse instances in %s and %s", count, out_path, out_dir / TABLE_OUTPUT)
+    return out_path
