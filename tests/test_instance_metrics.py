@@ -240,3 +240,15 @@ def test_compare_volume_distributions():
     assert other.gamma_kl == pytest.approx(dist.gamma_kl(other.fit_p, other.fit_q))
     log_edges = dist.shared_bins(a, c, num_bins=4, log=True)
     np.testing.assert_allclose(np.diff(np.log(log_edges)), np.log(log_edges[-1] / log_edges[0]) / 4)
+
+
+def test_tied_score_share_by_hand():
+    from synjax.inference.instances import tied_score_share
+
+    # 0.9318521 and 0.9318519 round to one value at 6 decimals: 3 of 5.
+    share, score = tied_score_share(np.asarray([0.9318521, 0.5, 0.9318519, 0.9318520, 0.7]))
+    assert share == pytest.approx(0.6) and score == pytest.approx(0.931852)
+    share, _ = tied_score_share(np.asarray([0.1, 0.2, 0.3, 0.4]))
+    assert share == pytest.approx(0.25)
+    share, score = tied_score_share(np.zeros(0))
+    assert share == 0.0 and np.isnan(score)

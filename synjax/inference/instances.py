@@ -263,3 +263,27 @@ def predict_volume_instances(
         predict_fn, image, patch_shape, overlap, score_threshold, batch_size, mask_threshold
     )
     return merge_detections(detections, score_threshold, min_overlap)
+
+
+def tied_score_share(scores: np.ndarray, decimals: int = 6) -> tuple[float, float]:
+    """The most common score of a set of instances and the share of them that hold it.
+
+    A healthy detector gives its instances scores that differ; when most of
+    them share one value (say, a box head whose units are inactive for most
+    ROIs, so that their logits are its bias), ranking or thresholding by score
+    means little, which a user should be told.
+
+    Args:
+      scores: [n] instance scores.
+      decimals: scores equal to this many decimals count as one.
+
+    Returns:
+      (share in [0, 1] of the instances holding the most common score, that
+      score); (0.0, nan) for no instances.
+    """
+    scores = np.asarray(scores, np.float64).round(decimals)
+    if scores.size == 0:
+        return 0.0, math.nan
+    values, counts = np.unique(scores, return_counts=True)
+    top = int(np.argmax(counts))
+    return float(counts[top] / scores.size), float(values[top])

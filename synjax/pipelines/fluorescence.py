@@ -34,7 +34,7 @@ from absl import logging
 from synjax.data.synthetic_fluorescence import make_fluorescence_volume
 from synjax.evaluation.distributions import compare_volume_distributions, instance_volumes
 from synjax.evaluation.instances import instance_scores, merge_split_errors, overlap_table
-from synjax.inference.instances import merge_detections
+from synjax.inference.instances import merge_detections, tied_score_share
 from synjax.io import layout, open_volume
 from synjax.io.atomic import atomic_open
 from synjax.io.instance_table import instance_rows, write_instance_labels, write_instance_table
@@ -49,6 +49,8 @@ from synjax.report import files, slices
 from synjax.stages import mask_rcnn
 
 OURS, BASELINE = "mask_rcnn", "baseline"
+# More than this share of at least this many instances sharing one score is warned about.
+TIED_SCORES_SHARE, TIED_SCORES_MIN_INSTANCES = 0.5, 10
 # Columns of `instances.csv`.
 TABLE_COLUMNS = ("id", "z_nm", "y_nm", "x_nm", "voxels", "volume_um3", "mean_intensity", "score")
 
@@ -142,6 +144,16 @@ def _predict(config, workdir: pathlib.Path) -> None:
         ours.num_detections,
         detections.num_patches,
     )
+    share, tied = tied_score_share(ours.scores)
+    if ours.scores.size >= TIED_SCORES_MIN_INSTANCES and share > TIED_SCORES_SHARE:
+        logging.warning(
+            "Mask R-CNN: %.0f%% of the %d instances share the score %.6f: ranking or "
+            "thresholding them by score means little (the box head may be inactive for "
+            "most ROIs)",
+            100 * share,
+            ours.scores.size,
+            tied,
+        )
     write_instance_labels(workdir / layout.MASK_RCNN_INSTANCES, ours.labels, resolution)
     write_instance_table(
         workdir / layout.INSTANCES_TABLE_FILE,
