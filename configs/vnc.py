@@ -167,6 +167,11 @@ def get_config(arg: str | None = None):
                 # scores times the mean semantic probability of the mask, or not.
                 "semantic_mixes": (0.0, 0.5),
                 "semantic_rescoring": (False, True),
+                # Fused instances of fewer read voxels dropped (the baseline's grid).
+                "min_sizes": (0,) if smoke else (0, 50, 200, 500),
+                # A detection with under half of its mask free when painted is
+                # dropped (detectron2's panoptic overlap threshold).
+                "min_free_fraction": 0.5,
                 # Instances of neighbouring blocks with IoU above this (within the
                 # shared margin) become one.
                 "fusion_iou": 0.5,

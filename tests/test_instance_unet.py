@@ -228,6 +228,34 @@ def test_paint_block_gives_each_voxel_to_the_highest_score():
     assert labels.max() == 1 and scores.tolist() == [pytest.approx(0.9)]
 
 
+def test_paint_block_drops_a_detection_with_too_few_free_voxels():
+    full = np.ones((1, 2, 2), np.float32)
+    detections = {
+        # Box 1 (0.9) y 2..5, x 2..5; box 0 (0.6) y 0..3, x 0..3: 4 of its 16 voxels
+        # are taken, 12 free (0.75).
+        "boxes": np.asarray([[0, 0, 0, 1, 4, 4], [0, 2, 2, 1, 6, 6]], float),
+        "scores": np.asarray([0.6, 0.9], np.float32),
+        "masks": np.stack([full, full]),
+    }
+    labels, _ = paint_block(detections, (1, 8, 8), Painting(0.3, 0.5, min_free_fraction=0.75))
+    assert labels.max() == 2 and (labels == 2).sum() == 12
+    labels, scores = paint_block(detections, (1, 8, 8), Painting(0.3, 0.5, min_free_fraction=0.8))
+    assert labels.max() == 1 and (labels == 1).sum() == 16
+    np.testing.assert_allclose(scores, [0.9])
+
+
+def test_keep_large_instances_by_hand():
+    from synjax.postprocess.components import keep_large_instances
+
+    # Sizes of ids 1..4: 5, 1, 9, 3; at 3 ids 1, 3, 4 stay as 1, 2, 3.
+    np.testing.assert_array_equal(
+        keep_large_instances(np.asarray([5, 1, 9, 3]), 3), [0, 1, 0, 2, 3]
+    )
+    np.testing.assert_array_equal(keep_large_instances(np.asarray([5, 1]), 0), [0, 1, 2])
+    with pytest.raises(ConfigError, match="min_size=-1"):
+        keep_large_instances(np.asarray([1]), -1)
+
+
 def _two_box_detections():
     """Two 1 x 4 x 4 boxes side by side; the mask head says the left half of each."""
     half = np.zeros((1, 4, 4), np.float32)

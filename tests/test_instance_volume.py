@@ -10,6 +10,7 @@ the labels and scores of the in-memory path (`detect_blocks` +
 
 import importlib.util
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -23,7 +24,7 @@ from synjax.inference.instance_blocks import detect_blocks, fuse_detections
 from synjax.io import create_volume, open_volume
 from synjax.io.instance_table import instance_rows
 from synjax.pipelines.instance_data import downsample
-from synjax.pipelines.instances import chosen_painting
+from synjax.pipelines.instances import chosen_painting, drop_small
 from synjax.stages import instance_unet
 from tests.conftest import REPO_ROOT
 
@@ -131,3 +132,30 @@ def test_user_volume_region_offset_and_missing_training(trained, tmp_path):
 
     with pytest.raises(DataError, match=r"chosen.json is missing: train in this workdir first"):
         pipelines.run(config, tmp_path / "empty_run")
+
+
+def test_user_volume_drops_instances_under_the_chosen_size(trained, tmp_path):
+    config = _config()
+    path, raw = _user_volume(tmp_path / "user.zarr", (8, 64, 48))
+    expected, scores = _in_memory(config, trained, raw)
+    sizes = np.bincount(expected.ravel())[1:]
+    assert sizes.size >= 2 and sizes.min() < sizes.max()
+    min_size = int(np.median(sizes)) + 1
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    chosen = json.loads((run / "chosen.json").read_text())
+    chosen["instance_unet"]["min_size"] = min_size
+    (run / "chosen.json").write_text(json.dumps(chosen))
+    config.mode = "predict"
+    config.predict.input = path
+    config.predict.output = str(tmp_path / "out")
+    pipelines.run(config, run)
+    kept, kept_scores = drop_small(expected, scores, min_size)
+    assert 0 < kept.max() < expected.max()
+    np.testing.assert_array_equal(
+        open_volume(str(tmp_path / "out" / "instances.zarr")).read(), kept
+    )
+    rows = (tmp_path / "out" / "instances.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, int(kept.max()) + 1))
+    np.testing.assert_allclose([float(r.split(",")[-1]) for r in rows], kept_scores, rtol=1e-5)
+    assert min(int(r.split(",")[4]) for r in rows) >= min_size

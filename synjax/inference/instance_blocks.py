@@ -14,7 +14,8 @@ one block's detections into local labels at a (score, mask) threshold pair;
 
 Painting (`Painting`): detections above the score threshold, highest score
 first, each pasted at the mask threshold; a voxel keeps the first
-(highest-scoring) instance that claims it. With the network's semantic head
+(highest-scoring) instance that claims it, and a detection with too few free
+voxels left is dropped (`min_free_fraction`). With the network's semantic head
 (`semantic [z, y, x]` cleft probability per block), two choices:
 
 * `semantic_mix` a: a voxel of a detection's box is in its mask where
@@ -53,12 +54,17 @@ class Painting(NamedTuple):
       mask_threshold: probability above which a voxel is in the instance.
       semantic_mix: share of the semantic probability in that probability.
       semantic_rescore: multiply scores by the mean semantic probability of the mask.
+      min_free_fraction: a detection is left out when fewer than this share
+        of its mask's voxels are still free (detectron2's panoptic
+        `overlap_threshold`, 0.5 there): a mask mostly covered by a better
+        detection would otherwise leave a sliver as an instance of its own.
     """
 
     score_threshold: float
     mask_threshold: float
     semantic_mix: float = 0.0
     semantic_rescore: bool = False
+    min_free_fraction: float = 0.0
 
     @property
     def uses_semantic(self) -> bool:
@@ -189,7 +195,7 @@ def paint_block(
         if score <= painting.score_threshold:
             break
         free = voxels[labels[voxels] == 0]
-        if free.size:
+        if free.size and free.size >= painting.min_free_fraction * voxels.size:
             scores.append(score)
             labels[free] = len(scores)
     return labels.reshape(shape), np.asarray(scores, np.float32)

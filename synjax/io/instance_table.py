@@ -72,6 +72,18 @@ class InstanceSums:
                 flat, weights=np.asarray(image).ravel(), minlength=self.count + 1
             )
 
+    def select(self, lookup: np.ndarray) -> InstanceSums:
+        """The sums of the kept instances under new ids: `lookup[old id]` (0 = dropped)."""
+        lookup = np.asarray(lookup)
+        keep = lookup[1:] > 0
+        kept = InstanceSums(int(keep.sum()))
+        index = np.concatenate([[0], np.nonzero(keep)[0] + 1])
+        kept.voxels = self.voxels[index]
+        kept.coordinates = self.coordinates[:, index]
+        if self.intensity is not None:
+            kept.intensity = self.intensity[index]
+        return kept
+
     def rows(
         self,
         scores: np.ndarray,

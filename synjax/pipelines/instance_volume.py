@@ -9,7 +9,8 @@ training (voxels past the last whole cell at the far edges are left out). It
 is cut into the overlapping blocks of `config.predict.block` and `overlap`,
 each detected by the network trained in RUN and painted with the painting
 chosen on the validation slab (`RUN/chosen.json`); the blocks are fused along
-z, then x, then y (`synjax.inference.fusion`). Outputs, in
+z, then x, then y (`synjax.inference.fusion`) and instances under the chosen
+size dropped. Outputs, in
 `config.predict.output`:
 
 * `instances.zarr`: uint32 instance ids 1..n on the network's grid (voxel
@@ -55,6 +56,7 @@ from synjax.io.instance_table import InstanceSums, write_instance_table
 from synjax.io.provenance import input_fingerprint
 from synjax.pipelines import volume_input
 from synjax.pipelines.instances import OURS, TABLE_COLUMNS, chosen_painting
+from synjax.postprocess.components import keep_large_instances
 from synjax.report import files
 from synjax.report.progress import progress_bar
 from synjax.settings import from_config
@@ -198,7 +200,8 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
             f"{chosen_path} is missing: train in this workdir first (config.mode=train), "
             "which chooses the painting on the validation slab"
         )
-    painting = chosen_painting(files.read_json(chosen_path)[OURS])
+    chosen = files.read_json(chosen_path)[OURS]
+    painting = chosen_painting(chosen)
     raw, roi = volume_input.open_input(config)
     source = volume_input.RegionVolume(raw, roi)
     factors = tuple(int(f) for f in config.data.downsample)
@@ -272,8 +275,17 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
     for b in grid.block_ids():
         region = grid.output_box(b)
         sums.add(np.asarray(out[region]), origin=tuple(r.start for r in region))
+    fused_scores = scores.result(count)
+    # The smallest instance chosen on the validation slab (read voxels), block by block.
+    lookup = keep_large_instances(sums.voxels[1:], int(chosen.get("min_size", 0)))
+    if np.count_nonzero(lookup) < count:
+        for b in grid.block_ids():
+            region = grid.output_box(b)
+            out[region] = lookup[np.asarray(out[region])]
+        sums = sums.select(lookup)
+        fused_scores = fused_scores[lookup[1:] > 0]
     write_instance_table(
-        out_dir / TABLE_OUTPUT, sums.rows(scores.result(count), resolution, offset), TABLE_COLUMNS
+        out_dir / TABLE_OUTPUT, sums.rows(fused_scores, resolution, offset), TABLE_COLUMNS
     )
-    logging.info("%d synapse instances in %s and %s", count, out_path, out_dir / TABLE_OUTPUT)
+    logging.info("%d synapse instances in %s and %s", sums.count, out_path, out_dir / TABLE_OUTPUT)
     return out_path

@@ -9,8 +9,8 @@ train:    the instance network (`synjax.stages.instance_unet`) and the
           on crops of the training slab. On the validation slab (never trained
           on; image context from the training slab before it) the network's
           painting (score and mask thresholds, and the use of its semantic
-          head: `synjax.inference.instance_blocks.Painting`) and the
-          baseline's probability threshold and smallest component are chosen
+          head: `synjax.inference.instance_blocks.Painting`) and smallest
+          fused instance, and the baseline's probability threshold and smallest component are chosen
           by detection F1 (ties: instance F1 at IoU 0.5, then the stricter
           setting) -> `chosen.json`.
 predict:  both on the test slab (image context from before it): the network
@@ -50,7 +50,7 @@ from synjax.io import layout, open_volume
 from synjax.io.instance_table import instance_rows, write_instance_labels, write_instance_table
 from synjax.models.instance_unet import build_instance_unet
 from synjax.pipelines.instance_data import EMVolume, load_volume, split_rows, upsample
-from synjax.postprocess.components import cleft_components, tune_components
+from synjax.postprocess.components import cleft_components, keep_large_instances, tune_components
 from synjax.report import files, slices
 from synjax.report.attention import plot_attention
 from synjax.settings import from_config
@@ -121,7 +121,9 @@ def _detect(config, trained, volume: EMVolume, region) -> BlockDetections:
 def _paintings(predict: InstancePredictSettings) -> list[Painting]:
     """Every painting of the validation grid."""
     return [
-        Painting(float(score), float(mask), float(mix), bool(rescore))
+        Painting(
+            float(score), float(mask), float(mix), bool(rescore), float(predict.min_free_fraction)
+        )
         for score in predict.score_thresholds
         for mask in predict.mask_thresholds
         for mix in predict.semantic_mixes
@@ -136,7 +138,22 @@ def chosen_painting(chosen: dict) -> Painting:
         float(chosen["mask_threshold"]),
         float(chosen.get("semantic_mix", 0.0)),
         bool(chosen.get("semantic_rescore", False)),
+        float(chosen.get("min_free_fraction", 0.0)),
     )
+
+
+def drop_small(labels: np.ndarray, scores: np.ndarray, min_size: int):
+    """Fused instances of fewer than `min_size` voxels dropped, the rest renumbered 1..m.
+
+    Args:
+      labels: [z, y, x] ids 1..k; scores: [k] score of id i + 1.
+
+    Returns:
+      (labels [z, y, x] uint32, scores [m]).
+    """
+    voxels = np.bincount(labels.ravel(), minlength=scores.size + 1)[1:]
+    lookup = keep_large_instances(voxels, min_size)
+    return lookup[labels], scores[lookup[1:] > 0]
 
 
 def _baseline_probability(config, trained, volume: EMVolume, region) -> np.ndarray:
@@ -168,24 +185,28 @@ def _train(config, workdir: pathlib.Path) -> dict:
     found = _detect(config, network, volume, region)
     table = []
     for painting in _paintings(predict):
-        fused, _ = fuse_detections(found, painting, float(predict.fusion_iou))
-        result = detection_and_instance_scores(_slab(fused, region, volume.factors), truth)
-        table.append((painting, result))
-    # Ties: the stricter thresholds, then the plainer use of the semantic head.
-    best, result = max(
+        fused, scores = fuse_detections(found, painting, float(predict.fusion_iou))
+        for min_size in predict.min_sizes:
+            kept, _ = drop_small(fused, scores, int(min_size))
+            result = detection_and_instance_scores(_slab(kept, region, volume.factors), truth)
+            table.append((painting, int(min_size), result))
+    # Ties: the stricter thresholds and size, then the plainer use of the semantic head.
+    best, min_size, result = max(
         table,
         key=lambda row: (
-            *_rank(row[1]),
+            *_rank(row[2]),
             row[0].score_threshold,
             row[0].mask_threshold,
+            row[1],
             -row[0].semantic_mix,
             not row[0].semantic_rescore,
         ),
     )
     chosen[OURS] = {
         **best._asdict(),
+        "min_size": min_size,
         "validation": result,
-        "grid": [{**painting._asdict(), **r} for painting, r in table],
+        "grid": [{**p._asdict(), "min_size": m, **r} for p, m, r in table],
         "train_seconds": network_seconds,
     }
     logging.info("instance network chosen on the validation slab: %s", chosen[OURS]["validation"])
@@ -274,6 +295,7 @@ def _predict(config, workdir: pathlib.Path) -> None:
     found = _detect(config, network, volume, region)
     ours = chosen[OURS]
     fused, scores = fuse_detections(found, chosen_painting(ours), float(predict.fusion_iou))
+    fused, scores = drop_small(fused, scores, int(ours.get("min_size", 0)))
     labels, scores = _renumber(_slab(fused, region, volume.factors), scores)
     logging.info("instance network: %d synapses on the test slab", int(labels.max()))
     write_instance_labels(workdir / layout.NETWORK_INSTANCES, labels, volume.resolution)

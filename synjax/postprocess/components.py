@@ -79,3 +79,26 @@ def tune_components(
     ]
     best = max(table, key=lambda row: (row[2], row[0], row[1]))
     return ComponentsChoice(best[0], best[1], best[2], table)
+
+
+def keep_large_instances(voxels: np.ndarray, min_size: int) -> np.ndarray:
+    """New ids of instances 1..k once those under `min_size` voxels are dropped.
+
+    The size rule of the two-step baseline, for instance labels that come from
+    elsewhere (the instance network's fused blocks, whose sizes may have been
+    counted block by block).
+
+    Args:
+      voxels: [k] voxel count of instance i + 1.
+      min_size: instances with fewer voxels are dropped.
+
+    Returns:
+      [k + 1] uint32 lookup: old id -> new id (0 for dropped ones and the
+      background), kept ids renumbered 1..m in their old order.
+    """
+    if min_size < 0:
+        raise ConfigError(f"keep_large_instances: min_size={min_size}; expected >= 0")
+    keep = np.asarray(voxels) >= min_size
+    lookup = np.zeros(keep.size + 1, np.uint32)
+    lookup[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    return lookup

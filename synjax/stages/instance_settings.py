@@ -129,6 +129,10 @@ class InstancePredictSettings:
         mask head alone); a grid. Nonzero needs the semantic head.
       semantic_rescoring: whether a detection's score is multiplied by the
         mean semantic probability over its mask; a grid of booleans.
+      min_sizes: fused instances of fewer read voxels are dropped (the
+        baseline's size rule); a grid.
+      min_free_fraction: a detection whose mask has fewer than this share of
+        free voxels left when it is painted is dropped (`Painting`).
       fusion_iou: instances matched across a seam above this IoU become one.
       input, output, roi, resume, retries: predicting a volume of your own
         (`synjax.pipelines.instance_volume`; the keys of
@@ -143,6 +147,8 @@ class InstancePredictSettings:
     mask_thresholds: tuple[float, ...]
     semantic_mixes: tuple[float, ...] = (0.0,)
     semantic_rescoring: tuple[bool, ...] = (False,)
+    min_sizes: tuple[int, ...] = (0,)
+    min_free_fraction: float = 0.0
     fusion_iou: float = 0.5
     input: str = ""
     output: str = ""

@@ -177,6 +177,8 @@ SCHEMA = {
             "mask_thresholds": sequence(number(0, 1, open_low=True, open_high=True)),
             "semantic_mixes": sequence(number(0, 1)),
             "semantic_rescoring": sequence(boolean()),
+            "min_sizes": sequence(integer(0)),
+            "min_free_fraction": number(0, 1),
             **PREDICT_VOLUME_RULES,
             "fusion_iou": number(0, 1, open_high=True),
         },
