@@ -4,7 +4,8 @@ The real ssTEM stack of the Drosophila larva VNC (Gerhard et al. 2013, left
 half: 20 x 1024 x 512 voxels of 50 x 4.6 x 4.6 nm, 33 synapses labelled as
 clefts), cut along y: train on y < 640, choose every threshold on the
 validation slab 640 <= y < 768 (inside the training part, never trained on),
-test on y >= 768, scored once. The networks read the stack at (1, 2, 2)
+test on y >= 768 (each run scores it once; README says how often it has been
+scored while the protocol changed). The networks read the stack at (1, 2, 2)
 (50 x 9.2 x 9.2 nm); metrics are computed on the native grid.
 
     python -m synjax.main --config=configs/vnc.py --workdir=workdir/vnc
@@ -13,17 +14,16 @@ test on y >= 768, scored once. The networks read the stack at (1, 2, 2)
 
 default:   the VNC stack; U-Net of base width 8 (8, 16, 32, 64, 128 channels),
            pools (1, 2, 2) x 3 then (2, 2, 2); the RPN on the (1, 4, 4) decoder
-           map (nine anchor shapes), box and mask heads on the (1, 2, 2) map.
-           Sized for 2 CPU cores (at most 45 minutes in all). Measured on the
-           shared 2-core CPU (load average ~7; benchmarks/bench_instance_unet.py,
-           results/ JSON): a training step of 2 crops of 8 x 128 x 128 read
-           voxels takes 1.96 s (instance network; 1.8-2.4 s in other runs) and
-           1.13 s (baseline; up to 1.75 s), compilation ~2 min in all, one
-           12 x 128 x 128 block's detection 0.36 s and its fusion 0.02 s. So
-           650 + 350 steps take 21 + 7 min (at most 26 + 10 min at the slowest
-           step times seen), inference, fusion and grid search of the 30
-           validation and test blocks about 1 min: 31-41 minutes, extrapolated
-           (not run whole here: the CPU is shared).
+           map (nine anchor shapes), box and mask heads on the (1, 2, 2) map,
+           a semantic (cleft probability) head on the finest map. The
+           painting of the detections (score and mask thresholds, use of the
+           semantic head, smallest instance) is chosen on the validation slab.
+           Sized for 2 CPU cores (at most 45 minutes in all): measured whole
+           at 9e491e5 in 35.1 min with other jobs sharing the cores (network
+           training 24.4 min, baseline 9.5 min, validation grid, test
+           prediction and scoring about 1 min); a training step of 2 crops
+           takes 0.85 s on the quiet machine, 2-4 s shared
+           (benchmarks/bench_instance_unet.py).
 synthetic: the same protocol on a synthetic EM volume of the same shape and
            voxel size (`synjax.data.synthetic`), for the demo.
 smoke:     a tiny synthetic volume and network that run end to end in seconds
