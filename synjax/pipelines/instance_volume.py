@@ -141,10 +141,10 @@ def _paint_blocks(config, workdir, source, boxes, factors, painting, provenance,
             chunk = todo[first : first + batch_size]
             for attempt in range(int(predict.retries) + 1):
                 try:
+                    chunk_boxes = [boxes[b] for b in chunk]
                     painted = _paint(
-                        detector, source, [boxes[b] for b in chunk], block, factors, trained,
-                        painting,
-                    )  # fmt: skip
+                        detector, source, chunk_boxes, block, factors, trained, painting
+                    )
                     break
                 except Exception as error:  # noqa: BLE001 - named and re-raised below
                     if attempt == int(predict.retries):
