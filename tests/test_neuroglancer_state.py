@@ -268,3 +268,19 @@ def test_own_volume_state_without_a_readable_input_and_with_a_synapse_table(tmp_
         layout.VOLUME_PROXIMITY,
         layout.SYNAPSES_CSV_FILE,
     ]
+
+
+def test_an_n5_input_is_shown_by_its_own_metadata(tmp_path):
+    """N5 names its own axes and voxel size: the layer is its URL alone, nothing copied."""
+    create_volume(tmp_path / "em.n5", SHAPE, np.uint8, (40.0, 4.0, 8.0))
+    output = tmp_path / "out"
+    create_volume(output / layout.VOLUME_BOUNDARIES, SHAPE, np.float32, (40.0, 4.0, 8.0))
+    state = neuroglancer_state.build_volume_state(output, str(tmp_path / "em.n5"))
+    assert state["layers"][0] == {
+        "type": "image",
+        "name": "raw",
+        "source": "n5://file://" + str(tmp_path / "em.n5"),
+    }
+    assert [layer["name"] for layer in state["layers"]] == ["raw", "boundaries"]
+    assert "matrix" not in state["layers"][1]["source"]["transform"]  # offset 0: none
+    assert sorted(p.name for p in output.iterdir()) == [layout.VOLUME_BOUNDARIES]

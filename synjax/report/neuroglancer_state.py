@@ -22,8 +22,10 @@ A volume of your own (`config.predict.input`) is never copied: the state that
 `write_volume_state` writes into `config.predict.output` shows the input
 where it lies (zarr, N5 or precomputed; neuroglancer reads no HDF5 or TIFF,
 so such an input gets no layer) under the outputs of `OWN_VOLUME_LAYERS`.
-Each layer sits at its stored offset (a translation of offset / voxel size),
-so the outputs of a `config.predict.roi` cover their region of the input.
+Each zarr layer sits at its stored offset (a translation of offset / voxel
+size), so the outputs of a `config.predict.roi` cover their region of the
+input; an N5 or precomputed input is placed by neuroglancer from its own
+metadata (its voxel size and offset), which synjax reads the same way.
 
 Sources. A volume layer's source is `zarr://file:///absolute/path.zarr`:
 the file it shows, named exactly. Browsers cannot read `file://` URLs;
@@ -314,10 +316,14 @@ def build_volume_state(output: str | os.PathLike, input_source: str) -> dict[str
     try:
         url = source_url(input_source)
         layers = [layer for layer, _ in found]
-        if url is not None:
-            layers.insert(
-                0, volume_layer(INPUT_LAYER, "image", "", raw.resolution, None, raw.offset, url=url)
+        if url is not None and url.startswith(ZARR_PREFIX):
+            layer = volume_layer(
+                INPUT_LAYER, "image", "", raw.resolution, None, raw.offset, url=url
             )
+            layers.insert(0, layer)
+        elif url is not None:
+            # N5 and precomputed name their own axes, voxel size and offset.
+            layers.insert(0, {"type": "image", "name": INPUT_LAYER, "source": url})
         centre = found[0][1] if found else raw
         return _assemble(output, layers, raw, centre)
     finally:
