@@ -29,8 +29,9 @@ DEMO = REPO_ROOT / "configs" / "demo.py"
 RESOLUTION = (40.0, 4.0, 4.0)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _fast_compile():
+    # Module scope: set before the module's trained runs, the slowest compilations here.
     jax.config.update("jax_disable_most_optimizations", True)
 
 

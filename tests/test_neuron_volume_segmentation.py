@@ -35,8 +35,9 @@ WHOLE_HALO = max(SHAPE)
 TUNED = {"sigma": 1.0, "h": 0.1}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _fast_compile():
+    # Module scope: set before the module's trained run, the slowest compilation here.
     jax.config.update("jax_disable_most_optimizations", True)
 
 
@@ -170,6 +171,15 @@ def test_a_finished_segmentation_is_reused_and_a_stale_one_made_afresh(
     (layout.blocks_manifest(path) / "header.json").unlink()
     _predict(config, workdir, output, (4, 16, 16), halo=WHOLE_HALO + 1)
     assert calls == [first_threshold] * 2 + [second_threshold, first_threshold]
+    # Tuned without agglomeration: the watershed alone.
+    _write_tuned(config, workdir, {**TUNED, "threshold": None})
+    try:
+        _predict(config, workdir, output, (4, 16, 16), halo=WHOLE_HALO + 1)
+    finally:
+        _write_tuned(config, workdir, chosen)
+    assert calls[-1] is None
+    over = segment(boundary, TUNED["sigma"], TUNED["h"], smoothing=config.watershed.smoothing)
+    assert _same_up_to_renumbering(open_volume(str(path)).read(), over)
 
 
 def test_the_state_shows_the_input_where_it_lies_and_the_segmentation(neuron_run, tmp_path):
