@@ -2,7 +2,7 @@ r"""Acceptance measurement of issue 12: a 500^3 volume through the neuron pipeli
 
     .venv/bin/python benchmarks/volume_acceptance.py neurons [--size 500] \
         [--config configs/fib25.py:smoke] [--workdir /tmp/synjax_acceptance/fib25_smoke] \
-        [--rois 64 96] [--budget-minutes 40] [--full auto|yes|no]
+        [--rois 64 128] [--budget-minutes 40] [--full auto|yes|no]
 
 1. The input: a `size`^3 uint8 zarr (10 nm voxels, chunks of 64^3) tiled
    from the FIB-25 medulla volume (`../shared/data/fib-medulla-250.h5`,
@@ -19,11 +19,14 @@ r"""Acceptance measurement of issue 12: a 500^3 volume through the neuron pipeli
            --config.predict.input=IN --config.predict.output=OUT [--config.predict.roi=...]
 
    runs as a subprocess under `/usr/bin/time -v` (wall time, peak resident
-   memory): first on cubic regions of `--rois` edges at the volume's corner,
-   whose times give a line `seconds = fixed + per_voxel * voxels` (start-up
-   and compilation apart from the per-voxel cost); its extrapolation to the
-   whole volume decides whether the whole volume is run (`--full auto`: when
-   it fits in `--budget-minutes`).
+   memory): first on cubic regions of `--rois` edges at the volume's corner.
+   Their times extrapolate to the whole volume in two parts: everything but
+   the segmentation on a line `seconds = fixed + per_voxel * voxels`
+   (start-up and compilation apart from the per-voxel cost), and the
+   segmentation (its time from the run's log) per *flooded* voxel, a block's
+   voxels with its halo, of which the whole volume's grid floods more than a
+   region of one block does. The extrapolation decides whether the whole
+   volume is run (`--full auto`: when it fits in `--budget-minutes`).
 
 Prints a table and writes `benchmarks/results/volume_acceptance_<pipeline>.json`.
 """
@@ -54,6 +57,8 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 # /usr/bin/time -v lines of the two figures.
 _WALL = re.compile(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)")
 _RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
+# The neuron pipeline's log line of its block-wise segmentation (neuron_volume.segment_volume).
+_SEGMENTATION = re.compile(r"Segmentation \S+: \d+ labels \(\d+ watershed segments\) in (\S+) s")
 
 
 def mirrored_indices(start: int, stop: int, period: int) -> np.ndarray:
@@ -123,7 +128,12 @@ def _seconds(text: str) -> float:
 
 
 def timed_predict(
-    config: str, workdir: pathlib.Path, source: pathlib.Path, output: pathlib.Path, roi: str
+    config: str,
+    workdir: pathlib.Path,
+    source: pathlib.Path,
+    output: pathlib.Path,
+    roi: str,
+    extra: list[str],
 ) -> dict:
     """Runs the predict command under `/usr/bin/time -v`; its wall time and peak RSS."""
     command = [
@@ -139,6 +149,7 @@ def timed_predict(
         f"--config.predict.output={output}",
         f"--config.predict.roi={roi}",
         "--config.predict.progress=False",
+        *extra,
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
     log = output.parent / f"{output.name}.log"
@@ -150,9 +161,19 @@ def timed_predict(
         "roi": roi,
         "command": " ".join(command[2:]),
         "wall_seconds": _seconds(wall.group(1)),
+        "segmentation_seconds": float(_SEGMENTATION.search(result.stderr).group(1)),
         "peak_rss_gb": int(rss.group(1)) * 1024 / 1e9,
         "log": str(log),
     }
+
+
+def flooded_voxels(shape, block: int, halo: int) -> int:
+    """Voxels that the block-wise watershed floods: each block's box grown by `halo`, cut."""
+    total = 1
+    for size in shape:
+        starts = np.arange(0, size, block)
+        total *= int(np.sum(np.minimum(starts + block + halo, size) - np.maximum(starts - halo, 0)))
+    return total
 
 
 def fit_line(voxels: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -170,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/fib25.py:smoke")
     parser.add_argument("--workdir", type=pathlib.Path, default=DEFAULT_SCRATCH / "fib25_smoke")
     parser.add_argument("--scratch", type=pathlib.Path, default=DEFAULT_SCRATCH)
-    parser.add_argument("--rois", type=int, nargs="+", default=[64, 96])
+    parser.add_argument("--rois", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--segment-block", type=int, default=128, help="cubic segment_block")
+    parser.add_argument("--segment-halo", type=int, default=16)
     parser.add_argument("--budget-minutes", type=float, default=40.0)
     parser.add_argument("--full", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--out", type=pathlib.Path, default=None)
@@ -182,32 +205,45 @@ def main(argv: list[str] | None = None) -> None:
     build_seconds = time.perf_counter() - start
     training = ensure_trained(args.config, args.workdir)
 
+    block, halo = args.segment_block, args.segment_halo
+    extra = [
+        f"--config.predict.segment_block=({block},{block},{block})",
+        f"--config.predict.segment_halo={halo}",
+    ]
     rows = []
     for edge in args.rois:
         roi = f"0:{edge},0:{edge},0:{edge}"
+        output = args.scratch / f"roi_{edge}"
         rows.append(
-            timed_predict(args.config, args.workdir, source, args.scratch / f"roi_{edge}", roi)
-            | {"voxels": edge**3}
+            timed_predict(args.config, args.workdir, source, output, roi, extra)
+            | {"voxels": edge**3, "flooded_voxels": flooded_voxels((edge,) * 3, block, halo)}
         )
-    fixed, per_voxel = fit_line([r["voxels"] for r in rows], [r["wall_seconds"] for r in rows])
+    fixed, per_voxel = fit_line(
+        [r["voxels"] for r in rows], [r["wall_seconds"] - r["segmentation_seconds"] for r in rows]
+    )
+    per_flooded = sum(r["segmentation_seconds"] for r in rows) / sum(
+        r["flooded_voxels"] for r in rows
+    )
     whole_voxels = args.size**3
-    predicted = fixed + per_voxel * whole_voxels
+    whole_flooded = flooded_voxels((args.size,) * 3, block, halo)
+    predicted = fixed + per_voxel * whole_voxels + per_flooded * whole_flooded
     run_full = args.full == "yes" or (args.full == "auto" and predicted <= args.budget_minutes * 60)
     if run_full:
         full_output = args.scratch / f"full_{args.size}"
         rows.append(
-            timed_predict(args.config, args.workdir, source, full_output, "")
-            | {"voxels": whole_voxels}
+            timed_predict(args.config, args.workdir, source, full_output, "", extra)
+            | {"voxels": whole_voxels, "flooded_voxels": whole_flooded}
         )
     for row in rows:
         print(
             f"{row['roi'] or 'whole volume':>24}  {row['voxels']:>11,d} voxels  "
-            f"{row['wall_seconds']:8.1f} s  peak RSS {row['peak_rss_gb']:.2f} GB"
+            f"{row['wall_seconds']:8.1f} s (segmentation {row['segmentation_seconds']:.1f} s)  "
+            f"peak RSS {row['peak_rss_gb']:.2f} GB"
         )
     print(
-        f"fit: {fixed:.1f} s + {per_voxel * 1e6:.3f} s per million voxels; "
-        f"{args.size}^3 predicted {predicted / 60:.1f} min "
-        f"({'run' if run_full else 'not run: over the budget or --full=no'})"
+        f"fit: {fixed:.1f} s + {per_voxel * 1e6:.3f} s per million voxels + segmentation "
+        f"{per_flooded * 1e6:.3f} s per million flooded voxels; {args.size}^3 predicted "
+        f"{predicted / 60:.1f} min ({'run' if run_full else 'not run: over budget or --full=no'})"
     )
     payload = {
         "pipeline": args.pipeline,
@@ -219,8 +255,15 @@ def main(argv: list[str] | None = None) -> None:
         "input": {"path": str(source), "shape": [args.size] * 3, "tiled_from": str(FIB25)},
         "input_build_seconds": build_seconds,
         **training,
+        "segment_block": block,
+        "segment_halo": halo,
         "runs": rows,
-        "fit": {"fixed_seconds": fixed, "seconds_per_voxel": per_voxel},
+        "fit": {
+            "fixed_seconds": fixed,
+            "seconds_per_voxel": per_voxel,
+            "segmentation_seconds_per_flooded_voxel": per_flooded,
+            "whole_flooded_voxels": whole_flooded,
+        },
         "predicted_whole_seconds": predicted,
         "whole_run": run_full,
     }

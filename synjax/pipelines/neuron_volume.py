@@ -288,7 +288,7 @@ def segment_volume(
             result.inexact_blocks[0],
         )
     logging.info(
-        "Segmentation %s: %d labels (%d watershed segments) in %.0f s",
+        "Segmentation %s: %d labels (%d watershed segments) in %.1f s",
         path,
         result.num_labels,
         result.num_segments,
