@@ -40,6 +40,7 @@ import os
 import pathlib
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -135,7 +136,9 @@ def timed_predict(
     roi: str,
     extra: list[str],
 ) -> dict:
-    """Runs the predict command under `/usr/bin/time -v`; its wall time and peak RSS."""
+    """Runs the predict command under `/usr/bin/time -v` into a fresh `output`; time and memory."""
+    # An earlier run's outputs would be reused (resumed) rather than measured.
+    shutil.rmtree(output, ignore_errors=True)
     command = [
         "/usr/bin/time",
         "-v",
@@ -197,6 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-minutes", type=float, default=40.0)
     parser.add_argument("--full", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more config overrides of the predict runs, e.g. compilation_cache=/tmp/cache",
+    )
     args = parser.parse_args(argv)
 
     args.scratch.mkdir(parents=True, exist_ok=True)
@@ -209,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = [
         f"--config.predict.segment_block=({block},{block},{block})",
         f"--config.predict.segment_halo={halo}",
+        *(f"--config.{setting}" for setting in args.set),
     ]
     rows = []
     for edge in args.rois:
@@ -257,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         **training,
         "segment_block": block,
         "segment_halo": halo,
+        "overrides": args.set,
         "runs": rows,
         "fit": {
             "fixed_seconds": fixed,
