@@ -154,6 +154,7 @@ def timed_predict(
         "--config.predict.progress=False",
         *extra,
     ]
+    load_before = os.getloadavg()[0]
     result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
     log = output.parent / f"{output.name}.log"
     log.write_text(result.stderr)
@@ -167,6 +168,8 @@ def timed_predict(
         "segmentation_seconds": float(_SEGMENTATION.search(result.stderr).group(1)),
         "peak_rss_gb": int(rss.group(1)) * 1024 / 1e9,
         "log": str(log),
+        # Other jobs on the machine inflate the times: the 1-minute load before and after.
+        "load_average": [load_before, os.getloadavg()[0]],
     }
 
 
