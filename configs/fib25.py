@@ -118,6 +118,10 @@ def get_config(arg: str | None = None):
                 # executor, scheduler, resume, retries, input, output, roi (see
                 # synjax.configlib.volume_predict_fields).
                 **configlib.volume_predict_fields(),
+                # segment_block, segment_halo: the block-wise segmentation of
+                # that volume (isotropic voxels: cubes; see
+                # synjax.configlib.volume_segmentation_fields).
+                **configlib.volume_segmentation_fields(),
             },
             "watershed": {
                 # Per-slice ("2d", DeepEM3D's choice for anisotropic sections)

@@ -141,6 +141,10 @@ def get_config(arg: str | None = None):
                 # executor, scheduler, resume, retries, input, output, roi (see
                 # synjax.configlib.volume_predict_fields).
                 **configlib.volume_predict_fields(),
+                # segment_block, segment_halo: the block-wise segmentation of
+                # that volume (anisotropic sections: thin in z; see
+                # synjax.configlib.volume_segmentation_fields).
+                **configlib.volume_segmentation_fields(block=(32, 256, 256)),
             },
             "watershed": {
                 # Per-slice Gaussian (anisotropic sections) before the H-minima

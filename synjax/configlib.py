@@ -163,3 +163,28 @@ def volume_predict_fields() -> dict:
         "output": "",
         "roi": "",
     }
+
+
+def volume_segmentation_fields(
+    block: tuple[int, int, int] = (128, 128, 128), halo: int = 16
+) -> dict:
+    """The neuron pipeline's keys of the segmentation of a volume of your own.
+
+    After the boundary map of `config.predict.input`, the watershed and
+    agglomeration tuned in the workdir segment it block by block
+    (`synjax.postprocess.blockwise_watershed.segment_blockwise`) into
+    `<output>/segmentation.zarr`.
+
+    Args:
+      block: `segment_block`, the (z, y, x) voxels of one block; memory holds
+        one block with its halo (float64 and a few label arrays), so 128^3
+        with halo 16 is about 0.3 GB.
+      halo: `segment_halo`, voxels of context flooded around each block; the
+        result equals the whole volume's where every foreground component
+        meeting a block lies within its halo (see that module), else it is a
+        watershed per halo box stitched and agglomerated across the faces.
+
+    Returns:
+      `segment_block` and `segment_halo`.
+    """
+    return {"segment_block": tuple(block), "segment_halo": int(halo)}

@@ -2,9 +2,11 @@
 
     python -m synjax.view RUN [--bind-address=127.0.0.1] [--port=0]
 
-RUN is a `--workdir` of `synjax.main` after predict: its
+RUN is a `--workdir` of `synjax.main` after predict, or the
+`--config.predict.output` folder of a volume of your own: its
 `neuroglancer_state.json` (raw, predictions, segmentation, synapses) is
-served from this machine and the URL to open is printed; Ctrl-C stops it.
+served from this machine (an own volume's input from where it lies) and the
+URL to open is printed; Ctrl-C stops it.
 Needs `pip install 'synjax[view]'`. The work is in
 `synjax.report.neuroglancer_state` and `synjax.report.neuroglancer_serve`.
 """
@@ -23,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m synjax.view", description="Serve a synjax run's outputs in neuroglancer."
     )
-    parser.add_argument("run", metavar="RUN", help="the run folder (--workdir of synjax.main)")
+    parser.add_argument(
+        "run",
+        metavar="RUN",
+        help="the run folder (--workdir of synjax.main) or a --config.predict.output folder",
+    )
     parser.add_argument(
         "--bind-address",
         default="127.0.0.1",

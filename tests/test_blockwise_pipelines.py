@@ -29,8 +29,9 @@ DEMO = REPO_ROOT / "configs" / "demo.py"
 RESOLUTION = (40.0, 4.0, 4.0)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _fast_compile():
+    # Module scope: set before the module's trained runs, the slowest compilations here.
     jax.config.update("jax_disable_most_optimizations", True)
 
 
@@ -225,7 +226,7 @@ def test_neuron_prediction_of_a_user_volume_equals_the_whole_volume(neuron_run, 
             resume="auto",
             retries=0,
         )
-    out = neuron_volume.predict_volume(config, workdir)
+    out = neuron_volume.predict_volume(config, workdir).boundaries
     np.testing.assert_allclose(open_volume(str(out)).read(), whole, rtol=1e-5, atol=1e-6)
     for orientation in ("z", "y"):
         assert (tmp_path / "out" / f"boundaries_deepem3d_s3_{orientation}.zarr").is_dir()
@@ -253,7 +254,7 @@ def test_neuron_prediction_on_a_dask_cluster_equals_local(neuron_run, tmp_path):
             scheduler=cluster.scheduler_address,
         )
         try:
-            out = neuron_volume.predict_volume(config, workdir)
+            out = neuron_volume.predict_volume(config, workdir).boundaries
         finally:
             config.predict.update(executor="local", scheduler="")
     np.testing.assert_allclose(open_volume(str(out)).read(), whole, rtol=1e-5, atol=1e-6)

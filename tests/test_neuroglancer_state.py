@@ -14,6 +14,7 @@ import sys
 import types
 import urllib.request
 
+import h5py
 import numpy as np
 import pytest
 
@@ -226,3 +227,60 @@ def test_channels_and_neuron_outputs(tmp_path):
     }
     assert state["layers"][2]["source"]["transform"]["outputDimensions"] == _metres(resolution)
     assert state["position"] == [2.0, 1.5, 1.0]
+
+
+def test_source_urls_of_input_formats(tmp_path):
+    """Zarr, N5 and precomputed inputs are shown where they lie; HDF5 and TIFF cannot be."""
+    url = neuroglancer_state.source_url
+    assert url(tmp_path / "em.zarr") == "zarr://file://" + str(tmp_path / "em.zarr")
+    assert url(f"{tmp_path}/em.zarr/raw/") == "zarr://file://" + str(tmp_path / "em.zarr/raw")
+    assert url(tmp_path / "em.n5") == "n5://file://" + str(tmp_path / "em.n5")
+    assert url("precomputed://gs://bucket/em") == "precomputed://gs://bucket/em"
+    assert url(f"precomputed://{tmp_path}/em") == "precomputed://file://" + f"{tmp_path}/em"
+    assert url("gs://bucket/em.zarr") == "zarr://gs://bucket/em.zarr"
+    assert url(tmp_path / "em.h5:/raw") is None
+    assert url(tmp_path / "em.tif") is None
+
+
+def test_own_volume_state_without_a_readable_input_and_with_a_synapse_table(tmp_path):
+    """An HDF5 input gets no layer (and no copy); outputs sit at their offsets, synapses in nm."""
+    resolution, offset = (40.0, 4.0, 8.0), (80.0, 0.0, 16.0)
+    raw = np.zeros(SHAPE, np.uint8)
+    with h5py.File(tmp_path / "em.h5", "w") as f:
+        f.create_dataset("raw", data=raw).attrs["resolution"] = resolution
+    output = tmp_path / "out"
+    output.mkdir()
+    create_volume(output / layout.VOLUME_PROXIMITY, SHAPE, np.float32, resolution, offset)
+    table = SynapseTable.build([5, 6, 7], [8, 9, 10], (PRE + POST) / 2, PRE, POST, score=0.5)
+    table.to_csv(output / layout.SYNAPSES_CSV_FILE)
+    path = neuroglancer_state.write_volume_state(output, f"{tmp_path / 'em.h5'}:/raw")
+    assert path == output / layout.NEUROGLANCER_STATE_FILE
+    state = json.loads(path.read_text())
+    assert [layer["name"] for layer in state["layers"]] == ["proximity", "synapses"]
+    transform = state["layers"][0]["source"]["transform"]
+    # (80, 0, 16) nm over (40, 4, 8) nm voxels: (2, 0, 2) voxels.
+    assert transform["matrix"] == [[1, 0, 0, 2], [0, 1, 0, 0], [0, 0, 1, 2]]
+    assert "shader" in state["layers"][0]
+    # The view starts at the proximity's centre in the input's voxels, x-y-z.
+    assert state["position"] == [2 + 5.0, 0 + 3.0, 2 + 2.0]
+    assert sorted(p.name for p in output.iterdir()) == [
+        layout.NEUROGLANCER_STATE_FILE,
+        layout.VOLUME_PROXIMITY,
+        layout.SYNAPSES_CSV_FILE,
+    ]
+
+
+def test_an_n5_input_is_shown_by_its_own_metadata(tmp_path):
+    """N5 names its own axes and voxel size: the layer is its URL alone, nothing copied."""
+    create_volume(tmp_path / "em.n5", SHAPE, np.uint8, (40.0, 4.0, 8.0))
+    output = tmp_path / "out"
+    create_volume(output / layout.VOLUME_BOUNDARIES, SHAPE, np.float32, (40.0, 4.0, 8.0))
+    state = neuroglancer_state.build_volume_state(output, str(tmp_path / "em.n5"))
+    assert state["layers"][0] == {
+        "type": "image",
+        "name": "raw",
+        "source": "n5://file://" + str(tmp_path / "em.n5"),
+    }
+    assert [layer["name"] for layer in state["layers"]] == ["raw", "boundaries"]
+    assert "matrix" not in state["layers"][1]["source"]["transform"]  # offset 0: none
+    assert sorted(p.name for p in output.iterdir()) == [layout.VOLUME_BOUNDARIES]

@@ -15,6 +15,9 @@
       detections.csv, synapses.csv, synapses.h5, precision_recall.png
     neuron pipeline: predictions/boundaries.zarr, predictions/watershed.zarr,
       predictions/segmentation.zarr, watershed.json
+    a volume of your own, in `config.predict.output`: proximity.zarr (partners);
+      boundaries.zarr, boundaries_<model>_<axis>.zarr, segmentation.zarr (neurons);
+      neuroglancer_state.json
     classical instance baseline: pixel_forest.joblib (`synjax.models.pixel_forest`)
     instance pipelines (fluorescence, instances): chosen.json (every parameter
       chosen on training or validation data), instances.csv,
@@ -62,6 +65,13 @@ WATERSHED_FILE = "watershed.json"
 BOUNDARIES = f"{PREDICTIONS_DIR}/boundaries.zarr"
 WATERSHED_ONLY = f"{PREDICTIONS_DIR}/watershed.zarr"
 SEGMENTATION = f"{PREDICTIONS_DIR}/segmentation.zarr"
+
+# A volume of your own (`config.predict.input`): what predict mode writes into
+# `config.predict.output` (a folder of its own, flat), with its neuroglancer state
+# (NEUROGLANCER_STATE_FILE) over the input where it lies.
+VOLUME_PROXIMITY = "proximity.zarr"
+VOLUME_BOUNDARIES = "boundaries.zarr"
+VOLUME_SEGMENTATION = "segmentation.zarr"
 
 # Classical instance baseline.
 FOREST_FILE = "pixel_forest.joblib"

@@ -7,7 +7,9 @@ neuron segmentation) each define `train(config, workdir)`,
 phases of `config.mode` in order. With `config.predict.input` (a volume of the
 user's, `volume_input.py`), predict mode runs `predict_volume(config, workdir)`
 of `partner_volume.py`, `neuron_volume.py` or `instance_volume.py` instead of
-predicting the test data. May
+predicting the test data, then writes the neuroglancer state of its outputs
+into `config.predict.output` (the input referenced where it lies, not copied;
+`python -m synjax.view OUTPUT`). May
 import every package before it (the stages included); only `main.py` imports
 the pipelines. Jobs are imported lazily so that `python -m synjax.main --help`
 and the config checks stay fast.
@@ -68,6 +70,13 @@ def run(config, workdir: pathlib.Path) -> dict:
         logging.info("synjax: %s pipeline on %s", config.pipeline, config.predict.input)
         job = importlib.import_module(VOLUME_JOBS[config.pipeline])
         job.predict_volume(config, pathlib.Path(workdir))
+        from synjax.report import neuroglancer_state  # tensorstore: not for --help
+
+        output = volume_input.output_dir(config)
+        path = neuroglancer_state.write_volume_state(output, config.predict.input)
+        logging.info(
+            "Neuroglancer state in %s (open it with python -m synjax.view %s)", path, output
+        )
         return {}
     config_checks.check_input_files(config)
     logging.info("synjax: %s pipeline, mode %s, workdir %s", config.pipeline, config.mode, workdir)

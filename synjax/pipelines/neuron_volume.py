@@ -1,12 +1,17 @@
-"""The neuron pipeline on a user's volume: the ensemble's boundary map, slab by slab.
+"""The neuron pipeline on a user's volume: the ensemble's boundary map, then its segmentation.
 
 `config.predict.input` (`volume_input.py`) is predicted with the DeepEM3D
-models trained in the workdir into `config.predict.output`.
+models trained in the workdir into `config.predict.output`, slab by slab;
+the boundary map is segmented with the watershed and agglomeration tuned in
+the workdir, block by block (`segment_volume`). Memory holds a slab or a
+block (with its halo) and tables of ids, whatever the volume's size.
 """
 
 from __future__ import annotations
 
 import pathlib
+import time
+from typing import NamedTuple
 
 import numpy as np
 from absl import logging
@@ -15,6 +20,7 @@ from synjax.data.intensity import load_normalization
 from synjax.errors import ConfigError
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.block_output import open_block_output
+from synjax.inference.done_blocks import DoneBlocks
 from synjax.inference.lazy_model import LazyPredictor
 from synjax.inference.slicewise_blocks import (
     ensemble_max_blockwise,
@@ -23,33 +29,43 @@ from synjax.inference.slicewise_blocks import (
     slab_grid,
 )
 from synjax.inference.tta import TRANSFORMS
-from synjax.io import open_volume
+from synjax.io import layout, open_volume
 from synjax.io.provenance import input_fingerprint
 from synjax.models.deepem3d import TOTAL_STRIDE, DeepEM3DNet, DeepEM3DSettings, make_apply_fn
 from synjax.pipelines import volume_input
-from synjax.pipelines.neurons import _read_tuned
+from synjax.pipelines.neurons import OURS, _read_tuned
+from synjax.postprocess.blockwise_watershed import segment_blockwise
 from synjax.stages.boundary_models import BoundaryEnsembleStage
 from synjax.train import checkpoint
 from synjax.train.checkpoint import checkpoint_provenance
 
-# The boundary map of a user's volume, in `config.predict.output`.
-BOUNDARIES_OUTPUT = "boundaries.zarr"
+# The boundary map and the segmentation of a user's volume, in `config.predict.output`.
+BOUNDARIES_OUTPUT = layout.VOLUME_BOUNDARIES
+SEGMENTATION_OUTPUT = layout.VOLUME_SEGMENTATION
 
 
-def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
-    """The ensemble's boundary map of `config.predict.input`, slab by slab, into zarr.
+class VolumeOutputs(NamedTuple):
+    """What `predict_volume` wrote: the ensemble's boundary map and its segmentation."""
+
+    boundaries: pathlib.Path
+    segmentation: pathlib.Path
+
+
+def predict_volume(config, workdir: pathlib.Path) -> VolumeOutputs:
+    """The boundary map and segmentation of `config.predict.input`, block by block, into zarr.
 
     Each model slices the input (or its `config.predict.roi`, predicted as a
     volume of its own) along each of `config.predict.orientations` in slabs of
     `config.predict.slab_depth` slices (`predict_slices_blockwise`), into
     `<output>/boundaries_<model>_<orientation>.zarr`; their voxel-wise
-    maximum is `<output>/boundaries.zarr`. Every output is resumable and
-    records the model and input it was made with. The watershed parameters
-    tuned in `workdir` are checked to belong to these models. Models with an
-    `only_slices` list are left out: their lists name slices of the test part.
+    maximum is `<output>/boundaries.zarr`, segmented by `segment_volume`
+    into `<output>/segmentation.zarr`. Every output is resumable and records
+    what it was made from. The watershed parameters tuned in `workdir` are
+    checked to belong to these models. Models with an `only_slices` list are
+    left out: their lists name slices of the test part.
 
     Returns:
-      The path of the ensemble's boundary map.
+      The paths of the ensemble's boundary map and of the segmentation.
 
     Raises:
       DataError: no trained models or tuned parameters in `workdir`, or a bad
@@ -57,7 +73,7 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
     """
     raw, roi = volume_input.open_input(config)
     out_dir = volume_input.output_dir(config)
-    _read_tuned(config, workdir)
+    chosen = _read_tuned(config, workdir)[OURS]
     ensemble = BoundaryEnsembleStage.from_config(config)
     p = ensemble.prediction
     source = volume_input.RegionVolume(raw, roi)
@@ -149,7 +165,136 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         retries=p.retries,
         progress=p.progress,
     )
-    return out
+    segmentation = segment_volume(
+        out,
+        out_dir / SEGMENTATION_OUTPUT,
+        chosen,
+        config.watershed.smoothing,
+        boundary_provenance=provenance,
+        block_shape=p.segment_block,
+        halo=p.segment_halo,
+        resume=p.resume,
+        progress=p.progress,
+    )
+    return VolumeOutputs(out, segmentation)
+
+
+def segment_volume(
+    boundary_path: pathlib.Path,
+    path: pathlib.Path,
+    chosen: dict,
+    smoothing: str,
+    *,
+    boundary_provenance: dict,
+    block_shape,
+    halo: int,
+    resume: str = "auto",
+    progress: bool = False,
+) -> pathlib.Path:
+    """Segments the boundary map at `boundary_path` block by block into the zarr `path`.
+
+    `segment_blockwise` runs the watershed and (with a threshold) the
+    mean-boundary agglomeration of `chosen` on blocks of `block_shape`, each
+    flooded with `halo` voxels of context; `path` (uint64, chunks of one block,
+    the boundary map's resolution and offset) holds segment ids 1..n, 0 =
+    background. The segmentation is made in passes over the whole volume, so
+    it is resumed whole: one made from the same boundary map (its
+    provenance) with the same parameters and blocks, and recorded as
+    finished in its done-state, is reused; any other (stale, or cut short by
+    a kill) is made afresh.
+
+    Args:
+      boundary_path: `[z, y, x]` float32 boundary map in [0, 1] (zarr).
+      path: the segmentation to write.
+      chosen: the tuned `{"sigma", "h", "threshold"}` (threshold None: the
+        watershed alone), as `neurons._read_tuned` returns them.
+      smoothing: the watershed's "2d" or "3d" smoothing.
+      boundary_provenance: what made the boundary map.
+      block_shape: `(z, y, x)` voxels of a block.
+      halo: voxels flooded around each block (see `segment_blockwise`).
+      resume: "auto" (a stale segmentation is made afresh, the reason
+        logged) or "strict" (it is an error).
+      progress: progress bars over the blocks of each pass.
+
+    Returns:
+      `path`.
+
+    Raises:
+      DataError: (`resume="strict"`) an existing segmentation was made from
+        another boundary map or with other parameters.
+    """
+    boundary = open_volume(str(boundary_path))
+    shape = tuple(int(s) for s in boundary.shape)
+    grid = BlockGrid(shape, block_shape)
+    threshold = chosen.get("threshold")
+    provenance = {
+        "boundaries": boundary_provenance,
+        "watershed": {
+            "sigma": float(chosen["sigma"]),
+            "h": float(chosen["h"]),
+            "threshold": None if threshold is None else float(threshold),
+            "smoothing": smoothing,
+        },
+        "halo": int(halo),
+    }
+    chunks = tuple(min(b, n) for b, n in zip(grid.block_shape, shape, strict=True))
+    dest, done_path = open_block_output(
+        path,
+        shape,
+        np.uint64,
+        grid,
+        provenance,
+        resume,
+        boundary.resolution,
+        boundary.offset,
+        chunks,
+    )
+    done = DoneBlocks(done_path, grid, provenance, resume)
+    if done.todo().size == 0:
+        logging.info("Segmentation %s is made from this boundary map already: reused", path)
+        return path
+    logging.info(
+        "Segmenting %s (%s voxels) in %d blocks of %s, halo %d, into %s",
+        boundary_path,
+        shape,
+        grid.num_blocks,
+        grid.block_shape,
+        halo,
+        path,
+    )
+    start = time.perf_counter()
+    result = segment_blockwise(
+        boundary,
+        dest,
+        grid.block_shape,
+        float(chosen["sigma"]),
+        float(chosen["h"]),
+        halo=int(halo),
+        smoothing=smoothing,
+        threshold=None if threshold is None else float(threshold),
+        progress=progress,
+    )
+    # Recorded only now: the passes are over the whole volume, so a kill before
+    # this line leaves nothing that a rerun would take for finished.
+    done.record(np.arange(grid.num_blocks))
+    if result.inexact_blocks:
+        logging.warning(
+            "Segmentation %s: in %d of %d blocks a region reaches past the halo (%d voxels), "
+            "so the result there may differ from a whole-volume watershed (first: block %d)",
+            path,
+            len(result.inexact_blocks),
+            grid.num_blocks,
+            halo,
+            result.inexact_blocks[0],
+        )
+    logging.info(
+        "Segmentation %s: %d labels (%d watershed segments) in %.1f s",
+        path,
+        result.num_labels,
+        result.num_segments,
+        time.perf_counter() - start,
+    )
+    return path
 
 
 def load_apply_fn(network: DeepEM3DSettings, workdir: str, name: str):

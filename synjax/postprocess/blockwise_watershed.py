@@ -72,7 +72,9 @@ the volume (a 128-voxel block: 1/170 of the voxel count in bytes).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import cc3d
@@ -97,9 +99,12 @@ from synjax.postprocess.watershed import (
     smooth,
     smoothing_radius,
 )
+from synjax.report.progress import progress_bar
 
 # Sides of a block along an axis: towards lower and towards higher indices.
 LOWER, UPPER = 0, 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +142,13 @@ def _core(grid: BlockGrid, block_id: int) -> Box:
     return Box.from_slices(grid.output_box(block_id))
 
 
+def _each_block(grid: BlockGrid, progress: bool, what: str) -> Iterable[int]:
+    """The grid's block ids, behind a progress bar (blocks done, rate, ETA) with `progress`."""
+    return progress_bar(
+        grid.block_ids(), total=grid.num_blocks, desc=what, unit="block", disable=not progress
+    )
+
+
 def _read_smoothed(
     boundary: Any, box: Box, volume: Box, sigma_xy: float, smoothing: Smoothing
 ) -> np.ndarray:
@@ -158,12 +170,12 @@ def _read_mask(mask: Any, box: Box) -> np.ndarray | None:
 
 
 def _whole_range(
-    boundary, mask, grid, sigma_xy, smoothing, rescale, depth, background_threshold
+    boundary, mask, grid, sigma_xy, smoothing, rescale, depth, background_threshold, progress
 ) -> _Range:
     """Pass 0: the smoothed map's range over the mask, and the relief's extremes."""
     volume = Box.from_shape(grid.volume_shape)
     low, high, any_outside_mask = np.inf, -np.inf, False
-    for block_id in grid.block_ids():
+    for block_id in _each_block(grid, progress, "watershed: range"):
         core = _core(grid, block_id)
         smoothed = _read_smoothed(boundary, core, volume, sigma_xy, smoothing)
         inside = _read_mask(mask, core)
@@ -243,7 +255,17 @@ def _leaves_halo_box(keep_outer: np.ndarray, core: Box, halo_box: Box, outer: Bo
 
 
 def _fragments(
-    boundary, dest, mask, grid, halo, sigma_xy, smoothing, depth, background_threshold, whole
+    boundary,
+    dest,
+    mask,
+    grid,
+    halo,
+    sigma_xy,
+    smoothing,
+    depth,
+    progress,
+    background_threshold,
+    whole,
 ):
     """Pass 1: a watershed per halo box; returns fragment count, seed keys, face bits, inexact."""
     volume = Box.from_shape(grid.volume_shape)
@@ -251,7 +273,7 @@ def _fragments(
     seed_keys = [np.full(1, -1, np.int64)]  # fragment 0: background
     faces: dict[tuple[int, int, int], np.ndarray] = {}
     inexact = []
-    for block_id in grid.block_ids():
+    for block_id in _each_block(grid, progress, "watershed: fragments"):
         core = _core(grid, block_id)
         halo_box = core.pad(halo).intersect(volume)
         outer = core.pad(halo + 1).intersect(volume)
@@ -289,10 +311,10 @@ def _fragments(
     return total, np.concatenate(seed_keys), faces, tuple(inexact)
 
 
-def _stitch(dest, grid: BlockGrid, faces) -> tuple[np.ndarray, np.ndarray]:
+def _stitch(dest, grid: BlockGrid, faces, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Pass 2: fragment pairs across faces that both blocks put in one segment."""
     joins = PairTable(())
-    for block_id in grid.block_ids():
+    for block_id in _each_block(grid, progress, "watershed: stitching"):
         core = _core(grid, block_id)
         index = grid.block_index(block_id)
         for axis in range(SPATIAL_DIMS):
@@ -315,7 +337,7 @@ def _stitch(dest, grid: BlockGrid, faces) -> tuple[np.ndarray, np.ndarray]:
     return first, second
 
 
-def _contacts(boundary, dest, to_segment: np.ndarray, grid: BlockGrid) -> PairTable:
+def _contacts(boundary, dest, to_segment: np.ndarray, grid: BlockGrid, progress: bool) -> PairTable:
     """Pass 3: boundary sums and counts of the region graph's contacts, per block.
 
     The contacts of `skimage.graph.rag_boundary` with face connectivity: each
@@ -325,7 +347,7 @@ def _contacts(boundary, dest, to_segment: np.ndarray, grid: BlockGrid) -> PairTa
     edge it repeats the edge voxel, which is what scipy's erosion sees there.
     """
     table = PairTable(("sum", "sum"))
-    for block_id in grid.block_ids():
+    for block_id in _each_block(grid, progress, "agglomeration: contacts"):
         core = _core(grid, block_id)
         around = to_segment[read_padded(dest, core.pad(1), "edge")].astype(np.int64)
         inner = (slice(1, -1),) * SPATIAL_DIMS
@@ -378,6 +400,7 @@ def segment_blockwise(
     threshold: float | None = None,
     agglomeration_boundary: Any = None,
     require_exact: bool = False,
+    progress: bool = False,
 ) -> BlockwiseSegmentation:
     """`watershed.segment` (then `agglomeration.agglomerate`) block by block into `dest`.
 
@@ -395,6 +418,8 @@ def segment_blockwise(
       agglomeration_boundary: the boundary map the agglomeration averages, in
         [0, 1]; None: `boundary` itself (as the neuron pipeline passes it).
       require_exact: raise instead of reporting inexact blocks.
+      progress: a progress bar per pass over the blocks (and a log line per
+        pass with its time).
 
     Returns:
       Counts and the blocks where the result may differ from the whole volume's.
@@ -421,10 +446,11 @@ def segment_blockwise(
     smoothing_radius(sigma_xy, smoothing)  # checks sigma and smoothing
     grid = BlockGrid(shape, block_shape)
 
+    start = time.perf_counter()
     whole = _whole_range(
-        boundary, mask, grid, sigma_xy, smoothing, rescale, depth, background_threshold
+        boundary, mask, grid, sigma_xy, smoothing, rescale, depth, background_threshold, progress
     )
-    args = (boundary, dest, mask, grid, int(halo), sigma_xy, smoothing, depth)
+    args = (boundary, dest, mask, grid, int(halo), sigma_xy, smoothing, depth, progress)
     num_fragments, keys, faces, inexact = _fragments(*args, background_threshold, whole)
     if num_fragments == 0 and not whole.minima_only:
         # No H-minimum anywhere: the whole-volume watershed seeds the global minima.
@@ -439,7 +465,14 @@ def segment_blockwise(
             "background_threshold or mask"
         )
 
-    first, second = _stitch(dest, grid, faces)
+    log.info(
+        "Block-wise watershed: %d fragments in %d blocks of %s (%.0f s)",
+        num_fragments,
+        grid.num_blocks,
+        grid.block_shape,
+        time.perf_counter() - start,
+    )
+    first, second = _stitch(dest, grid, faces, progress)
     del faces
     num_segments, group = join_ids(num_fragments, first, second)
     # Number segments by their seed's first voxel (ties: by group), as the whole volume does.
@@ -457,11 +490,18 @@ def segment_blockwise(
             dest,
             to_segment,
             grid,
+            progress,
         )
         ids = np.arange(num_segments + 1)
         rag = merge_graph(_region_graph(contacts, num_segments), ids, threshold)
         to_label = relabel(ids, rag)
         to_segment = to_label[to_segment]
         num_labels = int(rag.number_of_nodes())
+    log.info(
+        "Block-wise watershed: %d segments, %d after agglomeration; relabelling (%.0f s so far)",
+        num_segments,
+        num_labels,
+        time.perf_counter() - start,
+    )
     relabel_blockwise(dest, to_segment, block_shape)
     return BlockwiseSegmentation(num_fragments, num_segments, num_labels, inexact)

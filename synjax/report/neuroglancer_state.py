@@ -18,6 +18,15 @@ The raw is copied into the run folder because the pipelines predict on a crop
 of their input held in memory (or on generated volumes that have no file):
 the copy is the one voxel frame that the predictions share.
 
+A volume of your own (`config.predict.input`) is never copied: the state that
+`write_volume_state` writes into `config.predict.output` shows the input
+where it lies (zarr, N5 or precomputed; neuroglancer reads no HDF5 or TIFF,
+so such an input gets no layer) under the outputs of `OWN_VOLUME_LAYERS`.
+Each zarr layer sits at its stored offset (a translation of offset / voxel
+size), so the outputs of a `config.predict.roi` cover their region of the
+input; an N5 or precomputed input is placed by neuroglancer from its own
+metadata (its voxel size and offset), which synjax reads the same way.
+
 Sources. A volume layer's source is `zarr://file:///absolute/path.zarr`:
 the file it shows, named exactly. Browsers cannot read `file://` URLs;
 `synjax.view` serves the folders over HTTP and rewrites them
@@ -44,7 +53,7 @@ from synjax.geometry import SPATIAL_DIMS
 from synjax.io import layout
 from synjax.io.atomic import write_text_atomic
 from synjax.io.synapse_table import SynapseTable
-from synjax.io.volumes import CREATE_DTYPES, create_volume, open_volume
+from synjax.io.volumes import CREATE_DTYPES, create_volume, open_volume, parse_source
 
 # Neuroglancer's data source prefix for zarr (v2 and v3, told apart by their metadata).
 ZARR_PREFIX = "zarr://"
@@ -75,6 +84,15 @@ VOLUME_LAYERS = (
     ("watershed", "segmentation", layout.WATERSHED_ONLY, None),
 )
 SYNAPSE_LAYER = "synapses"
+# The outputs of a volume of your own, in `config.predict.output` (a flat folder).
+OWN_VOLUME_LAYERS = (
+    ("proximity", "image", layout.VOLUME_PROXIMITY, PROXIMITY_SHADER),
+    ("boundaries", "image", layout.VOLUME_BOUNDARIES, None),
+    ("segmentation", "segmentation", layout.VOLUME_SEGMENTATION, None),
+)
+INPUT_LAYER = "raw"
+# synjax source formats that neuroglancer reads, with its data source prefix.
+NEUROGLANCER_FORMATS = {"zarr": "zarr://", "n5": "n5://", "precomputed": "precomputed://"}
 
 
 def file_url(path: str | os.PathLike) -> str:
@@ -90,10 +108,38 @@ def dimensions(names: tuple[str, ...], resolution_nm) -> dict[str, list]:
     }
 
 
+def source_url(source: str | os.PathLike) -> str | None:
+    """Neuroglancer's data source URL of a volume that `synjax.io.open_volume` reads.
+
+    Args:
+      source: a synjax source (`x.zarr`, `x.zarr/raw`, `x.n5`,
+        `precomputed://path`; URLs such as `gs://...` stay URLs).
+
+    Returns:
+      e.g. `zarr://file:///abs/x.zarr`, or None for a format neuroglancer
+      does not read (HDF5, TIFF).
+
+    Raises:
+      DataError: `source` is no synjax volume source.
+    """
+    fmt, location, _ = parse_source(source)
+    prefix = NEUROGLANCER_FORMATS.get(fmt)
+    if prefix is None:
+        return None
+    return prefix + (location if "://" in location else file_url(location))
+
+
 def volume_layer(
-    name: str, kind: str, path: str | os.PathLike, resolution_nm, channels: int | None = None
+    name: str,
+    kind: str,
+    path: str | os.PathLike,
+    resolution_nm,
+    channels: int | None = None,
+    offset_nm=None,
+    *,
+    url: str | None = None,
 ) -> dict[str, Any]:
-    """An image or segmentation layer over a zarr array written by synjax.
+    """An image or segmentation layer over a zarr array written by synjax (or any source).
 
     Args:
       name: the layer's name.
@@ -101,24 +147,43 @@ def volume_layer(
       path: the zarr array, `[z, y, x]` or `[z, y, x, channels]`.
       resolution_nm: voxel size in nm, z-y-x.
       channels: the channel count of a `[z, y, x, channels]` array, None for `[z, y, x]`.
+      offset_nm: world position in nm (z-y-x) of voxel (0, 0, 0); None or
+        zeros: the origin.
+      url: the layer's data source instead of `path`'s zarr URL (`source_url`).
 
     Returns:
-      The layer's JSON, its source the array's `file://` URL with its voxel size.
+      The layer's JSON, its source the array's `file://` URL with its voxel
+      size, translated by `offset_nm / resolution_nm` voxels where not zero.
     """
     output = dimensions(ARRAY_AXES, resolution_nm)
     if channels is not None:
         output[CHANNEL_AXIS] = [1, ""]
+    transform: dict[str, Any] = {"outputDimensions": output}
+    translation = voxel_offset(offset_nm, resolution_nm)
+    if any(translation):
+        # Rows: output dimensions; the last column: the translation in their units (voxels).
+        rank = len(output)
+        matrix = np.eye(rank, rank + 1)
+        matrix[:SPATIAL_DIMS, rank] = translation
+        transform["matrix"] = matrix.tolist()
     layer: dict[str, Any] = {
         "type": kind,
         "name": name,
         "source": {
-            "url": ZARR_PREFIX + file_url(path),
-            "transform": {"outputDimensions": output},
+            "url": url if url is not None else ZARR_PREFIX + file_url(path),
+            "transform": transform,
         },
     }
     if kind == "segmentation":
         layer["segments"] = []
     return layer
+
+
+def voxel_offset(offset_nm, resolution_nm) -> list[float]:
+    """A volume's offset in its own voxels, z-y-x (zeros for None)."""
+    if offset_nm is None:
+        return [0.0] * SPATIAL_DIMS
+    return [float(o) / float(r) for o, r in zip(offset_nm, resolution_nm, strict=True)]
 
 
 def synapse_layer(table: SynapseTable, resolution_nm, name: str = SYNAPSE_LAYER) -> dict[str, Any]:
@@ -170,6 +235,48 @@ def _open_any(path: pathlib.Path):
         return open_volume(str(path), ndim=SPATIAL_DIMS + 1)
 
 
+def _output_layers(folder: pathlib.Path, table) -> list[tuple[dict[str, Any], Any]]:
+    """(layer, volume) of each output of `table` (`VOLUME_LAYERS`' form) present in `folder`."""
+    found, names = [], set()
+    for name, kind, relative, shader in table:
+        path = folder / relative
+        if name in names or not path.is_dir():
+            continue
+        volume = _open_any(path)
+        channels = volume.shape[SPATIAL_DIMS] if len(volume.shape) > SPATIAL_DIMS else None
+        layer = volume_layer(name, kind, path, volume.resolution, channels, volume.offset)
+        if shader is not None:
+            layer["shader"] = shader
+        found.append((layer, volume))
+        names.add(name)
+    return found
+
+
+def _assemble(folder: pathlib.Path, layers: list, frame, centre) -> dict[str, Any]:
+    """The state of `layers` (and `folder`'s synapse table) in the voxel frame of `frame`.
+
+    The global dimensions are `frame`'s voxel size; the view starts at the
+    centre of `centre` (both volumes, or None when there is no volume layer).
+    """
+    state: dict[str, Any] = {}
+    if frame is not None:
+        state["dimensions"] = dimensions(DISPLAY_AXES, frame.resolution[::-1])
+        # In `frame`'s voxels: `centre`'s offset and half its extent (x-y-z).
+        start = np.asarray(centre.offset, np.float64) / np.asarray(frame.resolution, np.float64)
+        extent = np.asarray(centre.shape[:SPATIAL_DIMS], np.float64) * (
+            np.asarray(centre.resolution, np.float64) / np.asarray(frame.resolution, np.float64)
+        )
+        state["position"] = [float(v) for v in (start + extent / 2)[::-1]]
+    table_path = folder / layout.SYNAPSES_CSV_FILE
+    if table_path.is_file():
+        if frame is None:
+            raise DataError(f"{table_path}: synapses without a volume to place them in")
+        layers.append(synapse_layer(SynapseTable.from_csv(table_path), frame.resolution))
+    state["layers"] = layers
+    state["layout"] = "4panel"
+    return state
+
+
 def build_state(workdir: str | os.PathLike) -> dict[str, Any]:
     """The neuroglancer state of the outputs present in `workdir` (nothing is written).
 
@@ -178,37 +285,49 @@ def build_state(workdir: str | os.PathLike) -> dict[str, Any]:
 
     Returns:
       The state: layers of `VOLUME_LAYERS` whose arrays exist (each with its
-      own stored voxel size) and the synapse table, if written; the view's
-      dimensions and position from the first volume layer.
+      own stored voxel size and offset) and the synapse table, if written;
+      the view's dimensions and position from the first volume layer.
     """
     workdir = pathlib.Path(workdir)
-    layers, first = [], None
-    names: set[str] = set()
-    for name, kind, relative, shader in VOLUME_LAYERS:
-        path = workdir / relative
-        if name in names or not path.is_dir():
-            continue
-        volume = _open_any(path)
-        channels = volume.shape[SPATIAL_DIMS] if len(volume.shape) > SPATIAL_DIMS else None
-        layer = volume_layer(name, kind, path, volume.resolution, channels)
-        if shader is not None:
-            layer["shader"] = shader
-        layers.append(layer)
-        names.add(name)
-        first = first or volume
-    state: dict[str, Any] = {}
-    if first is not None:
-        # Global dimensions in voxels of the first layer; the view starts at its centre.
-        state["dimensions"] = dimensions(DISPLAY_AXES, first.resolution[::-1])
-        state["position"] = [float(s) / 2 for s in first.shape[:SPATIAL_DIMS][::-1]]
-    table_path = workdir / layout.SYNAPSES_CSV_FILE
-    if table_path.is_file():
-        if first is None:
-            raise DataError(f"{table_path}: synapses without a volume to place them in")
-        layers.append(synapse_layer(SynapseTable.from_csv(table_path), first.resolution))
-    state["layers"] = layers
-    state["layout"] = "4panel"
-    return state
+    found = _output_layers(workdir, VOLUME_LAYERS)
+    first = found[0][1] if found else None
+    return _assemble(workdir, [layer for layer, _ in found], first, first)
+
+
+def build_volume_state(output: str | os.PathLike, input_source: str) -> dict[str, Any]:
+    """The state of the predictions of a volume of your own (nothing is written or copied).
+
+    Args:
+      output: the folder of the predictions (`config.predict.output`).
+      input_source: the volume they were predicted from (`config.predict.input`).
+
+    Returns:
+      The state: the input where it lies (when neuroglancer reads its
+      format, see `source_url`), the layers of `OWN_VOLUME_LAYERS` present in
+      `output` and its synapse table, if written; the view's voxel size is
+      the input's, and it starts at the centre of the predicted region.
+
+    Raises:
+      DataError: the input cannot be opened.
+    """
+    output = pathlib.Path(output)
+    found = _output_layers(output, OWN_VOLUME_LAYERS)
+    raw = open_volume(input_source)
+    try:
+        url = source_url(input_source)
+        layers = [layer for layer, _ in found]
+        if url is not None and url.startswith(ZARR_PREFIX):
+            layer = volume_layer(
+                INPUT_LAYER, "image", "", raw.resolution, None, raw.offset, url=url
+            )
+            layers.insert(0, layer)
+        elif url is not None:
+            # N5 and precomputed name their own axes, voxel size and offset.
+            layers.insert(0, {"type": "image", "name": INPUT_LAYER, "source": url})
+        centre = found[0][1] if found else raw
+        return _assemble(output, layers, raw, centre)
+    finally:
+        raw.close()
 
 
 def write_raw(workdir: str | os.PathLike, raw: np.ndarray, resolution_nm) -> pathlib.Path:
@@ -253,6 +372,19 @@ def write_state(
         write_raw(workdir, raw, resolution_nm)
     path = workdir / layout.NEUROGLANCER_STATE_FILE
     write_text_atomic(path, json.dumps(build_state(workdir), indent=1))
+    return path
+
+
+def write_volume_state(output: str | os.PathLike, input_source: str) -> pathlib.Path:
+    """Writes the neuroglancer state of a volume of your own's predictions into `output`.
+
+    See `build_volume_state`: the input is referenced where it lies, never copied.
+
+    Returns:
+      The path of `output/layout.NEUROGLANCER_STATE_FILE`.
+    """
+    path = pathlib.Path(output) / layout.NEUROGLANCER_STATE_FILE
+    write_text_atomic(path, json.dumps(build_volume_state(output, input_source), indent=1))
     return path
 
 

@@ -196,6 +196,9 @@ class SlicePredictSettings:
       executor: how `input`'s slabs run: "local" or "dask".
       scheduler: with "dask", a running scheduler's address; "": a
         `LocalCluster` on this machine.
+      segment_block: (z, y, x) voxels of a block of the block-wise
+        segmentation of `input` (`neuron_volume.segment_volume`).
+      segment_halo: voxels of context flooded around each such block.
     """
 
     tta: bool
@@ -212,3 +215,5 @@ class SlicePredictSettings:
     roi: str = ""
     executor: str = "local"
     scheduler: str = ""
+    segment_block: tuple[int, int, int] = (128, 128, 128)
+    segment_halo: int = 16

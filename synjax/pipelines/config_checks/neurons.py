@@ -119,6 +119,9 @@ SEGMENTER = {
             "executor": choice(EXECUTORS),
             "scheduler": text(),
             **PREDICT_VOLUME_RULES,
+            # The block-wise segmentation of `input` (configlib.volume_segmentation_fields).
+            "segment_block": integers(3, 1),
+            "segment_halo": integer(1),
         },
     ),
     "watershed": Block({**WATERSHED, "thresholds": sequence(fraction(), 0, required=False)}),
