@@ -72,6 +72,10 @@ SEGMENTATION = f"{PREDICTIONS_DIR}/segmentation.zarr"
 VOLUME_PROXIMITY = "proximity.zarr"
 VOLUME_BOUNDARIES = "boundaries.zarr"
 VOLUME_SEGMENTATION = "segmentation.zarr"
+VOLUME_INSTANCES = "instances.zarr"
+VOLUME_INSTANCES_TABLE = "instances.csv"
+VOLUME_INSTANCE_BLOCKS = "instance_blocks.zarr"
+VOLUME_INSTANCE_SCORES = "instance_scores.zarr"
 
 # Classical instance baseline.
 FOREST_FILE = "pixel_forest.joblib"

@@ -65,10 +65,6 @@ from synjax.stages.instance_settings import InstancePredictSettings
 from synjax.train import checkpoint
 from synjax.train.checkpoint import checkpoint_provenance
 
-INSTANCES_OUTPUT = "instances.zarr"
-TABLE_OUTPUT = "instances.csv"
-BLOCKS_OUTPUT = "instance_blocks.zarr"
-SCORES_OUTPUT = "instance_scores.zarr"
 # Chunks of the fused labels (and of the table's block-wise pass).
 OUTPUT_CHUNKS = (16, 256, 256)
 
@@ -119,12 +115,12 @@ def _paint_blocks(config, workdir, source, boxes, factors, painting, provenance,
     detections = int(model.detections)
     stack_shape = (len(boxes) * block[0], block[1], block[2])
     grid = BlockGrid(stack_shape, block)
-    labels_path = out_dir / BLOCKS_OUTPUT
+    labels_path = out_dir / layout.VOLUME_INSTANCE_BLOCKS
     labels_store, done_path = open_block_output(
         labels_path, stack_shape, np.uint32, grid, provenance, predict.resume, chunks=block
     )
     scores_store = _scores_store(
-        out_dir / SCORES_OUTPUT, len(boxes), detections, reuse=done_path.exists()
+        out_dir / layout.VOLUME_INSTANCE_SCORES, len(boxes), detections, reuse=done_path.exists()
     )
     done = open_done_state(done_path, grid, provenance, predict.resume)
     todo = [int(b) for b in done.todo()]
@@ -242,7 +238,7 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         for o, a, r in zip(raw.offset, roi.start, raw.resolution, strict=True)
     )
     chunks = tuple(min(c, n) for c, n in zip(OUTPUT_CHUNKS, read_shape, strict=True))
-    out_path = out_dir / INSTANCES_OUTPUT
+    out_path = out_dir / layout.VOLUME_INSTANCES
     out = create_volume(
         str(out_path),
         read_shape,
@@ -285,7 +281,14 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         sums = sums.select(lookup)
         fused_scores = fused_scores[lookup[1:] > 0]
     write_instance_table(
-        out_dir / TABLE_OUTPUT, sums.rows(fused_scores, resolution, offset), TABLE_COLUMNS
+        out_dir / layout.VOLUME_INSTANCES_TABLE,
+        sums.rows(fused_scores, resolution, offset),
+        TABLE_COLUMNS,
     )
-    logging.info("%d synapse instances in %s and %s", sums.count, out_path, out_dir / TABLE_OUTPUT)
+    logging.info(
+        "%d synapse instances in %s and %s",
+        sums.count,
+        out_path,
+        out_dir / layout.VOLUME_INSTANCES_TABLE,
+    )
     return out_path

@@ -89,6 +89,7 @@ OWN_VOLUME_LAYERS = (
     ("proximity", "image", layout.VOLUME_PROXIMITY, PROXIMITY_SHADER),
     ("boundaries", "image", layout.VOLUME_BOUNDARIES, None),
     ("segmentation", "segmentation", layout.VOLUME_SEGMENTATION, None),
+    ("synapse instances", "segmentation", layout.VOLUME_INSTANCES, None),
 )
 INPUT_LAYER = "raw"
 # synjax source formats that neuroglancer reads, with its data source prefix.
