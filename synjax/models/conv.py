@@ -1,4 +1,4 @@
-"""3D convolution that runs as 2D convolutions on CPU.
+"""3D convolution that runs as 2D convolutions or matrix products on CPU.
 
 XLA's CPU backend has fast 2D convolutions but slow 3D ones (measured with
 jax 0.10: the gradient of a 1x3x3 `nn.Conv` on [2, 8, 64, 64, 8] takes 5x as
@@ -8,7 +8,9 @@ of the input, either stacked along channels (one 2D conv, kernel
 [kz, ky, kx, C, F] -> [ky, kx, kz*C, F]) or convolved separately and summed.
 `Conv3D` keeps `nn.Conv`'s parameters (`kernel` [kz, ky, kx, C, F], `bias`
 [F]), so the two are interchangeable in checkpoints; on GPU it calls the
-native 3D convolution (cuDNN's are fast).
+native 3D convolution (cuDNN's are fast). A third way, "taps"
+(`conv_taps.conv3d_taps`), runs the convolution and its gradient as matrix
+products over the kernel's taps, with a hand-written backward pass.
 """
 
 from __future__ import annotations
@@ -25,8 +27,14 @@ from jax import lax
 
 from synjax.errors import ConfigError
 from synjax.geometry import SPATIAL_DIMS, spatial_triple
+from synjax.models.conv_taps import conv3d_taps, same_pad
 
-IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "native")
+IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "native", "taps")
+# "auto" on CPU: "taps" from this many input channels on, "folded" below.
+# With few input channels the tap products are thin ([voxels, kx*C] x
+# [kx*C, kz*ky*F]) and memory-bound, where the folded 2D conv is faster
+# (benchmarks/bench_conv.py, 2-core AMD EPYC, jax 0.10.2: see its README table).
+AUTO_TAPS_MIN_CHANNELS = 8
 PADDINGS = ("SAME", "VALID")
 # Layouts of lax.conv_general_dilated: channels last, kernel spatial-in-out,
 # as nn.Conv uses.
@@ -38,10 +46,17 @@ _DIMENSION_NUMBERS_3D = ("NDHWC", "DHWIO", "NDHWC")
 _auto_override: str | None = None
 
 
-def resolve_implementation(implementation: str) -> str:
-    """Maps "auto" to "folded" on the CPU backend and "native" elsewhere.
+def resolve_implementation(implementation: str, in_features: int | None = None) -> str:
+    """Maps "auto" to the measured fastest implementation for the backend.
 
-    Inside `auto_implementation(name)`, "auto" maps to `name` instead.
+    On the CPU backend: "taps" for `in_features` >= `AUTO_TAPS_MIN_CHANNELS`,
+    "folded" for fewer (or unknown) input channels; "native" elsewhere (cuDNN's
+    3D convolutions are fast). Inside `auto_implementation(name)`, "auto" maps
+    to `name` instead.
+
+    Args:
+      implementation: one of `IMPLEMENTATIONS`.
+      in_features: input channels of the convolution, None if not known.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
@@ -49,7 +64,11 @@ def resolve_implementation(implementation: str) -> str:
         return implementation
     if _auto_override is not None:
         return _auto_override
-    return "folded" if jax.default_backend() == "cpu" else "native"
+    if jax.default_backend() != "cpu":
+        return "native"
+    if in_features is not None and in_features >= AUTO_TAPS_MIN_CHANNELS:
+        return "taps"
+    return "folded"
 
 
 @contextlib.contextmanager
@@ -72,12 +91,6 @@ def auto_implementation(implementation: str) -> Iterator[None]:
         _auto_override = previous
 
 
-def _same_pad(size: int) -> tuple[int, int]:
-    """Low/high padding of lax "SAME" for stride 1 (the extra voxel goes high)."""
-    low = (size - 1) // 2
-    return low, size - 1 - low
-
-
 def _z_slices(x: jnp.ndarray, kz: int, padding: str) -> list[jnp.ndarray]:
     """The kz z-shifted windows of x that a kz-deep kernel sees.
 
@@ -90,7 +103,7 @@ def _z_slices(x: jnp.ndarray, kz: int, padding: str) -> list[jnp.ndarray]:
       kz arrays [batch, z', y, x, c]; entry dz is the input at z + dz.
     """
     if padding == "SAME":
-        x = jnp.pad(x, ((0, 0), _same_pad(kz), (0, 0), (0, 0), (0, 0)))
+        x = jnp.pad(x, ((0, 0), same_pad(kz), (0, 0), (0, 0), (0, 0)))
     out_z = x.shape[1] - kz + 1
     if out_z < 1:
         raise ConfigError(f"input depth {x.shape[1]} is smaller than kernel depth {kz} (VALID)")
@@ -164,6 +177,7 @@ _CONV_FNS = {
     "folded": conv3d_folded,
     "folded_sum": conv3d_folded_sum,
     "native": conv3d_native,
+    "taps": conv3d_taps,
 }
 
 
@@ -182,12 +196,15 @@ class Conv3D(nn.Module):
       use_bias: whether to add a learned bias.
       dtype: computation dtype, None to promote input and parameters.
       param_dtype: dtype of the parameters.
-      precision: passed to `lax.conv_general_dilated`.
+      precision: passed to `lax.conv_general_dilated` (or the tap products).
       kernel_init: kernel initialiser (nn.Conv's default, LeCun normal).
       bias_init: bias initialiser (zeros, as nn.Conv).
-      implementation: "auto" ("folded" on the CPU backend, "native"
-        elsewhere), "folded" (one 2D conv on z-shifted copies stacked along
-        channels), "folded_sum" (sum of kz 2D convs) or "native" (XLA 3D conv).
+      implementation: "auto" (on the CPU backend "taps" from
+        `AUTO_TAPS_MIN_CHANNELS` input channels on and "folded" below;
+        "native" elsewhere), "folded" (one 2D conv on z-shifted copies stacked
+        along channels), "folded_sum" (sum of kz 2D convs), "native" (XLA 3D
+        conv) or "taps" (matrix products over the kernel taps, forward and
+        backward; bfloat16 inputs accumulate in float32).
     """
 
     features: int
@@ -210,7 +227,7 @@ class Conv3D(nn.Module):
             raise ConfigError(f"padding={self.padding!r}; expected one of {PADDINGS}")
         if x.ndim != SPATIAL_DIMS + 2:
             raise ConfigError(f"input shape {x.shape}; expected [batch, z, y, x, channels]")
-        conv = _CONV_FNS[resolve_implementation(self.implementation)]
+        conv = _CONV_FNS[resolve_implementation(self.implementation, x.shape[-1])]
 
         kernel = self.param(
             "kernel",
