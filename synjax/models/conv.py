@@ -111,16 +111,32 @@ def _z_slices(x: jnp.ndarray, kz: int, padding: str) -> list[jnp.ndarray]:
 
 
 def _conv2d(x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any) -> jnp.ndarray:
-    """2D conv of [batch, z, y, x, c] with z folded into batch; kernel [ky, kx, c, f]."""
+    """2D conv of [batch, z, y, x, c] with z folded into batch; kernel [ky, kx, c, f].
+
+    A "VALID" conv is computed as the "SAME" one, cropped: XLA:CPU runs a
+    "SAME" 2D convolution (and its gradient) on its fast path but a "VALID" one
+    about 5x slower (measured with jax 0.10.2 on [16, 64, 64, 72] -> 24
+    features, 3x3), and the centre of the "SAME" output is exactly the "VALID"
+    output, for the cost of the (k - 1) border voxels.
+    """
     batch, depth = x.shape[:2]
+    ky, kx = kernel.shape[:2]
     y = lax.conv_general_dilated(
         x.reshape(batch * depth, *x.shape[2:]),
         kernel,
         window_strides=(1, 1),
-        padding=padding,
+        padding="SAME",
         dimension_numbers=_DIMENSION_NUMBERS_2D,
         precision=precision,
     )
+    if padding == "VALID":
+        (low_y, _), (low_x, _) = same_pad(ky), same_pad(kx)
+        out_y, out_x = x.shape[2] - ky + 1, x.shape[3] - kx + 1
+        if out_y < 1 or out_x < 1:
+            raise ConfigError(
+                f"input (y, x) {x.shape[2:4]} is smaller than kernel (ky, kx) {(ky, kx)} (VALID)"
+            )
+        y = y[:, low_y : low_y + out_y, low_x : low_x + out_x]
     return y.reshape(batch, depth, *y.shape[1:])
 
 
