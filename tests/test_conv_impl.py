@@ -9,6 +9,8 @@ pass (`conv_taps`), so its gradient is the part most worth testing.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from jax import lax
 
 from synjax.errors import ConfigError
+from synjax.models import UNet3D, UNet3DSettings
 from synjax.models.conv import (
     AUTO_TAPS_MIN_CHANNELS,
     Conv3D,
@@ -217,3 +220,22 @@ def test_taps_rejects_bad_input():
         conv3d_taps(x, jnp.ones((1, 3, 3, 2, 1)), "SAME")
     with pytest.raises(ConfigError, match="max_slab_elements"):
         conv3d_taps(x, jnp.ones((1, 3, 3, 1, 1)), "SAME", max_slab_elements=0)
+
+
+def test_unet_settings_conv_implementation_reaches_every_convolution():
+    cfg = UNet3DSettings(depth=1, base_features=4, pool_factors=((1, 2, 2),))
+    x = jnp.zeros((1, *cfg.valid_input_shape((1, 2, 2)), 1))
+    params = jax.eval_shape(UNet3D(cfg).init, jax.random.key(0), x)["params"]
+
+    def conv_ops(impl):
+        model = UNet3D(dataclasses.replace(cfg, conv_implementation=impl))
+        return str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x))(params)).count(
+            "conv_general_dilated"
+        )
+
+    # native: 3 blocks x 2 convs, the transposed up-convolution, the 1x1x1
+    # output nn.Conv; taps: only the output nn.Conv (the rest is matmuls).
+    assert conv_ops("native") == 8
+    assert conv_ops("taps") == 1
+    with pytest.raises(ConfigError, match="conv_implementation"):
+        UNet3DSettings(conv_implementation="fast")
