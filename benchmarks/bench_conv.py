@@ -48,20 +48,23 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
 from synjax.models import UNet3D, UNet3DSettings, weighted_mse
 from synjax.models.conv import Conv3D, auto_implementation
 
-IMPLEMENTATIONS = ("native", "folded", "folded_sum", "taps", "auto")
+IMPLEMENTATIONS = ("native", "folded", "folded_sum", "folded_taps", "taps", "auto")
 SEED = 0
 LEARNING_RATE = 1e-4
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# (input [batch, z, y, x, c], features, kernel): small-channel layers where
-# XLA's convolutions are weakest, and the channel counts of the paper U-Net.
+# (input [batch, z, y, x, c], features, kernel, padding): small-channel SAME
+# layers, and the VALID 3x3x3 layers of the paper U-Net at its x-y sizes
+# (z cut to 10 to keep the benchmark short).
 LAYER_CASES = (
-    ((2, 8, 64, 64, 1), 8, (3, 3, 3)),
-    ((2, 8, 64, 64, 8), 8, (1, 3, 3)),
-    ((2, 8, 64, 64, 8), 8, (3, 3, 3)),
-    ((1, 16, 64, 64, 24), 24, (3, 3, 3)),
-    ((1, 12, 32, 32, 72), 72, (3, 3, 3)),
-    ((1, 8, 16, 16, 216), 216, (3, 3, 3)),
-    ((2, 8, 64, 64, 8), 8, (3, 1, 1)),
+    ((2, 8, 64, 64, 8), 8, (1, 3, 3), "SAME"),
+    ((2, 8, 64, 64, 8), 8, (3, 3, 3), "SAME"),
+    ((2, 8, 64, 64, 8), 8, (3, 1, 1), "SAME"),
+    ((1, 10, 156, 156, 1), 24, (3, 3, 3), "VALID"),
+    ((1, 10, 154, 154, 24), 24, (3, 3, 3), "VALID"),
+    ((1, 10, 74, 74, 72), 72, (3, 3, 3), "VALID"),
+    ((1, 10, 34, 34, 216), 216, (3, 3, 3), "VALID"),
+    ((1, 10, 14, 14, 648), 648, (3, 3, 3), "VALID"),
+    ((1, 10, 48, 48, 144), 72, (3, 3, 3), "VALID"),
 )
 SMALL_UNET = UNet3DSettings(
     depth=2,
@@ -89,10 +92,10 @@ UNET_COLUMNS = (
 )
 
 
-def bench_layer(shape, features, kernel, impl, repeats):
+def bench_layer(shape, features, kernel, padding, impl, repeats):
     """Times the forward pass and grad of sum(conv(x)^2) w.r.t. params and input."""
     x = jnp.asarray(np.random.default_rng(SEED).random(shape, np.float32))
-    module = Conv3D(features, kernel, padding="SAME", implementation=impl)
+    module = Conv3D(features, kernel, padding=padding, implementation=impl)
     params = jax.jit(module.init)(jax.random.key(SEED), x)
     forward, _ = common.compile_jax(jax.jit(module.apply), params, x)
     grad = jax.jit(jax.grad(lambda p, v: jnp.sum(module.apply(p, v) ** 2), argnums=(0, 1)))
@@ -213,13 +216,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     layer_rows = []
-    for shape, features, kernel in () if args.skip_layers else LAYER_CASES:
-        case = f"{'x'.join(map(str, kernel))} {'x'.join(map(str, shape))}->{features}"
+    for shape, features, kernel, padding in () if args.skip_layers else LAYER_CASES:
+        case = f"{'x'.join(map(str, kernel))} {padding} {'x'.join(map(str, shape))}->{features}"
         for impl in args.impls:
             row = {
                 "case": case,
                 "impl": impl,
-                **bench_layer(shape, features, kernel, impl, args.repeats),
+                **bench_layer(shape, features, kernel, padding, impl, args.repeats),
             }
             layer_rows.append(row)
             print(
@@ -269,7 +272,7 @@ def main(argv=None):
     add_speedups(unet_rows, (("infer_s", "infer_speedup"), ("train_step_s", "train_speedup")))
 
     if layer_rows:
-        print("Conv3D layer (SAME, float32): forward; grad w.r.t. params and input:")
+        print("Conv3D layer (float32): forward; grad w.r.t. params and input:")
         print(common.format_table(layer_rows, LAYER_COLUMNS))
     if unet_rows:
         print("\nUNet3D inference and train step (forward + backward + Adam):")

@@ -25,6 +25,7 @@ from synjax.models.conv import (
     auto_implementation,
     conv3d_folded,
     conv3d_folded_sum,
+    conv3d_folded_taps,
     conv3d_native,
     resolve_implementation,
 )
@@ -35,6 +36,7 @@ IMPLS = {
     "native": conv3d_native,
     "folded": conv3d_folded,
     "folded_sum": conv3d_folded_sum,
+    "folded_taps": conv3d_folded_taps,
     "taps": conv3d_taps,
 }
 # float32 sums of at most a few hundred products of unit-scale values.
@@ -140,12 +142,13 @@ def test_taps_hand_computed_shift():
     np.testing.assert_array_equal(conv3d_taps(x, kernel, "VALID").ravel(), [5.0, 6.0])
 
 
-def test_taps_bfloat16_within_bfloat16_tolerance():
+@pytest.mark.parametrize("impl", ("taps", "folded_taps"))
+def test_bfloat16_within_bfloat16_tolerance(impl):
     x = _random((1, 6, 9, 8, 8), 6)
     kernel = _random((3, 3, 3, 8, 5), 7) / 8
     want = reference(x, kernel, "SAME")
     xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-    got = conv3d_taps(xb, kb, "SAME")
+    got = IMPLS[impl](xb, kb, "SAME")
     assert got.dtype == jnp.bfloat16
     # bfloat16 keeps 8 significant bits: inputs rounded by 2^-9 relative, the
     # result rounded once more; the sums themselves are float32.
@@ -153,7 +156,7 @@ def test_taps_bfloat16_within_bfloat16_tolerance():
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=0.02 * scale)
     weights = _random(want.shape, 8)
     want_x, want_k = _weighted_grads(lambda v, k: reference(v, k, "SAME"), x, kernel, weights)
-    got_x, got_k = _weighted_grads(lambda v, k: conv3d_taps(v, k, "SAME"), xb, kb, weights)
+    got_x, got_k = _weighted_grads(lambda v, k: IMPLS[impl](v, k, "SAME"), xb, kb, weights)
     assert got_x.dtype == jnp.bfloat16 and got_k.dtype == jnp.bfloat16
     for got_g, want_g in ((got_x, want_x), (got_k, want_k)):
         tol = 0.02 * float(jnp.abs(want_g).max())

@@ -16,6 +16,7 @@ products over the kernel's taps, with a hand-written backward pass.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,9 +28,14 @@ from jax import lax
 
 from synjax.errors import ConfigError
 from synjax.geometry import SPATIAL_DIMS, spatial_triple
-from synjax.models.conv_taps import conv3d_taps, same_pad
+from synjax.models.conv_taps import (
+    conv3d_taps,
+    input_gradient_problem,
+    kernel_gradient,
+    same_pad,
+)
 
-IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "native", "taps")
+IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "folded_taps", "native", "taps")
 # "auto" on CPU: "taps" from this many input channels on, "folded" below.
 # With few input channels the tap products are thin ([voxels, kx*C] x
 # [kx*C, kz*ky*F]) and memory-bound, where the folded 2D conv is faster
@@ -175,6 +181,36 @@ def conv3d_folded_sum(
     return sum(terms[1:], terms[0])
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3d_folded_taps(
+    x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any = None
+) -> jnp.ndarray:
+    """`conv3d_folded` whose kernel gradient is computed as tap matrix products.
+
+    Forward pass and input gradient are folded 2D convolutions (XLA:CPU's fast
+    path); the kernel gradient, where XLA's generic gradient of the 2D
+    convolution is slowest, is `conv_taps.kernel_gradient`. Same arguments and
+    result as `conv3d_folded`.
+    """
+    return conv3d_folded(x, kernel, padding, precision)
+
+
+def _folded_taps_fwd(x, kernel, padding, precision):
+    return conv3d_folded(x, kernel, padding, precision), (x, kernel)
+
+
+def _folded_taps_bwd(padding, precision, residuals, grad_out):
+    x, kernel = residuals
+    grad_out = grad_out.astype(x.dtype)
+    padded, flipped = input_gradient_problem(grad_out, kernel, padding)
+    grad_x = conv3d_folded(padded, flipped, "VALID", precision)
+    grad_kernel = kernel_gradient(x, grad_out, kernel.shape[:3], padding, precision)
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+conv3d_folded_taps.defvjp(_folded_taps_fwd, _folded_taps_bwd)
+
+
 def conv3d_native(
     x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any = None
 ) -> jnp.ndarray:
@@ -192,6 +228,7 @@ def conv3d_native(
 _CONV_FNS = {
     "folded": conv3d_folded,
     "folded_sum": conv3d_folded_sum,
+    "folded_taps": conv3d_folded_taps,
     "native": conv3d_native,
     "taps": conv3d_taps,
 }
@@ -218,8 +255,9 @@ class Conv3D(nn.Module):
       implementation: "auto" (on the CPU backend "taps" from
         `AUTO_TAPS_MIN_CHANNELS` input channels on and "folded" below;
         "native" elsewhere), "folded" (one 2D conv on z-shifted copies stacked
-        along channels), "folded_sum" (sum of kz 2D convs), "native" (XLA 3D
-        conv) or "taps" (matrix products over the kernel taps, forward and
+        along channels), "folded_sum" (sum of kz 2D convs), "folded_taps"
+        ("folded" with the kernel gradient as tap matrix products), "native"
+        (XLA 3D conv) or "taps" (matrix products over the kernel taps, forward and
         backward; bfloat16 inputs accumulate in float32).
     """
 

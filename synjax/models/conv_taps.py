@@ -105,7 +105,7 @@ def _valid_conv_slab(xp: jnp.ndarray, kernel: jnp.ndarray, precision: Any) -> jn
       [batch, z - kz + 1, y - ky + 1, x - kx + 1, f] in xp's dtype.
     """
     kz, ky, kx, channels, features = kernel.shape
-    batch, depth, height = xp.shape[:3]
+    depth, height = xp.shape[1:3]
     out_z, out_y = depth - kz + 1, height - ky + 1
     taps = _x_taps(xp, kx)
     # [kz, ky, kx, c, f] -> [(kx, c), (kz, ky, f)].
@@ -245,6 +245,60 @@ def _input_pads(kernel_size: tuple[int, int, int], padding: str) -> list[tuple[i
     return [(0, 0)] * 3
 
 
+def input_gradient_problem(
+    grad_out: jnp.ndarray, kernel: jnp.ndarray, padding: str
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The VALID convolution whose output is the input gradient of a stride-1 conv.
+
+    Input voxel i reaches outputs i - k + 1 + low .. i + low (low, high: the
+    input's padding), so its gradient is the correlation of the output
+    gradient, padded by k - 1 - low below and k - 1 - high above, with the
+    kernel flipped in space and its C and F axes swapped.
+
+    Args:
+      grad_out: [batch, z', y', x', f].
+      kernel: [kz, ky, kx, c, f].
+      padding: "SAME" or "VALID" of the forward convolution.
+
+    Returns:
+      (padded output gradient [batch, z'', y'', x'', f], kernel [kz, ky, kx, f, c]);
+      their VALID correlation has the input's shape.
+    """
+    kernel_size = kernel.shape[:3]
+    pads = _input_pads(kernel_size, padding)
+    grad_pads = [
+        (k - 1 - low, k - 1 - high) for k, (low, high) in zip(kernel_size, pads, strict=True)
+    ]
+    flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
+    return _pad_spatial(grad_out, grad_pads), flipped
+
+
+def kernel_gradient(
+    x: jnp.ndarray,
+    grad_out: jnp.ndarray,
+    kernel_size: tuple[int, int, int],
+    padding: str,
+    precision: Any = None,
+    max_slab_elements: int = MAX_SLAB_ELEMENTS,
+) -> jnp.ndarray:
+    """Gradient w.r.t. the kernel of a stride-1 3D convolution, as tap products.
+
+    Args:
+      x: [batch, z, y, x, c], the convolution's input.
+      grad_out: [batch, z', y', x', f], gradient of its output (same dtype as x).
+      kernel_size: (kz, ky, kx).
+      padding: "SAME" or "VALID".
+      precision: of the matrix products.
+      max_slab_elements: budget of one slab's largest intermediate array.
+
+    Returns:
+      [kz, ky, kx, c, f], accumulated in float32 for low-precision inputs (and
+      returned in float32 then).
+    """
+    xp = _pad_spatial(x, _input_pads(kernel_size, padding))
+    return _kernel_gradient(xp, grad_out, kernel_size, precision, max_slab_elements)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv3d_taps(x, kernel, padding, precision, max_slab_elements):
     xp = _pad_spatial(x, _input_pads(kernel.shape[:3], padding))
@@ -259,19 +313,12 @@ def _conv3d_taps_fwd(x, kernel, padding, precision, max_slab_elements):
 
 def _conv3d_taps_bwd(padding, precision, max_slab_elements, residuals, grad_out):
     x, kernel = residuals
-    kernel_size = kernel.shape[:3]
-    pads = _input_pads(kernel_size, padding)
     grad_out = grad_out.astype(x.dtype)
-    # Input voxel i reaches outputs i - k + 1 + low .. i + low: the correlation
-    # of the output gradient, padded by k - 1 - low below and k - 1 - high
-    # above, with the kernel flipped in space and C and F swapped.
-    grad_pads = [
-        (k - 1 - low, k - 1 - high) for k, (low, high) in zip(kernel_size, pads, strict=True)
-    ]
-    flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
-    grad_x = _valid_conv(_pad_spatial(grad_out, grad_pads), flipped, precision, max_slab_elements)
-    xp = _pad_spatial(x, pads)
-    grad_kernel = _kernel_gradient(xp, grad_out, kernel_size, precision, max_slab_elements)
+    padded, flipped = input_gradient_problem(grad_out, kernel, padding)
+    grad_x = _valid_conv(padded, flipped, precision, max_slab_elements)
+    grad_kernel = kernel_gradient(
+        x, grad_out, kernel.shape[:3], padding, precision, max_slab_elements
+    )
     return grad_x, grad_kernel.astype(kernel.dtype)
 
 
