@@ -125,6 +125,34 @@ def _valid_conv_slab(xp: jnp.ndarray, kernel: jnp.ndarray, precision: Any) -> jn
     return total.astype(xp.dtype)
 
 
+def _sum_of_products(a: jnp.ndarray, b: jnp.ndarray, precision: Any) -> jnp.ndarray:
+    """a^T @ b over all voxels, as a batch of per-z-slice products summed.
+
+    One product contracting over every voxel ([K, voxels] x [voxels, N], K and
+    N small) runs about 5x slower on XLA:CPU than the same work as a batch of
+    per-slice products (measured with jax 0.10.2 at [28*154*152, 72] x
+    [.., 72]): the single one transposes `a` and cannot split its tiny output
+    between threads.
+
+    Args:
+      a: [batch, z, y, x, k].
+      b: [batch, z, y, x, n].
+      precision: of the products.
+
+    Returns:
+      [k, n] in the accumulation dtype.
+    """
+    slices = a.shape[0] * a.shape[1]
+    products = lax.dot_general(
+        a.reshape(slices, -1, a.shape[4]),
+        b.reshape(slices, -1, b.shape[4]),
+        (((1,), (1,)), ((0,), (0,))),
+        precision=precision,
+        preferred_element_type=_accumulation_dtype(a.dtype),
+    )
+    return products.sum(axis=0)
+
+
 def _kernel_grad_slab(
     xp: jnp.ndarray, grad_out: jnp.ndarray, kernel_size: tuple[int, int, int], precision: Any
 ) -> jnp.ndarray:
@@ -156,15 +184,7 @@ def _kernel_grad_slab(
             for dy in range(ky)
         ]
         stacked = pieces[0] if ky == 1 else jnp.concatenate(pieces, -1)
-        per_dz.append(
-            lax.dot_general(
-                taps,
-                stacked,
-                (((0, 1, 2, 3), (0, 1, 2, 3)), ((), ())),
-                precision=precision,
-                preferred_element_type=_accumulation_dtype(xp.dtype),
-            )
-        )
+        per_dz.append(_sum_of_products(taps, stacked, precision))
     # [kz, (kx, c), (ky, f)] -> [kz, ky, kx, c, f].
     grad = jnp.stack(per_dz).reshape(kz, kx, channels, ky, features)
     return jnp.transpose(grad, (0, 3, 1, 2, 4))
