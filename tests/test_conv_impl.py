@@ -20,7 +20,7 @@ from jax import lax
 from synjax.errors import ConfigError
 from synjax.models import UNet3D, UNet3DSettings
 from synjax.models.conv import (
-    AUTO_TAPS_MIN_CHANNELS,
+    AUTO_TAPS_MAX_CHANNELS,
     Conv3D,
     auto_implementation,
     conv3d_folded,
@@ -46,6 +46,7 @@ ATOL = 1e-4
 CASES = [
     # (input [b, z, y, x, c], features, kernel, padding)
     ((2, 5, 9, 7, 3), 4, (3, 3, 3), "SAME"),
+    ((1, 6, 9, 8, 1), 4, (3, 3, 3), "VALID"),
     ((1, 6, 7, 8, 8), 5, (3, 3, 3), "VALID"),
     ((1, 4, 6, 5, 1), 3, (1, 3, 3), "SAME"),
     ((2, 5, 6, 5, 2), 9, (3, 1, 1), "VALID"),
@@ -183,9 +184,9 @@ def test_conv3d_module_taps_matches_native():
 
 def test_auto_on_cpu_picks_by_input_channels():
     assert jax.default_backend() == "cpu"
-    assert resolve_implementation("auto", AUTO_TAPS_MIN_CHANNELS) == "taps"
-    assert resolve_implementation("auto", AUTO_TAPS_MIN_CHANNELS - 1) == "folded"
-    assert resolve_implementation("auto") == "folded"
+    assert resolve_implementation("auto", AUTO_TAPS_MAX_CHANNELS) == "taps"
+    assert resolve_implementation("auto", AUTO_TAPS_MAX_CHANNELS + 1) == "folded_taps"
+    assert resolve_implementation("auto") == "folded_taps"
     assert resolve_implementation("taps", 1) == "taps"
     with auto_implementation("native"):
         assert resolve_implementation("auto", 64) == "native"
@@ -193,10 +194,10 @@ def test_auto_on_cpu_picks_by_input_channels():
 
 def test_conv_block_auto_equals_native_forward_and_gradient():
     # The CPU default changed: "auto" now runs the block's first convolution
-    # (2 input channels) folded and its second (8) as taps. Same output and
-    # parameter gradients as XLA's own convolutions.
-    x = _random((1, 6, 9, 8, 2), 10)
-    block = ConvBlock(AUTO_TAPS_MIN_CHANNELS, (3, 3, 3), padding="VALID")
+    # (1 input channel) as taps and its second (4) as folded_taps. Same output
+    # and parameter gradients as XLA's own convolutions.
+    x = _random((1, 6, 9, 8, AUTO_TAPS_MAX_CHANNELS), 10)
+    block = ConvBlock(4, (3, 3, 3), padding="VALID")
     params = jax.tree.map(lambda p: p + 0.05, jax.jit(block.init)(jax.random.key(0), x)["params"])
 
     def run(module):

@@ -36,11 +36,12 @@ from synjax.models.conv_taps import (
 )
 
 IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "folded_taps", "native", "taps")
-# "auto" on CPU: "taps" from this many input channels on, "folded" below.
-# With few input channels the tap products are thin ([voxels, kx*C] x
-# [kx*C, kz*ky*F]) and memory-bound, where the folded 2D conv is faster
-# (benchmarks/bench_conv.py, 2-core AMD EPYC, jax 0.10.2: see its README table).
-AUTO_TAPS_MIN_CHANNELS = 8
+# "auto" on CPU: "taps" up to this many input channels (a network's first
+# layer: all 27 taps of one channel stacked, one product), "folded_taps" above
+# (XLA's fast 2D convolutions forward and for the input gradient, tap products
+# for the kernel gradient, where XLA's own is slowest). Measured on the paper
+# U-Net's layers with benchmarks/bench_conv.py (2-core AMD EPYC, jax 0.10.2).
+AUTO_TAPS_MAX_CHANNELS = 1
 PADDINGS = ("SAME", "VALID")
 # Layouts of lax.conv_general_dilated: channels last, kernel spatial-in-out,
 # as nn.Conv uses.
@@ -55,8 +56,8 @@ _auto_override: str | None = None
 def resolve_implementation(implementation: str, in_features: int | None = None) -> str:
     """Maps "auto" to the measured fastest implementation for the backend.
 
-    On the CPU backend: "taps" for `in_features` >= `AUTO_TAPS_MIN_CHANNELS`,
-    "folded" for fewer (or unknown) input channels; "native" elsewhere (cuDNN's
+    On the CPU backend: "taps" for up to `AUTO_TAPS_MAX_CHANNELS` input
+    channels, "folded_taps" for more (or unknown); "native" elsewhere (cuDNN's
     3D convolutions are fast). Inside `auto_implementation(name)`, "auto" maps
     to `name` instead.
 
@@ -72,9 +73,9 @@ def resolve_implementation(implementation: str, in_features: int | None = None) 
         return _auto_override
     if jax.default_backend() != "cpu":
         return "native"
-    if in_features is not None and in_features >= AUTO_TAPS_MIN_CHANNELS:
+    if in_features is not None and in_features <= AUTO_TAPS_MAX_CHANNELS:
         return "taps"
-    return "folded"
+    return "folded_taps"
 
 
 @contextlib.contextmanager
@@ -252,8 +253,8 @@ class Conv3D(nn.Module):
       precision: passed to `lax.conv_general_dilated` (or the tap products).
       kernel_init: kernel initialiser (nn.Conv's default, LeCun normal).
       bias_init: bias initialiser (zeros, as nn.Conv).
-      implementation: "auto" (on the CPU backend "taps" from
-        `AUTO_TAPS_MIN_CHANNELS` input channels on and "folded" below;
+      implementation: "auto" (on the CPU backend "taps" up to
+        `AUTO_TAPS_MAX_CHANNELS` input channels and "folded_taps" above;
         "native" elsewhere), "folded" (one 2D conv on z-shifted copies stacked
         along channels), "folded_sum" (sum of kz 2D convs), "folded_taps"
         ("folded" with the kernel gradient as tap matrix products), "native"
@@ -281,6 +282,13 @@ class Conv3D(nn.Module):
             raise ConfigError(f"padding={self.padding!r}; expected one of {PADDINGS}")
         if x.ndim != SPATIAL_DIMS + 2:
             raise ConfigError(f"input shape {x.shape}; expected [batch, z, y, x, channels]")
+        if padding == "VALID":
+            axes = zip(("depth", "height", "width"), x.shape[1:4], kernel_size, strict=True)
+            for name, size, k in axes:
+                if size < k:
+                    raise ConfigError(
+                        f"input {name} {size} is smaller than kernel {name} {k} (VALID)"
+                    )
         conv = _CONV_FNS[resolve_implementation(self.implementation, x.shape[-1])]
 
         kernel = self.param(

@@ -47,6 +47,10 @@ PADDINGS = ("SAME", "VALID")
 # 5 M elements per slice: 64 Mi elements (256 MB in float32) keeps slabs deep
 # enough for efficient products and the peak memory of a layer bounded.
 MAX_SLAB_ELEMENTS = 64 * 2**20
+# Up to this many taps * input channels, all taps are stacked on the input side
+# (`_full_taps_conv`): a 3x3x3 kernel on 1 input channel (a network's first
+# layer) is 27 values per voxel against 9 * F on the output side.
+MAX_FULL_TAP_CHANNELS = 32
 
 
 def same_pad(size: int) -> tuple[int, int]:
@@ -88,6 +92,51 @@ def _x_taps(xp: jnp.ndarray, kx: int) -> jnp.ndarray:
     return jnp.concatenate([lax.slice_in_dim(xp, dx, dx + out_x, axis=3) for dx in range(kx)], -1)
 
 
+def _full_taps(xp: jnp.ndarray, kernel_size: tuple[int, int, int]) -> jnp.ndarray:
+    """All kz*ky*kx shifted windows of xp stacked along channels.
+
+    Args:
+      xp: [batch, z, y, x, c].
+      kernel_size: (kz, ky, kx).
+
+    Returns:
+      [batch, z', y', x', kz*ky*kx*c] (VALID output shape); channel
+      ((dz*ky + dy)*kx + dx)*c + ci holds xp[:, z + dz, y + dy, x + dx, ci], the
+      order of a row-major reshape of a [kz, ky, kx, c, f] kernel.
+    """
+    batch, channels = xp.shape[0], xp.shape[4]
+    out_shape = tuple(n - k + 1 for n, k in zip(xp.shape[1:4], kernel_size, strict=True))
+    pieces = [
+        lax.slice(
+            xp,
+            (0, dz, dy, dx, 0),
+            (batch, dz + out_shape[0], dy + out_shape[1], dx + out_shape[2], channels),
+        )
+        for dz, dy, dx in itertools.product(*(range(k) for k in kernel_size))
+    ]
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, -1)
+
+
+def _full_taps_conv(xp: jnp.ndarray, kernel: jnp.ndarray, precision: Any) -> jnp.ndarray:
+    """VALID 3D cross-correlation as one [voxels, taps*C] x [taps*C, F] product.
+
+    For inputs with few channels (the first layer of a network): all taps are
+    stacked on the input side, so the product writes F values per voxel
+    rather than the kz*ky*F of `_valid_conv_slab`'s output-side sum.
+
+    Args and result as `_valid_conv_slab`.
+    """
+    kz, ky, kx, channels, features = kernel.shape
+    out = lax.dot_general(
+        _full_taps(xp, (kz, ky, kx)),
+        kernel.reshape(kz * ky * kx * channels, features),
+        (((4,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=_accumulation_dtype(xp.dtype),
+    )
+    return out.astype(xp.dtype)
+
+
 def _valid_conv_slab(xp: jnp.ndarray, kernel: jnp.ndarray, precision: Any) -> jnp.ndarray:
     """VALID 3D cross-correlation as one matrix product and a shifted sum.
 
@@ -107,6 +156,8 @@ def _valid_conv_slab(xp: jnp.ndarray, kernel: jnp.ndarray, precision: Any) -> jn
     kz, ky, kx, channels, features = kernel.shape
     depth, height = xp.shape[1:3]
     out_z, out_y = depth - kz + 1, height - ky + 1
+    if kz * ky * kx * channels <= MAX_FULL_TAP_CHANNELS:
+        return _full_taps_conv(xp, kernel, precision)
     taps = _x_taps(xp, kx)
     # [kz, ky, kx, c, f] -> [(kx, c), (kz, ky, f)].
     weights = jnp.transpose(kernel, (2, 3, 0, 1, 4)).reshape(kx * channels, kz * ky * features)
@@ -173,6 +224,9 @@ def _kernel_grad_slab(
     """
     kz, ky, kx = kernel_size
     channels, features = xp.shape[4], grad_out.shape[4]
+    if kz * ky * kx * channels <= MAX_FULL_TAP_CHANNELS:
+        grad = _sum_of_products(_full_taps(xp, kernel_size), grad_out, precision)
+        return grad.reshape(kz, ky, kx, channels, features)
     taps = _x_taps(xp, kx)
     depth, height = xp.shape[1:3]
     padded = jnp.pad(grad_out, ((0, 0), (kz - 1, kz - 1), (ky - 1, ky - 1), (0, 0), (0, 0)))
