@@ -13,14 +13,18 @@ input) is computed here as:
 
 Only the x taps are stacked on the input side because XLA:CPU copies a
 concatenation of a few operands at memory speed but one of 9 or 27 operands
-about ten times slower (measured with jax 0.10.2). The backward pass is
-written by hand (`jax.custom_vjp`), again as matrix products, so that nothing
-larger than the input and kernel is kept from the forward pass:
+about ten times slower (measured with jax 0.10.2). With very few input
+channels (kz*ky*kx*C <= `MAX_FULL_TAP_CHANNELS`, a network's first layer)
+all taps are stacked instead: that matrix is small, and the product then
+writes F values per voxel rather than kz*ky*F. The backward pass is written
+by hand (`jax.custom_vjp`), again as matrix products, so that nothing larger
+than the input and kernel is kept from the forward pass:
 
 - grad input: the same computation on the output gradient padded by k - 1,
   with the kernel flipped in space and its C and F axes swapped;
 - grad kernel: for each dz, A^T @ G_dz, where G_dz stacks the output gradient
-  shifted by each dy, [kx*C, voxels] x [voxels, ky*F].
+  shifted by each dy, [kx*C, voxels] x [voxels, ky*F], computed as a batch of
+  per-z-slice products summed (one product over all voxels is ~5x slower).
 
 To bound memory, large volumes are processed in output z-slabs (static
 slices; each slab's intermediates stay under `max_slab_elements` elements).
