@@ -10,7 +10,12 @@ of the input, either stacked along channels (one 2D conv, kernel
 [F]), so the two are interchangeable in checkpoints; on GPU it calls the
 native 3D convolution (cuDNN's are fast). A third way, "taps"
 (`conv_taps.conv3d_taps`), runs the convolution and its gradient as matrix
-products over the kernel's taps, with a hand-written backward pass.
+products over the kernel's taps, with a hand-written backward pass;
+"folded_taps" keeps the folded forward pass and input gradient and takes the
+kernel gradient (XLA's slowest part on CPU) from the tap products. "auto"
+picks per backend and input channel count, as measured by
+benchmarks/bench_conv.py. Every implementation gives the same result up to
+float rounding (tests/test_conv_impl.py).
 """
 
 from __future__ import annotations
