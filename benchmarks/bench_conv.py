@@ -1,25 +1,35 @@
-"""Benchmark of `Conv3D`'s implementations: single layers and whole U-Net train steps.
+"""Benchmark of `Conv3D`'s implementations: single layers and whole U-Nets.
 
-XLA's CPU 3D convolutions are slow; `Conv3D` can run a kz x ky x kx
-convolution as 2D convolutions with z folded into the batch, either one conv
-over the kz z-shifted copies stacked along channels ("folded") or the sum of
-kz separate 2D convs ("folded_sum"). This times, after
+XLA's CPU 3D convolutions, and above all their gradients, are slow. `Conv3D`
+can run a kz x ky x kx convolution as 2D convolutions with z folded into the
+batch ("folded": one conv over the kz z-shifted copies stacked along channels;
+"folded_sum": the sum of kz 2D convs), or as matrix products over the kernel's
+taps with a hand-written backward pass ("taps", `models/conv_taps.py`);
+"auto" is the measured default per backend. This times, after
 `jax.block_until_ready` and with compile time reported apart:
 
-- layers: gradient (w.r.t. input and params) of one Conv3D, per implementation;
-- U-Nets: one train step (forward + backward + Adam) of `UNet3D`, per
-  implementation ("native" = before: XLA 3D convs and transposed convs, as
-  `nn.Conv` and `nn.ConvTranspose`; the others also run `Upsample`'s
-  transposed conv as an einsum).
+- layers: forward, and gradient w.r.t. params and input, of one Conv3D;
+- U-Nets: inference and one train step (forward + backward + Adam) of
+  `UNet3D` with every Conv3D set to the implementation ("native" = XLA 3D
+  convs and transposed convs, as `nn.Conv` and `nn.ConvTranspose`; the others
+  also run `Upsample`'s transposed conv as an einsum), at float32 and
+  optionally bfloat16 compute; the paper U-Net at the paper's configuration
+  (output 4x68x68 from input 32x156x156). GFLOP/s use the forward FLOPs of
+  XLA's cost analysis of the "native" network (the same arithmetic for all).
+  The PyTorch twin of `bench_unet.py` runs in the same process when torch is
+  installed (float32, NCDHW).
 
 Run:
 
-  .venv/bin/python benchmarks/bench_conv.py --repeats 5
+  .venv/bin/python benchmarks/bench_conv.py --repeats 3
+  .venv/bin/python benchmarks/bench_conv.py --skip-layers --dtypes float32 bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -30,24 +40,31 @@ import numpy as np
 import optax
 
 try:
-    from benchmarks import common
+    from benchmarks import bench_unet, common
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    import bench_unet
     import common
 
 from synjax.models import UNet3D, UNet3DSettings, weighted_mse
 from synjax.models.conv import Conv3D, auto_implementation
 
-IMPLEMENTATIONS = ("native", "folded", "folded_sum")
+IMPLEMENTATIONS = ("native", "folded", "folded_sum", "folded_taps", "taps", "auto")
 SEED = 0
 LEARNING_RATE = 1e-4
-# (input [batch, z, y, x, c], features, kernel): the shapes of /tmp/prof_conv.py
-# and wider layers like the U-Net's deeper levels.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# (input [batch, z, y, x, c], features, kernel, padding): small-channel SAME
+# layers, and the VALID 3x3x3 layers of the paper U-Net at its x-y sizes
+# (z cut to 10 to keep the benchmark short).
 LAYER_CASES = (
-    ((2, 8, 64, 64, 8), 8, (1, 3, 3)),
-    ((2, 8, 64, 64, 8), 8, (3, 3, 3)),
-    ((2, 8, 64, 64, 16), 16, (3, 3, 3)),
-    ((2, 8, 32, 32, 32), 32, (3, 3, 3)),
-    ((2, 8, 64, 64, 8), 8, (3, 1, 1)),
+    ((2, 8, 64, 64, 8), 8, (1, 3, 3), "SAME"),
+    ((2, 8, 64, 64, 8), 8, (3, 3, 3), "SAME"),
+    ((2, 8, 64, 64, 8), 8, (3, 1, 1), "SAME"),
+    ((1, 10, 156, 156, 1), 24, (3, 3, 3), "VALID"),
+    ((1, 10, 154, 154, 24), 24, (3, 3, 3), "VALID"),
+    ((1, 10, 74, 74, 72), 72, (3, 3, 3), "VALID"),
+    ((1, 10, 34, 34, 216), 216, (3, 3, 3), "VALID"),
+    ((1, 10, 14, 14, 648), 648, (3, 3, 3), "VALID"),
+    ((1, 10, 48, 48, 144), 72, (3, 3, 3), "VALID"),
 )
 SMALL_UNET = UNet3DSettings(
     depth=2,
@@ -56,25 +73,55 @@ SMALL_UNET = UNet3DSettings(
     conv_kernels=((1, 3, 3), (3, 3, 3), (3, 3, 3)),
     padding="SAME",
 )
-# The paper's regressor (depth 3, 24 features, valid 3x3x3) at a CPU-sized
-# patch: the smallest valid input with an output of at least 4x16x16.
+# The paper's regressor (depth 3, 24 features, valid 3x3x3) in the paper's
+# configuration: input 32x156x156 -> output 4x68x68 (87 GFLOP forward).
 PAPER_UNET = UNet3DSettings()
-PAPER_MIN_OUTPUT = (4, 16, 16)
-COLUMNS = ("case", "impl", "compile_s", "step_s", "min_s", "speedup")
+PAPER_MIN_OUTPUT = (4, 64, 64)
+LAYER_COLUMNS = ("case", "impl", "fwd_s", "grad_s", "grad_compile_s", "fwd_speedup", "grad_speedup")
+UNET_COLUMNS = (
+    "case",
+    "dtype",
+    "impl",
+    "infer_compile_s",
+    "infer_s",
+    "infer_gflops",
+    "train_compile_s",
+    "train_step_s",
+    "infer_speedup",
+    "train_speedup",
+)
 
 
-def bench_layer(shape, features, kernel, impl, repeats):
-    """Times grad of sum(conv(x)^2) w.r.t. params and input."""
+def bench_layer(shape, features, kernel, padding, impl, repeats):
+    """Times the forward pass and grad of sum(conv(x)^2) w.r.t. params and input."""
     x = jnp.asarray(np.random.default_rng(SEED).random(shape, np.float32))
-    module = Conv3D(features, kernel, padding="SAME", implementation=impl)
-    params = module.init(jax.random.key(SEED), x)
+    module = Conv3D(features, kernel, padding=padding, implementation=impl)
+    params = jax.jit(module.init)(jax.random.key(SEED), x)
+    forward, _ = common.compile_jax(jax.jit(module.apply), params, x)
     grad = jax.jit(jax.grad(lambda p, v: jnp.sum(module.apply(p, v) ** 2), argnums=(0, 1)))
     compiled, compile_s = common.compile_jax(grad, params, x)
-    return compile_s, common.time_calls(lambda: compiled(params, x), repeats)
+    return {
+        "fwd_s": common.time_calls(lambda: forward(params, x), repeats).median,
+        "grad_s": common.time_calls(lambda: compiled(params, x), repeats).median,
+        "grad_compile_s": compile_s,
+    }
 
 
-def bench_unet_step(cfg, in_shape, impl, repeats):
-    """Times one Adam train step of UNet3D with every Conv3D set to `impl`."""
+def _flops(compiled) -> float | None:
+    """Floating-point operations of a compiled executable (XLA's cost analysis)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0] if analysis else None
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def bench_unet(cfg, in_shape, impl, repeats):
+    """Times inference and one Adam train step of UNet3D with every Conv3D set to `impl`.
+
+    Returns:
+      Timings, compile seconds, the forward FLOPs of XLA's cost analysis and
+      what `bench_unet.bench_torch` needs to run the PyTorch twin.
+    """
     model = UNet3D(cfg)
     rng = np.random.default_rng(SEED)
     x = jnp.asarray(rng.random(in_shape, np.float32))
@@ -91,36 +138,77 @@ def bench_unet_step(cfg, in_shape, impl, repeats):
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    # The implementation is picked at trace time, so compile inside the block.
-    with auto_implementation(impl):
+    # The implementation is picked at trace time, so compile inside the block
+    # ("auto" is each backend's default: no override).
+    override = auto_implementation(impl) if impl != "auto" else contextlib.nullcontext()
+    with override:
         params = jax.jit(model.init)(jax.random.key(SEED), x)["params"]
-        state = [params, tx.init(params)]
-        step, compile_s = common.compile_jax(train_step, *state, x, target, weights)
+        infer, infer_compile_s = common.compile_jax(
+            jax.jit(lambda p, v: model.apply({"params": p}, v)), params, x
+        )
+        state = [jax.tree.map(jnp.copy, params), tx.init(params)]
+        step, train_compile_s = common.compile_jax(train_step, *state, x, target, weights)
 
     def run_step():
         state[0], state[1], loss = step(*state, x, target, weights)
         return loss
 
-    return compile_s, common.time_calls(run_step, repeats)
+    return {
+        "infer_compile_s": infer_compile_s,
+        "infer": common.time_calls(lambda: infer(params, x), repeats),
+        "train_compile_s": train_compile_s,
+        "train": common.time_calls(run_step, repeats),
+        "flops": _flops(infer),
+        "params": params,
+        "x": x,
+        "output_shape": out_shape,
+        "y": np.asarray(infer(params, x), np.float32),
+    }
 
 
-def _summary(timing):
-    return {"step_s": timing.median, "min_s": timing.min, "mean_s": timing.mean}
-
-
-def add_speedups(rows):
-    """Speed-up of each row over the "native" row of its case."""
-    native = {r["case"]: r["step_s"] for r in rows if r["impl"] == "native"}
-    for row in rows:
-        row["speedup"] = native[row["case"]] / row["step_s"] if row["case"] in native else None
+def add_speedups(rows, keys):
+    """Speed-up of each row over the "native" row of its case (and dtype), per timed key."""
+    for key, speedup in keys:
+        native = {
+            (r["case"], r.get("dtype")): r[key] for r in rows if r["impl"] == "native" and r[key]
+        }
+        for row in rows:
+            base = native.get((row["case"], row.get("dtype")))
+            row[speedup] = base / row[key] if base and row[key] else None
     return rows
+
+
+def torch_rows(cfg, case, result, repeats, threads):
+    """The PyTorch twin (float32, NCDHW) timed like `bench_unet.py`; [] without torch."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("torch is not installed: no PyTorch reference", file=sys.stderr)
+        return []
+    tres = bench_unet.bench_torch(cfg, result, repeats, threads)
+    if tres["max_rel_diff"] > bench_unet.MAX_RELATIVE_DIFF:
+        raise RuntimeError(f"PyTorch and JAX outputs differ: {tres['max_rel_diff']}")
+    return [
+        {
+            "case": case,
+            "dtype": "float32",
+            "impl": f"torch-{tres['version']}-{tres['threads']}thr",
+            "infer_s": tres["infer"].median,
+            "train_step_s": tres["train"].median,
+        }
+    ]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS))
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["float32"])
+    parser.add_argument("--skip-layers", action="store_true", help="skip the single layers")
+    parser.add_argument("--skip-small", action="store_true", help="skip the small U-Net")
     parser.add_argument("--skip-paper", action="store_true", help="skip the paper-size U-Net")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(__file__), "results", "bench_conv.json"),
@@ -128,41 +216,76 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     layer_rows = []
-    for shape, features, kernel in LAYER_CASES:
-        case = f"{'x'.join(map(str, kernel))} {'x'.join(map(str, shape))}->{features}"
+    for shape, features, kernel, padding in () if args.skip_layers else LAYER_CASES:
+        case = f"{'x'.join(map(str, kernel))} {padding} {'x'.join(map(str, shape))}->{features}"
         for impl in args.impls:
-            compile_s, timing = bench_layer(shape, features, kernel, impl, args.repeats)
-            layer_rows.append(
-                {"case": case, "impl": impl, "compile_s": compile_s, **_summary(timing)}
+            row = {
+                "case": case,
+                "impl": impl,
+                **bench_layer(shape, features, kernel, padding, impl, args.repeats),
+            }
+            layer_rows.append(row)
+            print(
+                f"layer {case} {impl}: fwd {row['fwd_s']:.4f} s, grad {row['grad_s']:.4f} s",
+                file=sys.stderr,
+                flush=True,
             )
-            print(f"layer {case} {impl}: {timing.median:.4f} s", file=sys.stderr, flush=True)
-    add_speedups(layer_rows)
+    add_speedups(layer_rows, (("fwd_s", "fwd_speedup"), ("grad_s", "grad_speedup")))
 
-    unets = [("small SAME 2x8x64x64", SMALL_UNET, (2, 8, 64, 64, 1))]
+    unets = [] if args.skip_small else [("small SAME 2x8x64x64", SMALL_UNET, (2, 8, 64, 64, 1))]
     if not args.skip_paper:
         in_zyx = PAPER_UNET.valid_input_shape(PAPER_MIN_OUTPUT)
         unets.append((f"paper VALID 1x{'x'.join(map(str, in_zyx))}", PAPER_UNET, (1, *in_zyx, 1)))
     unet_rows = []
-    for case, cfg, in_shape in unets:
-        for impl in args.impls:
-            compile_s, timing = bench_unet_step(cfg, in_shape, impl, args.repeats)
-            unet_rows.append(
-                {"case": case, "impl": impl, "compile_s": compile_s, **_summary(timing)}
-            )
-            print(f"unet {case} {impl}: {timing.median:.4f} s", file=sys.stderr, flush=True)
-    add_speedups(unet_rows)
+    for case, base_cfg, in_shape in unets:
+        flops = None
+        for dtype_name in args.dtypes:
+            cfg = dataclasses.replace(base_cfg, dtype=DTYPES[dtype_name])
+            for impl in args.impls:
+                res = bench_unet(cfg, in_shape, impl, args.repeats)
+                flops = res["flops"] if impl == "native" and dtype_name == "float32" else flops
+                unet_rows.append(
+                    {
+                        "case": case,
+                        "dtype": dtype_name,
+                        "impl": impl,
+                        "infer_compile_s": res["infer_compile_s"],
+                        "infer_s": res["infer"].median,
+                        "train_compile_s": res["train_compile_s"],
+                        "train_step_s": res["train"].median,
+                        "infer": res["infer"].as_dict(),
+                        "train": res["train"].as_dict(),
+                    }
+                )
+                print(
+                    f"unet {case} {dtype_name} {impl}: infer {res['infer'].median:.3f} s, "
+                    f"train {res['train'].median:.3f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if impl == "native" and dtype_name == "float32" and not args.no_torch:
+                    unet_rows += torch_rows(base_cfg, case, res, args.repeats, args.threads)
+        for row in unet_rows:
+            if row["case"] == case:
+                row["forward_flops"] = flops
+                row["infer_gflops"] = flops / row["infer_s"] / 1e9 if flops else None
+    add_speedups(unet_rows, (("infer_s", "infer_speedup"), ("train_step_s", "train_speedup")))
 
-    print("Conv3D layer, grad w.r.t. params and input (SAME):")
-    print(common.format_table(layer_rows, COLUMNS))
-    print("\nUNet3D train step (forward + backward + Adam):")
-    print(common.format_table(unet_rows, COLUMNS))
+    if layer_rows:
+        print("Conv3D layer (float32): forward; grad w.r.t. params and input:")
+        print(common.format_table(layer_rows, LAYER_COLUMNS))
+    if unet_rows:
+        print("\nUNet3D inference and train step (forward + backward + Adam):")
+        print(common.format_table(unet_rows, UNET_COLUMNS))
     path = common.write_json(
         args.out,
         {
+            "benchmark": "bench_conv",
             "environment": common.environment(),
+            "command": " ".join(sys.argv),
             "repeats": args.repeats,
             "layers": layer_rows,
-            "unet_train_step": unet_rows,
+            "unet": unet_rows,
         },
     )
     print(f"\nwrote {path}")

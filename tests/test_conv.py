@@ -143,9 +143,10 @@ def test_dtype_bfloat16_computes_in_bfloat16():
     assert module.apply(params, x).dtype == jnp.bfloat16
 
 
-def test_auto_picks_folded_on_cpu():
+def test_auto_picks_folded_taps_on_cpu():
+    # The CPU default measured in benchmarks/bench_conv.py (was "folded").
     assert jax.default_backend() == "cpu"
-    assert resolve_implementation("auto") == "folded"
+    assert resolve_implementation("auto") == "folded_taps"
     assert resolve_implementation("native") == "native"
 
 
@@ -156,7 +157,7 @@ def test_auto_implementation_overrides_auto_only():
         with auto_implementation("folded_sum"):
             assert resolve_implementation("auto") == "folded_sum"
         assert resolve_implementation("auto") == "native"
-    assert resolve_implementation("auto") == "folded"
+    assert resolve_implementation("auto") == "folded_taps"
     with pytest.raises(ConfigError, match="implementation"), auto_implementation("auto"):
         pass
 

@@ -1,4 +1,4 @@
-"""3D convolution that runs as 2D convolutions on CPU.
+"""3D convolution that runs as 2D convolutions or matrix products on CPU.
 
 XLA's CPU backend has fast 2D convolutions but slow 3D ones (measured with
 jax 0.10: the gradient of a 1x3x3 `nn.Conv` on [2, 8, 64, 64, 8] takes 5x as
@@ -8,12 +8,20 @@ of the input, either stacked along channels (one 2D conv, kernel
 [kz, ky, kx, C, F] -> [ky, kx, kz*C, F]) or convolved separately and summed.
 `Conv3D` keeps `nn.Conv`'s parameters (`kernel` [kz, ky, kx, C, F], `bias`
 [F]), so the two are interchangeable in checkpoints; on GPU it calls the
-native 3D convolution (cuDNN's are fast).
+native 3D convolution (cuDNN's are fast). A third way, "taps"
+(`conv_taps.conv3d_taps`), runs the convolution and its gradient as matrix
+products over the kernel's taps, with a hand-written backward pass;
+"folded_taps" keeps the folded forward pass and input gradient and takes the
+kernel gradient (XLA's slowest part on CPU) from the tap products. "auto"
+picks per backend and input channel count, as measured by
+benchmarks/bench_conv.py. Every implementation gives the same result up to
+float rounding (tests/test_conv_impl.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,8 +33,20 @@ from jax import lax
 
 from synjax.errors import ConfigError
 from synjax.geometry import SPATIAL_DIMS, spatial_triple
+from synjax.models.conv_taps import (
+    conv3d_taps,
+    input_gradient_problem,
+    kernel_gradient,
+    same_pad,
+)
 
-IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "native")
+IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "folded_taps", "native", "taps")
+# "auto" on CPU: "taps" up to this many input channels (a network's first
+# layer: all 27 taps of one channel stacked, one product), "folded_taps" above
+# (XLA's fast 2D convolutions forward and for the input gradient, tap products
+# for the kernel gradient, where XLA's own is slowest). Measured on the paper
+# U-Net's layers with benchmarks/bench_conv.py (2-core AMD EPYC, jax 0.10.2).
+AUTO_TAPS_MAX_CHANNELS = 1
 PADDINGS = ("SAME", "VALID")
 # Layouts of lax.conv_general_dilated: channels last, kernel spatial-in-out,
 # as nn.Conv uses.
@@ -38,10 +58,17 @@ _DIMENSION_NUMBERS_3D = ("NDHWC", "DHWIO", "NDHWC")
 _auto_override: str | None = None
 
 
-def resolve_implementation(implementation: str) -> str:
-    """Maps "auto" to "folded" on the CPU backend and "native" elsewhere.
+def resolve_implementation(implementation: str, in_features: int | None = None) -> str:
+    """Maps "auto" to the measured fastest implementation for the backend.
 
-    Inside `auto_implementation(name)`, "auto" maps to `name` instead.
+    On the CPU backend: "taps" for up to `AUTO_TAPS_MAX_CHANNELS` input
+    channels, "folded_taps" for more (or unknown); "native" elsewhere (cuDNN's
+    3D convolutions are fast). Inside `auto_implementation(name)`, "auto" maps
+    to `name` instead.
+
+    Args:
+      implementation: one of `IMPLEMENTATIONS`.
+      in_features: input channels of the convolution, None if not known.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
@@ -49,7 +76,11 @@ def resolve_implementation(implementation: str) -> str:
         return implementation
     if _auto_override is not None:
         return _auto_override
-    return "folded" if jax.default_backend() == "cpu" else "native"
+    if jax.default_backend() != "cpu":
+        return "native"
+    if in_features is not None and in_features <= AUTO_TAPS_MAX_CHANNELS:
+        return "taps"
+    return "folded_taps"
 
 
 @contextlib.contextmanager
@@ -72,12 +103,6 @@ def auto_implementation(implementation: str) -> Iterator[None]:
         _auto_override = previous
 
 
-def _same_pad(size: int) -> tuple[int, int]:
-    """Low/high padding of lax "SAME" for stride 1 (the extra voxel goes high)."""
-    low = (size - 1) // 2
-    return low, size - 1 - low
-
-
 def _z_slices(x: jnp.ndarray, kz: int, padding: str) -> list[jnp.ndarray]:
     """The kz z-shifted windows of x that a kz-deep kernel sees.
 
@@ -90,7 +115,7 @@ def _z_slices(x: jnp.ndarray, kz: int, padding: str) -> list[jnp.ndarray]:
       kz arrays [batch, z', y, x, c]; entry dz is the input at z + dz.
     """
     if padding == "SAME":
-        x = jnp.pad(x, ((0, 0), _same_pad(kz), (0, 0), (0, 0), (0, 0)))
+        x = jnp.pad(x, ((0, 0), same_pad(kz), (0, 0), (0, 0), (0, 0)))
     out_z = x.shape[1] - kz + 1
     if out_z < 1:
         raise ConfigError(f"input depth {x.shape[1]} is smaller than kernel depth {kz} (VALID)")
@@ -98,16 +123,32 @@ def _z_slices(x: jnp.ndarray, kz: int, padding: str) -> list[jnp.ndarray]:
 
 
 def _conv2d(x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any) -> jnp.ndarray:
-    """2D conv of [batch, z, y, x, c] with z folded into batch; kernel [ky, kx, c, f]."""
+    """2D conv of [batch, z, y, x, c] with z folded into batch; kernel [ky, kx, c, f].
+
+    A "VALID" conv is computed as the "SAME" one, cropped: XLA:CPU runs a
+    "SAME" 2D convolution (and its gradient) on its fast path but a "VALID" one
+    about 5x slower (measured with jax 0.10.2 on [16, 64, 64, 72] -> 24
+    features, 3x3), and the centre of the "SAME" output is exactly the "VALID"
+    output, for the cost of the (k - 1) border voxels.
+    """
     batch, depth = x.shape[:2]
+    ky, kx = kernel.shape[:2]
     y = lax.conv_general_dilated(
         x.reshape(batch * depth, *x.shape[2:]),
         kernel,
         window_strides=(1, 1),
-        padding=padding,
+        padding="SAME",
         dimension_numbers=_DIMENSION_NUMBERS_2D,
         precision=precision,
     )
+    if padding == "VALID":
+        (low_y, _), (low_x, _) = same_pad(ky), same_pad(kx)
+        out_y, out_x = x.shape[2] - ky + 1, x.shape[3] - kx + 1
+        if out_y < 1 or out_x < 1:
+            raise ConfigError(
+                f"input (y, x) {x.shape[2:4]} is smaller than kernel (ky, kx) {(ky, kx)} (VALID)"
+            )
+        y = y[:, low_y : low_y + out_y, low_x : low_x + out_x]
     return y.reshape(batch, depth, *y.shape[1:])
 
 
@@ -146,6 +187,36 @@ def conv3d_folded_sum(
     return sum(terms[1:], terms[0])
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3d_folded_taps(
+    x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any = None
+) -> jnp.ndarray:
+    """`conv3d_folded` whose kernel gradient is computed as tap matrix products.
+
+    Forward pass and input gradient are folded 2D convolutions (XLA:CPU's fast
+    path); the kernel gradient, where XLA's generic gradient of the 2D
+    convolution is slowest, is `conv_taps.kernel_gradient`. Same arguments and
+    result as `conv3d_folded`.
+    """
+    return conv3d_folded(x, kernel, padding, precision)
+
+
+def _folded_taps_fwd(x, kernel, padding, precision):
+    return conv3d_folded(x, kernel, padding, precision), (x, kernel)
+
+
+def _folded_taps_bwd(padding, precision, residuals, grad_out):
+    x, kernel = residuals
+    grad_out = grad_out.astype(x.dtype)
+    padded, flipped = input_gradient_problem(grad_out, kernel, padding)
+    grad_x = conv3d_folded(padded, flipped, "VALID", precision)
+    grad_kernel = kernel_gradient(x, grad_out, kernel.shape[:3], padding, precision)
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+conv3d_folded_taps.defvjp(_folded_taps_fwd, _folded_taps_bwd)
+
+
 def conv3d_native(
     x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any = None
 ) -> jnp.ndarray:
@@ -163,7 +234,9 @@ def conv3d_native(
 _CONV_FNS = {
     "folded": conv3d_folded,
     "folded_sum": conv3d_folded_sum,
+    "folded_taps": conv3d_folded_taps,
     "native": conv3d_native,
+    "taps": conv3d_taps,
 }
 
 
@@ -182,12 +255,16 @@ class Conv3D(nn.Module):
       use_bias: whether to add a learned bias.
       dtype: computation dtype, None to promote input and parameters.
       param_dtype: dtype of the parameters.
-      precision: passed to `lax.conv_general_dilated`.
+      precision: passed to `lax.conv_general_dilated` (or the tap products).
       kernel_init: kernel initialiser (nn.Conv's default, LeCun normal).
       bias_init: bias initialiser (zeros, as nn.Conv).
-      implementation: "auto" ("folded" on the CPU backend, "native"
-        elsewhere), "folded" (one 2D conv on z-shifted copies stacked along
-        channels), "folded_sum" (sum of kz 2D convs) or "native" (XLA 3D conv).
+      implementation: "auto" (on the CPU backend "taps" up to
+        `AUTO_TAPS_MAX_CHANNELS` input channels and "folded_taps" above;
+        "native" elsewhere), "folded" (one 2D conv on z-shifted copies stacked
+        along channels), "folded_sum" (sum of kz 2D convs), "folded_taps"
+        ("folded" with the kernel gradient as tap matrix products), "native"
+        (XLA 3D conv) or "taps" (matrix products over the kernel taps, forward and
+        backward; bfloat16 inputs accumulate in float32).
     """
 
     features: int
@@ -210,7 +287,14 @@ class Conv3D(nn.Module):
             raise ConfigError(f"padding={self.padding!r}; expected one of {PADDINGS}")
         if x.ndim != SPATIAL_DIMS + 2:
             raise ConfigError(f"input shape {x.shape}; expected [batch, z, y, x, channels]")
-        conv = _CONV_FNS[resolve_implementation(self.implementation)]
+        if padding == "VALID":
+            axes = zip(("depth", "height", "width"), x.shape[1:4], kernel_size, strict=True)
+            for name, size, k in axes:
+                if size < k:
+                    raise ConfigError(
+                        f"input {name} {size} is smaller than kernel {name} {k} (VALID)"
+                    )
+        conv = _CONV_FNS[resolve_implementation(self.implementation, x.shape[-1])]
 
         kernel = self.param(
             "kernel",

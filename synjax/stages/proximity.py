@@ -96,6 +96,7 @@ class ProximityStage:
             conv_kernels=n.conv_kernels,
             padding=n.padding,
             out_channels=1,
+            conv_implementation=n.conv_implementation,
         )
 
     def model(self) -> UNet3D:

@@ -42,6 +42,9 @@ class ProximityNetworkSettings:
       predict_output: output block (z, y, x) of block-wise prediction.
       predict_context: with "SAME" padding, real context (z, y, x) read
         around each block and cropped from the output.
+      conv_implementation: how the 3D convolutions run
+        (`synjax.models.conv.IMPLEMENTATIONS`; "auto" = the measured fastest
+        for the backend; every choice gives the same result up to rounding).
     """
 
     depth: int
@@ -53,6 +56,7 @@ class ProximityNetworkSettings:
     train_output: tuple[int, int, int]
     predict_output: tuple[int, int, int]
     predict_context: tuple[int, int, int]
+    conv_implementation: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
