@@ -143,11 +143,17 @@ def test_dtype_bfloat16_computes_in_bfloat16():
     assert module.apply(params, x).dtype == jnp.bfloat16
 
 
-def test_auto_picks_folded_taps_on_cpu():
-    # The CPU default measured in benchmarks/bench_conv.py (was "folded").
+def test_auto_picks_folded_on_cpu_and_fastest_the_measured_paths():
+    # "auto" keeps the path the README's figures were made with; "fastest" is the
+    # choice measured in benchmarks/bench_conv.py: taps for one input channel.
     assert jax.default_backend() == "cpu"
-    assert resolve_implementation("auto") == "folded_taps"
+    assert resolve_implementation("auto") == "folded"
     assert resolve_implementation("native") == "native"
+    assert resolve_implementation("fastest", in_features=1) == "taps"
+    assert resolve_implementation("fastest", in_features=8) == "folded_taps"
+    assert resolve_implementation("fastest") == "folded_taps"
+    with auto_implementation("fastest"):
+        assert resolve_implementation("auto", in_features=1) == "taps"
 
 
 def test_auto_implementation_overrides_auto_only():
@@ -157,7 +163,7 @@ def test_auto_implementation_overrides_auto_only():
         with auto_implementation("folded_sum"):
             assert resolve_implementation("auto") == "folded_sum"
         assert resolve_implementation("auto") == "native"
-    assert resolve_implementation("auto") == "folded_taps"
+    assert resolve_implementation("auto") == "folded"
     with pytest.raises(ConfigError, match="implementation"), auto_implementation("auto"):
         pass
 

@@ -182,22 +182,23 @@ def test_conv3d_module_taps_matches_native():
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
-def test_auto_on_cpu_picks_by_input_channels():
+def test_fastest_on_cpu_picks_by_input_channels():
     assert jax.default_backend() == "cpu"
-    assert resolve_implementation("auto", AUTO_TAPS_MAX_CHANNELS) == "taps"
-    assert resolve_implementation("auto", AUTO_TAPS_MAX_CHANNELS + 1) == "folded_taps"
-    assert resolve_implementation("auto") == "folded_taps"
+    assert resolve_implementation("fastest", AUTO_TAPS_MAX_CHANNELS) == "taps"
+    assert resolve_implementation("fastest", AUTO_TAPS_MAX_CHANNELS + 1) == "folded_taps"
+    assert resolve_implementation("fastest") == "folded_taps"
+    assert resolve_implementation("auto", AUTO_TAPS_MAX_CHANNELS) == "folded"
     assert resolve_implementation("taps", 1) == "taps"
     with auto_implementation("native"):
         assert resolve_implementation("auto", 64) == "native"
 
 
-def test_conv_block_auto_equals_native_forward_and_gradient():
-    # The CPU default changed: "auto" now runs the block's first convolution
-    # (1 input channel) as taps and its second (4) as folded_taps. Same output
-    # and parameter gradients as XLA's own convolutions.
+def test_conv_block_fastest_equals_native_forward_and_gradient():
+    # "fastest" runs the block's first convolution (1 input channel) as taps and
+    # its second (4) as folded_taps. Same output and parameter gradients as XLA's
+    # own convolutions.
     x = _random((1, 6, 9, 8, AUTO_TAPS_MAX_CHANNELS), 10)
-    block = ConvBlock(4, (3, 3, 3), padding="VALID")
+    block = ConvBlock(4, (3, 3, 3), padding="VALID", conv_implementation="fastest")
     params = jax.tree.map(lambda p: p + 0.05, jax.jit(block.init)(jax.random.key(0), x)["params"])
 
     def run(module):

@@ -12,9 +12,10 @@ native 3D convolution (cuDNN's are fast). A third way, "taps"
 (`conv_taps.conv3d_taps`), runs the convolution and its gradient as matrix
 products over the kernel's taps, with a hand-written backward pass;
 "folded_taps" keeps the folded forward pass and input gradient and takes the
-kernel gradient (XLA's slowest part on CPU) from the tap products. "auto"
+kernel gradient (XLA's slowest part on CPU) from the tap products. "fastest"
 picks per backend and input channel count, as measured by
-benchmarks/bench_conv.py. Every implementation gives the same result up to
+benchmarks/bench_conv.py; "auto" keeps "folded" on CPU until the README's
+figures are made again with the faster paths. Every implementation gives the same result up to
 float rounding (tests/test_conv_impl.py).
 """
 
@@ -40,12 +41,15 @@ from synjax.models.conv_taps import (
     same_pad,
 )
 
-IMPLEMENTATIONS = ("auto", "folded", "folded_sum", "folded_taps", "native", "taps")
-# "auto" on CPU: "taps" up to this many input channels (a network's first
+IMPLEMENTATIONS = ("auto", "fastest", "folded", "folded_sum", "folded_taps", "native", "taps")
+# "fastest" on CPU: "taps" up to this many input channels (a network's first
 # layer: all 27 taps of one channel stacked, one product), "folded_taps" above
 # (XLA's fast 2D convolutions forward and for the input gradient, tap products
 # for the kernel gradient, where XLA's own is slowest). Measured on the paper
 # U-Net's layers with benchmarks/bench_conv.py (2-core AMD EPYC, jax 0.10.2).
+# "auto" still maps to "folded" on CPU: every figure of the README was made
+# with it, and the faster paths change results by float rounding, so "auto"
+# moves to "fastest" when those figures are made again with it.
 AUTO_TAPS_MAX_CHANNELS = 1
 PADDINGS = ("SAME", "VALID")
 # Layouts of lax.conv_general_dilated: channels last, kernel spatial-in-out,
@@ -59,12 +63,13 @@ _auto_override: str | None = None
 
 
 def resolve_implementation(implementation: str, in_features: int | None = None) -> str:
-    """Maps "auto" to the measured fastest implementation for the backend.
+    """Maps "auto" and "fastest" to an implementation for the backend.
 
-    On the CPU backend: "taps" for up to `AUTO_TAPS_MAX_CHANNELS` input
-    channels, "folded_taps" for more (or unknown); "native" elsewhere (cuDNN's
-    3D convolutions are fast). Inside `auto_implementation(name)`, "auto" maps
-    to `name` instead.
+    "fastest", the measured fastest: on the CPU backend "taps" for up to
+    `AUTO_TAPS_MAX_CHANNELS` input channels, "folded_taps" for more (or
+    unknown). "auto": "folded" on the CPU backend (what the README's figures
+    were made with). Both are "native" elsewhere (cuDNN's 3D convolutions are
+    fast). Inside `auto_implementation(name)`, "auto" maps to `name` instead.
 
     Args:
       implementation: one of `IMPLEMENTATIONS`.
@@ -72,12 +77,14 @@ def resolve_implementation(implementation: str, in_features: int | None = None) 
     """
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
-    if implementation != "auto":
+    if implementation == "auto" and _auto_override is not None:
+        implementation = _auto_override
+    if implementation not in ("auto", "fastest"):
         return implementation
-    if _auto_override is not None:
-        return _auto_override
     if jax.default_backend() != "cpu":
         return "native"
+    if implementation == "auto":
+        return "folded"
     if in_features is not None and in_features <= AUTO_TAPS_MAX_CHANNELS:
         return "taps"
     return "folded_taps"
@@ -122,10 +129,14 @@ def _z_slices(x: jnp.ndarray, kz: int, padding: str) -> list[jnp.ndarray]:
     return [lax.slice_in_dim(x, dz, dz + out_z, axis=1) for dz in range(kz)]
 
 
-def _conv2d(x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any) -> jnp.ndarray:
+def _conv2d(
+    x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any, crop_same: bool = False
+) -> jnp.ndarray:
     """2D conv of [batch, z, y, x, c] with z folded into batch; kernel [ky, kx, c, f].
 
-    A "VALID" conv is computed as the "SAME" one, cropped: XLA:CPU runs a
+    With `crop_same`, a "VALID" conv is computed as the "SAME" one, cropped
+    (the faster paths; plain "folded" keeps XLA's "VALID" conv, whose results
+    the README's figures hold): XLA:CPU runs a
     "SAME" 2D convolution (and its gradient) on its fast path but a "VALID" one
     about 5x slower (measured with jax 0.10.2 on [16, 64, 64, 72] -> 24
     features, 3x3), and the centre of the "SAME" output is exactly the "VALID"
@@ -137,11 +148,11 @@ def _conv2d(x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any) -
         x.reshape(batch * depth, *x.shape[2:]),
         kernel,
         window_strides=(1, 1),
-        padding="SAME",
+        padding="SAME" if crop_same else padding,
         dimension_numbers=_DIMENSION_NUMBERS_2D,
         precision=precision,
     )
-    if padding == "VALID":
+    if padding == "VALID" and crop_same:
         (low_y, _), (low_x, _) = same_pad(ky), same_pad(kx)
         out_y, out_x = x.shape[2] - ky + 1, x.shape[3] - kx + 1
         if out_y < 1 or out_x < 1:
@@ -153,7 +164,11 @@ def _conv2d(x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any) -
 
 
 def conv3d_folded(
-    x: jnp.ndarray, kernel: jnp.ndarray, padding: str, precision: Any = None
+    x: jnp.ndarray,
+    kernel: jnp.ndarray,
+    padding: str,
+    precision: Any = None,
+    crop_same: bool = False,
 ) -> jnp.ndarray:
     """3D convolution (stride 1) as one 2D conv over z-shifted copies stacked on channels.
 
@@ -162,6 +177,7 @@ def conv3d_folded(
       kernel: [kz, ky, kx, c, f].
       padding: "SAME" or "VALID".
       precision: passed to `lax.conv_general_dilated`.
+      crop_same: a "VALID" 2D conv as the cropped "SAME" one (`_conv2d`).
 
     Returns:
       [batch, z', y', x', f], equal to the 3D cross-correlation of nn.Conv.
@@ -171,7 +187,7 @@ def conv3d_folded(
     stacked = slices[0] if kz == 1 else jnp.concatenate(slices, axis=-1)
     # Channel index of `stacked` is dz * c + channel, so kz goes before c.
     kernel_2d = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(ky, kx, kz * c, f)
-    return _conv2d(stacked, kernel_2d, padding, precision)
+    return _conv2d(stacked, kernel_2d, padding, precision, crop_same)
 
 
 def conv3d_folded_sum(
@@ -198,18 +214,18 @@ def conv3d_folded_taps(
     convolution is slowest, is `conv_taps.kernel_gradient`. Same arguments and
     result as `conv3d_folded`.
     """
-    return conv3d_folded(x, kernel, padding, precision)
+    return conv3d_folded(x, kernel, padding, precision, crop_same=True)
 
 
 def _folded_taps_fwd(x, kernel, padding, precision):
-    return conv3d_folded(x, kernel, padding, precision), (x, kernel)
+    return conv3d_folded(x, kernel, padding, precision, crop_same=True), (x, kernel)
 
 
 def _folded_taps_bwd(padding, precision, residuals, grad_out):
     x, kernel = residuals
     grad_out = grad_out.astype(x.dtype)
     padded, flipped = input_gradient_problem(grad_out, kernel, padding)
-    grad_x = conv3d_folded(padded, flipped, "VALID", precision)
+    grad_x = conv3d_folded(padded, flipped, "VALID", precision, crop_same=True)
     grad_kernel = kernel_gradient(x, grad_out, kernel.shape[:3], padding, precision)
     return grad_x, grad_kernel.astype(kernel.dtype)
 
@@ -258,7 +274,8 @@ class Conv3D(nn.Module):
       precision: passed to `lax.conv_general_dilated` (or the tap products).
       kernel_init: kernel initialiser (nn.Conv's default, LeCun normal).
       bias_init: bias initialiser (zeros, as nn.Conv).
-      implementation: "auto" (on the CPU backend "taps" up to
+      implementation: "auto" ("folded" on the CPU backend, "native"
+        elsewhere), "fastest" (on the CPU backend "taps" up to
         `AUTO_TAPS_MAX_CHANNELS` input channels and "folded_taps" above;
         "native" elsewhere), "folded" (one 2D conv on z-shifted copies stacked
         along channels), "folded_sum" (sum of kz 2D convs), "folded_taps"

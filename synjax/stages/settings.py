@@ -43,7 +43,8 @@ class ProximityNetworkSettings:
       predict_context: with "SAME" padding, real context (z, y, x) read
         around each block and cropped from the output.
       conv_implementation: how the 3D convolutions run
-        (`synjax.models.conv.IMPLEMENTATIONS`; "auto" = the measured fastest
+        (`synjax.models.conv.IMPLEMENTATIONS`; "auto": "folded" on CPU, what
+        the README's figures were made with; "fastest": the measured fastest
         for the backend; every choice gives the same result up to rounding).
     """
 
