@@ -288,3 +288,26 @@ def test_a_segmentation_of_another_shape_is_named(trained_run, tmp_path):
     )
     # Checked before the proximity is predicted.
     assert not (tmp_path / "out" / "proximity.zarr").exists()
+
+
+def test_a_region_from_voxel_zero_without_segmentation_stops_at_the_proximity(
+    trained_run, tmp_path
+):
+    config, workdir, _, raw, _, resolution = trained_run
+    stage = ProximityStage.from_config(config)
+    whole = stage.predict(stage.load(workdir), raw, tmp_path / "whole.zarr", resolution)
+    create_volume(str(tmp_path / "user.zarr"), raw.shape, raw.dtype, resolution)[...] = raw
+    config.mode = "predict"
+    config.predict.update(
+        input=str(tmp_path / "user.zarr"), output=str(tmp_path / "out"), segmentation=""
+    )
+    # The region is the first (4, 32, 32) block of the whole volume's grid,
+    # read with its real context: the whole volume's values there.
+    config.predict.roi = "0:4,0:32,0:32"
+    pipelines.run(config, workdir)
+    got = open_volume(str(tmp_path / "out" / "proximity.zarr"))
+    np.testing.assert_allclose(got.read(), whole[:4, :32, :32], rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "proximity.zarr",
+        "proximity.zarr.blocks",
+    ]
