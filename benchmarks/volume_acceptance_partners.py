@@ -125,7 +125,8 @@ def write_input(scratch: pathlib.Path, shape, tile, region, seed: int) -> dict:
         record_path.write_text(json.dumps(record))
         made += 1
         seconds += time.perf_counter() - began
-        print(f"input tile {index} at {tuple(corner)}: {time.perf_counter() - began:.1f} s")
+        where_text = tuple(int(c) for c in corner)
+        print(f"input tile {index} at {where_text}: {time.perf_counter() - began:.1f} s")
     return {"tiles_made": made, "seconds": seconds, "tiles_done": len(record["done"])}
 
 

@@ -15,19 +15,19 @@ sum), while memory holds one block plus tables of ids:
    (`segment_adjacency_blockwise`), and pre and post sites on adjacent
    segments whose boxes lie within `max_gap_nm` are paired
    (`candidates.near_site_pairs`);
-4. for each pair, only the part of each site that can hold the closest point
-   (its box cut to the other site's box grown by the search margin, plus one
-   voxel to tell its surface) is read back from the label volumes and the
-   segmentation, and the closest points are found as on the whole volume
+4. each site's surface is read back once from the label volumes and the
+   segmentation, only where a closest point can lie (its box cut to its
+   partners' boxes grown by the search margin, plus one voxel to tell its
+   surface), and each pair's closest points are found as on the whole volume
    (`candidates.closest_site_points`).
 
-Step 4 reads a region the size of a site's box near its partner, not a block:
-synaptic sites are small, but a site as large as the volume would be read
-whole here.
+Step 4 reads a region up to the size of a site's box, not a block: synaptic
+sites are small, but a site as large as the volume would be read whole here.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,6 +120,79 @@ def site_surface_near(
     return np.argwhere(surface[local.slices()]) + np.asarray(search.start)
 
 
+def _search_regions(
+    site_index: np.ndarray,
+    partner_box: tuple[np.ndarray, np.ndarray],
+    num_sites: int,
+    margin: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per site, the box around all its partners' boxes grown by `margin` (inclusive ends).
+
+    Args:
+      site_index: `[n]` the site of each pair.
+      partner_box: `([n, 3], [n, 3])` the box of each pair's partner site
+        (already indexed per pair).
+      num_sites: sites on this side.
+      margin: `[3]` voxels of the closest-point search.
+
+    Returns:
+      `([num_sites, 3] first voxel, [num_sites, 3] last voxel)`; a site
+      without a pair gets an empty box (first > last).
+    """
+    lo = np.full((num_sites, SPATIAL_DIMS), np.iinfo(np.int64).max, np.int64)
+    hi = np.full((num_sites, SPATIAL_DIMS), np.iinfo(np.int64).min, np.int64)
+    np.minimum.at(lo, site_index, partner_box[0] - margin)
+    np.maximum.at(hi, site_index, partner_box[1] + margin)
+    return lo, hi
+
+
+class _SiteSurfaces:
+    """Surface voxels of the sites of one side, each read once near all of its partners.
+
+    A site's surface is read in its box cut to `regions` (its partners'
+    boxes grown by the search margin, `_search_regions`), which holds every
+    voxel `closest_site_points` looks at for any of its pairs. Pairs come
+    grouped by pre site, so the pre side needs one entry; the post side's
+    repeats are served from a bounded cache of the latest sites.
+    """
+
+    def __init__(
+        self,
+        components: Any,
+        segmentation: Any,
+        sites: SiteTable,
+        regions: tuple[np.ndarray, np.ndarray],
+        cache_size: int = 1024,
+    ):
+        self.components, self.segmentation, self.sites = components, segmentation, sites
+        self.regions, self.cache_size = regions, cache_size
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def __call__(self, k: int) -> np.ndarray:
+        """`[m, 3]` surface voxels of site `k` near its partners, in raster order."""
+        k = int(k)
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        site = self.sites
+        surface = site_surface_near(
+            self.components,
+            self.segmentation,
+            site.component[k],
+            site.segment[k],
+            Box(tuple(site.start[k]), tuple(site.stop[k])),
+            Box(tuple(self.regions[0][k]), tuple(self.regions[1][k] + 1)),
+        )
+        self._cache[k] = surface
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return surface
+
+
+def _at(box: tuple[np.ndarray, np.ndarray], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return box[0][index], box[1][index]
+
+
 def _inclusive_box(start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(start, np.int64), np.asarray(stop, np.int64) - 1
 
@@ -191,33 +264,24 @@ def generate_candidates_blockwise(
         f"sites on them within {max_gap_nm:g} nm (boxes)"
     )
     margin = search_margin(res, max_gap_nm)
-
-    def near(box: tuple[np.ndarray, np.ndarray], k: int) -> Box:
-        """A site's box grown by the search margin (it may leave the volume)."""
-        return Box(tuple(box[0][k]), tuple(box[1][k] + 1)).pad(tuple(margin))
-
+    pre_surfaces = _SiteSurfaces(
+        pre_components,
+        segmentation,
+        pre,
+        _search_regions(pre_i, _at(post_box, post_i), len(pre), margin),
+    )
+    post_surfaces = _SiteSurfaces(
+        post_components,
+        segmentation,
+        post,
+        _search_regions(post_i, _at(pre_box, pre_i), len(post), margin),
+    )
     rows = []
     pairs = zip(pre_i, post_i, strict=True)
     for i, j in progress_bar(pairs, total=len(pre_i), desc="site pairs", disable=not progress):
-        pre_site = Box(tuple(pre.start[i]), tuple(pre.stop[i]))
-        post_site = Box(tuple(post.start[j]), tuple(post.stop[j]))
         found = closest_site_points(
-            site_surface_near(
-                pre_components,
-                segmentation,
-                pre.component[i],
-                pre.segment[i],
-                pre_site,
-                near(post_box, j),
-            ),
-            site_surface_near(
-                post_components,
-                segmentation,
-                post.component[j],
-                post.segment[j],
-                post_site,
-                near(pre_box, i),
-            ),
+            pre_surfaces(i),
+            post_surfaces(j),
             (pre_box[0][i], pre_box[1][i]),
             (post_box[0][j], post_box[1][j]),
             res,
