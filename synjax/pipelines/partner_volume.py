@@ -136,6 +136,7 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
             segmentation,
             candidates,
             name=config.predict.input,
+            progress=True,
         )
     write_tables(config, candidates, scores, choice["threshold"], prox, out_dir)
     return out

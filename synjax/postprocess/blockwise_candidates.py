@@ -69,10 +69,15 @@ class _Magnitude:
 
 
 def _sites(
-    components: Any, segmentation: Any, block_shape, omega: int, magnitude: _Magnitude
+    components: Any,
+    segmentation: Any,
+    block_shape,
+    omega: int,
+    magnitude: _Magnitude,
+    progress: bool,
 ) -> SiteTable:
     """The (component, segment) overlaps of at least `omega` voxels."""
-    overlaps = site_overlaps_blockwise(components, segmentation, block_shape, magnitude)
+    overlaps = site_overlaps_blockwise(components, segmentation, block_shape, magnitude, progress)
     return overlaps.select(overlaps.count >= omega)
 
 
@@ -223,7 +228,7 @@ def generate_candidates_blockwise(
       block_shape: `(bz, by, bx)` (or one int) of the blocks read and written;
         a multiple of the volumes' chunks reads and writes whole chunks.
       tau, omega, connectivity, max_gap_nm: as `generate_candidates`.
-      progress: show a progress bar over the site pairs.
+      progress: show progress bars over the blocks of each pass and the site pairs.
       report: called with a line on each step (e.g. `logging.info`).
 
     Returns:
@@ -245,16 +250,16 @@ def generate_candidates_blockwise(
     say = report or (lambda line: None)
 
     n_pre, n_post = site_components_blockwise(
-        proximity, pre_components, post_components, block_shape, tau, connectivity
+        proximity, pre_components, post_components, block_shape, tau, connectivity, progress
     )
     say(f"candidates: {n_pre} components of p > {tau}, {n_post} of p < -{tau}")
     magnitude = _Magnitude(proximity)
-    pre = _sites(pre_components, segmentation, block_shape, omega, magnitude)
-    post = _sites(post_components, segmentation, block_shape, omega, magnitude)
+    pre = _sites(pre_components, segmentation, block_shape, omega, magnitude, progress)
+    post = _sites(post_components, segmentation, block_shape, omega, magnitude, progress)
     say(f"candidates: {len(pre)} pre and {len(post)} post sites of at least {omega} voxels")
     if len(pre) == 0 or len(post) == 0:
         return Candidates.empty()
-    adjacency = segment_adjacency_blockwise(segmentation, block_shape)
+    adjacency = segment_adjacency_blockwise(segmentation, block_shape, progress)
     pre_box, post_box = _inclusive_box(pre.start, pre.stop), _inclusive_box(post.start, post.stop)
     pre_i, post_i = near_site_pairs(
         pre.segment, post.segment, adjacency, pre_box, post_box, res, max_gap_nm
