@@ -278,7 +278,7 @@ def segment_adjacency(segmentation: np.ndarray) -> np.ndarray:
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
 
 
-def join_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _join(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All index pairs (i, j) with left[i] == right[j] (an inner join on keys)."""
     order = np.argsort(right, kind="stable")
     sorted_right = right[order]
@@ -292,7 +292,7 @@ def join_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return left_index, right_index
 
 
-def box_gap_nm(
+def _box_gap_nm(
     lo_a: np.ndarray, hi_a: np.ndarray, lo_b: np.ndarray, hi_b: np.ndarray, res: np.ndarray
 ) -> np.ndarray:
     """[n] lower bound of the voxel-centre distance between boxes [lo, hi], nm."""
@@ -520,12 +520,12 @@ def near_site_pairs(
       (pre site, then adjacency row, then post site).
     """
     # Join pre sites -> adjacent segment pairs -> post sites on the partner segment.
-    pre_i, adj_i = join_keys(pre_segment, adjacency[:, 0])
-    link_i, post_i = join_keys(adjacency[adj_i, 1], post_segment)
+    pre_i, adj_i = _join(pre_segment, adjacency[:, 0])
+    link_i, post_i = _join(adjacency[adj_i, 1], post_segment)
     pre_i = pre_i[link_i]
     # Drop pairs of sites whose bounding boxes are already too far apart.
     res = voxel_size(resolution)
-    gap = box_gap_nm(
+    gap = _box_gap_nm(
         pre_box[0][pre_i], pre_box[1][pre_i], post_box[0][post_i], post_box[1][post_i], res
     )
     near = gap <= max_gap_nm
