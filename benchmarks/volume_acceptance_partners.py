@@ -90,7 +90,8 @@ def write_input(scratch: pathlib.Path, shape, tile, region, seed: int) -> dict:
     from synjax.io import create_volume, open_volume
 
     record_path = scratch / "input_tiles.json"
-    spec = {"shape": list(shape), "tile": list(tile), "seed": seed, "resolution": RESOLUTION}
+    # As JSON gives it back (lists), so that an unchanged spec compares equal.
+    spec = {"shape": list(shape), "tile": list(tile), "seed": seed, "resolution": list(RESOLUTION)}
     record = json.loads(record_path.read_text()) if record_path.exists() else None
     if record is None or record["spec"] != spec:
         for name in ("input.zarr", "neurons.zarr"):

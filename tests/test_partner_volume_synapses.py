@@ -288,6 +288,15 @@ def test_a_segmentation_of_another_shape_is_named(trained_run, tmp_path):
     )
     # Checked before the proximity is predicted.
     assert not (tmp_path / "out" / "proximity.zarr").exists()
+    # A missing one and one of floats are named too.
+    config.predict.segmentation = str(tmp_path / "missing.zarr")
+    with pytest.raises(DataError, match=r"^config.predict.segmentation='.*/missing.zarr': "):
+        pipelines.run(config, workdir)
+    create_volume(str(tmp_path / "floats.zarr"), raw.shape, np.float32, resolution)
+    config.predict.segmentation = str(tmp_path / "floats.zarr")
+    with pytest.raises(DataError, match="dtype float32; expected integer neuron labels"):
+        pipelines.run(config, workdir)
+    assert not (tmp_path / "out" / "proximity.zarr").exists()
 
 
 def test_a_region_from_voxel_zero_without_segmentation_stops_at_the_proximity(
