@@ -56,6 +56,9 @@ from synjax.postprocess.candidates import (
 )
 from synjax.report.progress import progress_bar
 
+# Bound of the surfaces kept for post sites that come back in later pairs.
+DEFAULT_CACHE_BYTES = 64 << 20
+
 
 class _Magnitude:
     """|p| of a `[z, y, x]` volume, read region by region (a weight for the overlaps)."""
@@ -158,7 +161,8 @@ class _SiteSurfaces:
     boxes grown by the search margin, `_search_regions`), which holds every
     voxel `closest_site_points` looks at for any of its pairs. Pairs come
     grouped by pre site, so the pre side needs one entry; the post side's
-    repeats are served from a bounded cache of the latest sites.
+    repeats are served from a cache of the latest sites, bounded in bytes
+    (a site's surface may be large; its count is not what fills memory).
     """
 
     def __init__(
@@ -167,11 +171,12 @@ class _SiteSurfaces:
         segmentation: Any,
         sites: SiteTable,
         regions: tuple[np.ndarray, np.ndarray],
-        cache_size: int = 1024,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         self.components, self.segmentation, self.sites = components, segmentation, sites
-        self.regions, self.cache_size = regions, cache_size
+        self.regions, self.cache_bytes = regions, cache_bytes
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._held = 0
 
     def __call__(self, k: int) -> np.ndarray:
         """`[m, 3]` surface voxels of site `k` near its partners, in raster order."""
@@ -189,8 +194,10 @@ class _SiteSurfaces:
             Box(tuple(self.regions[0][k]), tuple(self.regions[1][k] + 1)),
         )
         self._cache[k] = surface
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self._held += surface.nbytes
+        # The newest entry stays even when it alone is over the bound.
+        while self._held > self.cache_bytes and len(self._cache) > 1:
+            self._held -= self._cache.popitem(last=False)[1].nbytes
         return surface
 
 
@@ -274,6 +281,7 @@ def generate_candidates_blockwise(
         segmentation,
         pre,
         _search_regions(pre_i, _at(post_box, post_i), len(pre), margin),
+        cache_bytes=0,  # pairs come grouped by pre site: the latest one is enough
     )
     post_surfaces = _SiteSurfaces(
         post_components,
