@@ -580,4 +580,5 @@ def closest_site_points(
     a, b, gap = _closest(pre_vox, post_vox, res, max_gap_nm)
     if gap > max_gap_nm:
         return None
-    return pre_vox[a], post_vox[b], gap
+    # Copies: a row of `pre_vox` is a view that would keep all of it alive.
+    return pre_vox[a].copy(), post_vox[b].copy(), gap
