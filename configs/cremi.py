@@ -80,6 +80,12 @@ def get_config(arg: str | None = None):
                 # executor, scheduler, resume, retries, input, output, roi (see
                 # synjax.configlib.volume_predict_fields).
                 **configlib.volume_predict_fields(),
+                # With `input`: the neuron segmentation of that volume (any
+                # synjax.io source, of the input's or the roi's shape) that
+                # candidates pair sites on; "" stops at the proximity.
+                "segmentation": "",
+                # With `input`: blocks (z, y, x) of the block-wise candidates.
+                "candidate_block": (32, 384, 384),
             },
             "candidates": {"tau": 0.3, "omega": 100, "max_gap_nm": 200.0, "nms_radius_nm": 400.0},
             "pruner": {

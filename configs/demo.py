@@ -141,6 +141,12 @@ def get_config(arg: str | None = None):
                 # executor, scheduler, resume, retries, input, output, roi (see
                 # synjax.configlib.volume_predict_fields).
                 **configlib.volume_predict_fields(),
+                # With `input`: the neuron segmentation of that volume (any
+                # synjax.io source, of the input's or the roi's shape) that
+                # candidates pair sites on; "" stops at the proximity.
+                "segmentation": "",
+                # With `input`: blocks (z, y, x) of the block-wise candidates.
+                "candidate_block": (32, 384, 384),
             },
             "candidates": {
                 # Site threshold |p| > tau and minimum site/segment overlap (voxels).

@@ -151,11 +151,6 @@ def _check_volumes(job: BlockJob) -> None:
         )
     source_shape = tuple(job.source.shape[:SPATIAL_DIMS])
     needed = tuple(o + v for o, v in zip(job.origin, grid.volume_shape, strict=True))
-    if job.origin == (0, 0, 0) and source_shape != grid.volume_shape:
-        raise DataError(
-            f"source spatial shape {source_shape} differs from the grid's volume_shape "
-            f"{grid.volume_shape}"
-        )
     if any(o < 0 for o in job.origin) or any(
         n > s for n, s in zip(needed, source_shape, strict=True)
     ):
@@ -304,6 +299,14 @@ def predict_blockwise(
     Raises:
       BlockError: a block kept failing, or blocks are missing after the run.
     """
+    source_shape = tuple(source.shape[:SPATIAL_DIMS])
+    # Without a region the grid covers the whole source; a region may start
+    # at voxel 0 and be smaller (`config.predict.roi=0:16,0:256,0:256`).
+    if origin is None and source_shape != grid.volume_shape:
+        raise DataError(
+            f"source spatial shape {source_shape} differs from the grid's volume_shape "
+            f"{grid.volume_shape}"
+        )
     job = BlockJob(
         block_fn=predict_fn,
         source=source,

@@ -1,44 +1,94 @@
-"""The partner pipeline on a user's volume: its signed proximity, block by block.
+"""The partner pipeline on a user's volume, block by block: proximity, candidates, synapse table.
 
 `config.predict.input` (`volume_input.py`) is predicted with the U-Net trained
-in the workdir into `<config.predict.output>/proximity.zarr`.
+in the workdir into `<config.predict.output>/proximity.zarr`. With
+`config.predict.segmentation`, a neuron segmentation of that volume (for
+example the neuron pipeline's segmentation of it, or one made by another
+tool), the run goes on as the test volume's prediction does
+(`partners.predict`), block by block:
+
+- candidates: components of the thresholded proximity, their overlaps with
+  the segmentation and the segments' adjacency, per block
+  (`synjax.postprocess.blockwise_candidates`; the component labels go to
+  `pre_sites.zarr` and `post_sites.zarr` beside the proximity);
+- the pruning CNN's scores, its windows read from the on-disk raw,
+  proximity and segmentation one batch of candidates at a time (when the
+  run's training chose the pruner; otherwise the candidates' proximity
+  scores);
+- duplicate suppression and the score threshold tuned in the workdir
+  (`pruner_threshold.json`, checked to belong to these models);
+- the tables `candidates.csv`, `detections.csv` and `synapses.csv`, in nm in
+  the input's frame (its offset plus the roi's start).
+
+Without a segmentation the run stops at the proximity, and says so: the
+candidates pair sites on segments, and a volume of one's own has no ground
+truth to stand for them (the test path's `config.segmentation.source`).
 """
 
 from __future__ import annotations
 
 import pathlib
 
+import numpy as np
 from absl import logging
 
+from synjax.errors import DataError
+from synjax.geometry import Box
+from synjax.io import SynapseTable, create_volume, layout, open_volume
 from synjax.io.provenance import describe_model
 from synjax.pipelines import volume_input
-from synjax.pipelines.partners import _model
+from synjax.pipelines.partners import (
+    _best_of_duplicates,
+    _check_threshold,
+    _model,
+    _read_threshold,
+    _synapse_table,
+)
+from synjax.postprocess.blockwise_candidates import generate_candidates_blockwise
+from synjax.postprocess.candidates import Candidates
 from synjax.stages import proximity
 from synjax.stages.proximity import ProximityStage
+from synjax.stages.pruner import PrunerStage
 
-# The proximity of a user's volume, in `config.predict.output`.
+# The outputs in `config.predict.output`.
 PROXIMITY_OUTPUT = "proximity.zarr"
+PRE_SITES_OUTPUT, POST_SITES_OUTPUT = "pre_sites.zarr", "post_sites.zarr"
+SEGMENTATION_KEY = "config.predict.segmentation"
+# Chunks of the site labels within a candidate block: small enough that the
+# closest-point search, which reads a site's neighbourhood, decompresses little.
+_SITE_CHUNKS = (16, 128, 128)
 
 
 def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
-    """Predicts signed proximity over `config.predict.input` with the U-Net trained in `workdir`.
+    """Predicts `config.predict.input` with the models of `workdir`: proximity, then synapses.
 
     The input is read block by block (any size; `config.predict.roi` limits it
     to a region) and the proximity is written to
     `<config.predict.output>/proximity.zarr`, resumable like the test volume's
-    (its done-state beside it records the model and the input).
+    (its done-state beside it records the model and the input). With
+    `config.predict.segmentation` the synapse tables follow (module docstring).
 
     Returns:
       The path of the proximity output.
 
     Raises:
-      DataError: no trained U-Net in `workdir`, or a bad input (named).
+      DataError: no trained U-Net (or, with a segmentation, no tuned threshold
+        for these models) in `workdir`, or a bad input or segmentation (named).
     """
     raw, roi = volume_input.open_input(config)
-    out = volume_input.output_dir(config) / PROXIMITY_OUTPUT
+    out_dir = volume_input.output_dir(config)
+    out = out_dir / PROXIMITY_OUTPUT
     unet_stage = ProximityStage.from_config(config)
     trained = unet_stage.load(workdir)
     unet = _model(workdir, proximity.MODEL_NAME, trained)
+    # Checked before the long prediction: a bad segmentation or a threshold
+    # chosen for other models is an error now rather than in an hour.
+    segmentation = open_segmentation(config, raw.shape, roi)
+    if segmentation is not None:
+        choice = _read_threshold(workdir)
+        pruner_stage = PrunerStage.from_config(config)
+        trained_pruner = pruner_stage.load(workdir) if choice["pruner"] else None
+        _check_threshold(workdir, choice, unet, trained_pruner)
     logging.info(
         "Predicting %s (region %s..%s of %s) with %s into %s",
         config.predict.input,
@@ -48,7 +98,7 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         describe_model(unet),
         out,
     )
-    unet_stage.predict_volume(
+    prox = unet_stage.predict_volume(
         trained,
         raw,
         out,
@@ -59,4 +109,142 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         offset=raw.offset,
         workdir=workdir,
     )
+    if segmentation is None:
+        why = (
+            "the segmenter trained in the workdir is not applied to a volume of your own here"
+            if config.segmentation.source == "predicted"
+            else "a volume of your own has no ground-truth neurons"
+        )
+        logging.warning(
+            "No synapse table: %s is empty (%s); give a neuron segmentation of %s to pair "
+            "the proximity's sites on. Stopping at %s.",
+            SEGMENTATION_KEY,
+            why,
+            config.predict.input,
+            out,
+        )
+        return out
+    block = unet_stage.prediction.candidate_block
+    candidates = find_candidates(config, block, prox, segmentation, out_dir)
+    scores = candidates.score
+    if trained_pruner is not None and len(candidates):
+        logging.info("Scoring %d candidates with the pruner", len(candidates))
+        scores = pruner_stage.score(
+            trained_pruner,
+            volume_input.RegionVolume(raw, roi),
+            prox,
+            segmentation,
+            candidates,
+            name=config.predict.input,
+            progress=True,
+        )
+    write_tables(config, candidates, scores, choice["threshold"], prox, out_dir)
     return out
+
+
+def open_segmentation(config, input_shape, roi: Box):
+    """`config.predict.segmentation` as a lazy `[z, y, x]` volume of the roi's shape.
+
+    A segmentation of the input's shape is cut to the roi; one of the roi's
+    shape (e.g. predicted for that region) is used as it is.
+
+    Returns:
+      The volume, or None when the key is empty.
+
+    Raises:
+      DataError: it cannot be opened, holds no integer labels, or has
+        neither shape (named in one line).
+    """
+    path = config.predict.get("segmentation") or ""
+    if not path:
+        return None
+    where = f"{SEGMENTATION_KEY}={path!r}"
+    try:
+        volume = open_volume(path)
+    except DataError as error:
+        raise DataError(f"{where}: {error}") from error
+    if not np.issubdtype(volume.dtype, np.integer):
+        raise DataError(f"{where}: dtype {volume.dtype}; expected integer neuron labels")
+    shape = tuple(volume.shape)
+    input_shape = tuple(int(s) for s in input_shape)
+    if shape == input_shape:
+        return volume_input.RegionVolume(volume, roi)
+    if shape == roi.shape:
+        return volume
+    raise DataError(
+        f"{where}: shape {shape}; expected the input's {input_shape} or the "
+        f"{volume_input.ROI_KEY} region's {roi.shape}"
+    )
+
+
+def find_candidates(config, block_shape, prox, segmentation, out_dir: pathlib.Path) -> Candidates:
+    """The candidates of an on-disk proximity and segmentation, block by block.
+
+    Args:
+      config: the run's config (`config.candidates`).
+      block_shape: `(z, y, x)` blocks (`config.predict.candidate_block`), cut
+        to the volume.
+      prox: the proximity output `Volume` (`[z, y, x]`).
+      segmentation: `[z, y, x]` lazy segmentation of the same shape.
+      out_dir: where the site labels are written (afresh on every run).
+    """
+    shape = tuple(prox.shape)
+    block = tuple(min(int(b), s) for b, s in zip(block_shape, shape, strict=True))
+    # A chunk that divides the block, so that each block writes whole chunks.
+    chunks = tuple(n if b % n == 0 else b for n, b in zip(_SITE_CHUNKS, block, strict=True))
+    sites = [
+        create_volume(
+            out_dir / name,
+            shape,
+            np.uint64,
+            prox.resolution,
+            prox.offset,
+            chunks=chunks,
+            overwrite=True,
+        )
+        for name in (PRE_SITES_OUTPUT, POST_SITES_OUTPUT)
+    ]
+    logging.info("Candidates of %s in blocks of %s", shape, block)
+    found = generate_candidates_blockwise(
+        prox,
+        segmentation,
+        prox.resolution,
+        *sites,
+        block,
+        tau=config.candidates.tau,
+        omega=config.candidates.omega,
+        max_gap_nm=config.candidates.max_gap_nm,
+        progress=True,
+        report=logging.info,
+    )
+    logging.info("%s: %d candidates", config.predict.input, len(found))
+    return found
+
+
+def write_tables(
+    config, candidates: Candidates, scores: np.ndarray, threshold: float, prox, out_dir
+) -> SynapseTable:
+    """Writes `candidates.csv`, `detections.csv` and `synapses.csv` as the test path does.
+
+    Locations are in nm in the input's frame: the proximity output's offset
+    (the input's, plus the roi's start) plus voxel times resolution.
+
+    Returns:
+      The kept synapses (`synapses.csv`).
+    """
+    resolution, offset = prox.resolution, prox.offset
+    # Every candidate, before duplicate suppression.
+    _synapse_table(candidates, scores, resolution, offset).to_csv(out_dir / layout.CANDIDATES_FILE)
+    candidates, scores = _best_of_duplicates(config, candidates, scores)
+    table = _synapse_table(candidates, scores, resolution, offset)
+    table.to_csv(out_dir / layout.DETECTIONS_FILE)
+    kept = table.filter_by_score(threshold)
+    kept.to_csv(out_dir / layout.SYNAPSES_CSV_FILE)
+    logging.info(
+        "Kept %d of %d candidates (score >= %.3f): %s",
+        len(kept),
+        len(table),
+        threshold,
+        out_dir / layout.SYNAPSES_CSV_FILE,
+    )
+    return kept

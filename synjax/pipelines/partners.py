@@ -159,12 +159,15 @@ def _table_pairs(table: SynapseTable, volume) -> partner_metrics.PartnerPairs:
     )
 
 
-def _synapse_table(candidates: Candidates, scores: np.ndarray, resolution) -> SynapseTable:
-    pre, post = candidates.points_nm(resolution)
+def _synapse_table(
+    candidates: Candidates, scores: np.ndarray, resolution, offset=(0.0, 0.0, 0.0)
+) -> SynapseTable:
+    """The candidates as synapse rows, in nm with voxel (0, 0, 0) at `offset`."""
+    pre, post = candidates.points_nm(resolution, offset)
     return SynapseTable.build(
         candidates.pre_segment,
         candidates.post_segment,
-        candidates.location,
+        candidates.location + np.asarray(offset, np.float64),
         pre_location=pre,
         post_location=post,
         score=scores,

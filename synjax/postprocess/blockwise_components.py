@@ -46,12 +46,18 @@ from synjax.errors import ConfigError, DataError
 from synjax.geometry import SPATIAL_DIMS, Box
 from synjax.inference.block_grid import BlockGrid
 from synjax.postprocess.pair_table import PairTable
+from synjax.report.progress import progress_bar
 
 VALID_CONNECTIVITY = (6, 18, 26)
 
 
 def _grid(volume_shape: Sequence[int], block_shape: Sequence[int] | int) -> BlockGrid:
     return BlockGrid(tuple(int(v) for v in volume_shape[:SPATIAL_DIMS]), block_shape)
+
+
+def _blocks(grid: BlockGrid, what: str, progress: bool):
+    """The grid's block ids, behind a progress bar named `what` when `progress`."""
+    return progress_bar(grid.block_ids(), total=grid.num_blocks, desc=what, disable=not progress)
 
 
 def _core(grid: BlockGrid, block_id: int) -> Box:
@@ -163,6 +169,7 @@ def label_components_blockwise(
     block_shape: Sequence[int] | int,
     foreground: Callable[[np.ndarray], np.ndarray],
     connectivity: int = 26,
+    progress: bool = False,
 ) -> int:
     """Connected components of `foreground(source)`, labelled block by block into `dest`.
 
@@ -177,6 +184,7 @@ def label_components_blockwise(
       block_shape: `(bz, by, bx)` (or one int for all axes) of the blocks.
       foreground: maps a block of `source` to a bool block of the same shape.
       connectivity: 6, 18 or 26.
+      progress: show a progress bar over the blocks of each pass.
 
     Returns:
       The number of components n.
@@ -191,7 +199,7 @@ def label_components_blockwise(
     # Pass 1: each block on its own, labels made unique by an offset.
     total = 0
     first_voxel = [np.zeros((1,), np.int64)]  # id 0: background
-    for block_id in grid.block_ids():
+    for block_id in _blocks(grid, "components", progress):
         core = _core(grid, block_id)
         mask = np.asarray(foreground(_read(source, core)))
         if mask.shape != core.shape:
@@ -206,7 +214,7 @@ def label_components_blockwise(
         total += int(count)
     # Pass 2: joins with the neighbours after each block.
     joins = PairTable(())
-    for block_id in grid.block_ids():
+    for block_id in _blocks(grid, "component joins", progress):
         a, b = neighbour_pairs(_read(dest, _block_upper_box(grid, block_id)), offsets)
         joins.add(np.minimum(a, b), np.maximum(a, b), [])
     first, second, _ = joins.result()
@@ -216,21 +224,24 @@ def label_components_blockwise(
     np.minimum.at(first_of_group, group, np.concatenate(first_voxel))
     rank = np.zeros(num_groups + 1, np.uint64)
     rank[np.argsort(first_of_group[1:], kind="stable") + 1] = np.arange(1, num_groups + 1)
-    relabel_blockwise(dest, rank[group], block_shape)
+    relabel_blockwise(dest, rank[group], block_shape, progress)
     return num_groups
 
 
-def relabel_blockwise(dest: Any, table: np.ndarray, block_shape: Sequence[int] | int) -> None:
+def relabel_blockwise(
+    dest: Any, table: np.ndarray, block_shape: Sequence[int] | int, progress: bool = False
+) -> None:
     """Replaces each label `l` of `dest` by `table[l]`, block by block, in place.
 
     Args:
       dest: `[z, y, x]` integer volume.
       table: `[max label + 1]` new id of every label.
       block_shape: blocks to read and write.
+      progress: show a progress bar over the blocks.
     """
     grid = _grid(dest.shape, block_shape)
     table = np.asarray(table)
-    for block_id in grid.block_ids():
+    for block_id in _blocks(grid, "relabelling", progress):
         core = _core(grid, block_id)
         dest[core.slices()] = table[_read(dest, core)].astype(dest.dtype, copy=False)
 
@@ -242,6 +253,7 @@ def site_components_blockwise(
     block_shape: Sequence[int] | int,
     tau: float,
     connectivity: int = 26,
+    progress: bool = False,
 ) -> tuple[int, int]:
     """`candidates.site_components` block by block: components of p > tau and p < -tau.
 
@@ -251,15 +263,16 @@ def site_components_blockwise(
       block_shape: blocks to read and write.
       tau: site threshold.
       connectivity: 6, 18 or 26.
+      progress: show a progress bar over the blocks of each pass.
 
     Returns:
       The number of pre and post components.
     """
     pre = label_components_blockwise(
-        proximity, pre_dest, block_shape, lambda p: p > tau, connectivity
+        proximity, pre_dest, block_shape, lambda p: p > tau, connectivity, progress
     )
     post = label_components_blockwise(
-        proximity, post_dest, block_shape, lambda p: p < -tau, connectivity
+        proximity, post_dest, block_shape, lambda p: p < -tau, connectivity, progress
     )
     return pre, post
 
@@ -297,6 +310,7 @@ def site_overlaps_blockwise(
     segmentation: Any,
     block_shape: Sequence[int] | int,
     weights: Any = None,
+    progress: bool = False,
 ) -> SiteTable:
     """Voxels, weight sums and bounding boxes of every (component, segment) overlap.
 
@@ -309,6 +323,7 @@ def site_overlaps_blockwise(
       segmentation: `[z, y, x]` segment labels, 0 = unlabelled.
       block_shape: blocks to read.
       weights: optional `[z, y, x]` weights to sum (e.g. |proximity|); None: zeros.
+      progress: show a progress bar over the blocks.
 
     Returns:
       The rows, sorted by component, then segment.
@@ -317,7 +332,7 @@ def site_overlaps_blockwise(
     shape = _check_same_shape("site_overlaps_blockwise volumes", *volumes)
     grid = _grid(shape, block_shape)
     table = PairTable(("sum", "sum", "min", "max"))
-    for block_id in grid.block_ids():
+    for block_id in _blocks(grid, "site overlaps", progress):
         core = _core(grid, block_id)
         comp, seg = _read(components, core), _read(segmentation, core)
         inside = (comp != 0) & (seg != 0)
@@ -339,7 +354,9 @@ def site_overlaps_blockwise(
     return SiteTable(comp, seg, count.astype(np.int64), weight_sum, lo, hi + 1)
 
 
-def segment_adjacency_blockwise(segmentation: Any, block_shape: Sequence[int] | int) -> np.ndarray:
+def segment_adjacency_blockwise(
+    segmentation: Any, block_shape: Sequence[int] | int, progress: bool = False
+) -> np.ndarray:
     """Ordered pairs of distinct labelled segments that share a voxel face.
 
     Equals `candidates.segment_adjacency` of the whole volume.
@@ -347,6 +364,7 @@ def segment_adjacency_blockwise(segmentation: Any, block_shape: Sequence[int] | 
     Args:
       segmentation: `[z, y, x]` segment labels, 0 = unlabelled.
       block_shape: blocks to read.
+      progress: show a progress bar over the blocks.
 
     Returns:
       `[k, 2]` uint64 unique rows (a, b), a != b, both (a, b) and (b, a),
@@ -356,7 +374,7 @@ def segment_adjacency_blockwise(segmentation: Any, block_shape: Sequence[int] | 
     grid = _grid(shape, block_shape)
     offsets = forward_offsets(6)
     table = PairTable(())
-    for block_id in grid.block_ids():
+    for block_id in _blocks(grid, "segment adjacency", progress):
         a, b = neighbour_pairs(_read(segmentation, _block_upper_box(grid, block_id)), offsets)
         table.add(np.concatenate([a, b]), np.concatenate([b, a]), [])
     first, second, _ = table.result()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import cc3d
 import fastremap
@@ -348,6 +349,19 @@ def site_components(
     )
 
 
+def check_candidate_parameters(
+    tau: float, omega: int, connectivity: int, max_gap_nm: float
+) -> None:
+    """Raises ConfigError for parameters `generate_candidates` cannot use (see its Args)."""
+    if connectivity not in VALID_CONNECTIVITY:
+        raise ConfigError(f"connectivity={connectivity}: expected one of {VALID_CONNECTIVITY}")
+    if not 0.0 <= tau < 1.0 or omega < 1 or max_gap_nm < 0:
+        raise ConfigError(
+            f"tau={tau}, omega={omega}, max_gap_nm={max_gap_nm}: expected 0 <= tau < 1, "
+            "omega >= 1, max_gap_nm >= 0"
+        )
+
+
 def generate_candidates(
     proximity: np.ndarray,
     segmentation: np.ndarray,
@@ -384,13 +398,7 @@ def generate_candidates(
             "expected two 3D volumes of one shape"
         )
     res = voxel_size(resolution)
-    if connectivity not in VALID_CONNECTIVITY:
-        raise ConfigError(f"connectivity={connectivity}: expected one of {VALID_CONNECTIVITY}")
-    if not 0.0 <= tau < 1.0 or omega < 1 or max_gap_nm < 0:
-        raise ConfigError(
-            f"tau={tau}, omega={omega}, max_gap_nm={max_gap_nm}: expected 0 <= tau < 1, "
-            "omega >= 1, max_gap_nm >= 0"
-        )
+    check_candidate_parameters(tau, omega, connectivity, max_gap_nm)
 
     pre_cc, post_cc = site_components(proximity, tau, connectivity)
     dense, original = _renumber(segmentation)
@@ -400,52 +408,76 @@ def generate_candidates(
     if len(pre) == 0 or len(post) == 0:
         return Candidates.empty()
 
-    # Join pre sites -> adjacent segment pairs -> post sites on the partner segment.
-    adjacency = segment_adjacency(dense)
-    pre_i, adj_i = _join(pre.rows[:, 1], adjacency[:, 0])
-    link_i, post_i = _join(adjacency[adj_i, 1], post.rows[:, 1])
-    pre_i = pre_i[link_i]
-    if len(pre_i) == 0:
-        return Candidates.empty()
-
-    # Drop pairs of sites whose bounding boxes are already too far apart.
     pre_lo, pre_hi = pre.boxes()
     post_lo, post_hi = post.boxes()
-    near = (
-        _box_gap_nm(pre_lo[pre_i], pre_hi[pre_i], post_lo[post_i], post_hi[post_i], res)
-        <= max_gap_nm
+    pre_i, post_i = near_site_pairs(
+        pre.rows[:, 1],
+        post.rows[:, 1],
+        segment_adjacency(dense),
+        (pre_lo, pre_hi),
+        (post_lo, post_hi),
+        res,
+        max_gap_nm,
     )
-    margin = np.floor(max_gap_nm / res).astype(np.int64)
     rows = []
-    for i, j in zip(pre_i[near], post_i[near], strict=True):
-        # Only voxels within `margin` of the other site's box can be closest.
-        pre_vox = _in_box(pre.surface_of(i), post_lo[j] - margin, post_hi[j] + margin)
-        post_vox = _in_box(post.surface_of(j), pre_lo[i] - margin, pre_hi[i] + margin)
-        if len(pre_vox) == 0 or len(post_vox) == 0:
-            continue
-        # Once more with the boxes of what is left, which are often much smaller.
-        pre_vox = _in_box(pre_vox, post_vox.min(0) - margin, post_vox.max(0) + margin)
-        if len(pre_vox) == 0:
-            continue
-        post_vox = _in_box(post_vox, pre_vox.min(0) - margin, pre_vox.max(0) + margin)
-        if len(post_vox) == 0:
-            continue
-        a, b, gap = _closest(pre_vox, post_vox, res, max_gap_nm)
-        if gap > max_gap_nm:
+    for i, j in zip(pre_i, post_i, strict=True):
+        found = closest_site_points(
+            pre.surface_of(i),
+            post.surface_of(j),
+            (pre_lo[i], pre_hi[i]),
+            (post_lo[j], post_hi[j]),
+            res,
+            max_gap_nm,
+        )
+        if found is None:
             continue
         pre_comp, pre_seg, pre_count = (int(v) for v in pre.rows[i])
         post_comp, post_seg, post_count = (int(v) for v in post.rows[j])
-        pre_seg, post_seg = int(original[pre_seg]), int(original[post_seg])
         score = (pre.weight_sums[i] + post.weight_sums[j]) / (pre_count + post_count)
         rows.append(
-            (pre_comp, pre_seg, post_comp, post_seg, pre_count, post_count)
-            + (pre_vox[a], post_vox[b], gap, score)
+            CandidateRow(
+                pre_comp,
+                int(original[pre_seg]),
+                post_comp,
+                int(original[post_seg]),
+                pre_count,
+                post_count,
+                *found,
+                score,
+            )
         )
+    return candidates_from_rows(rows, res)
+
+
+class CandidateRow(NamedTuple):
+    """One candidate as `generate_candidates` finds it (see `Candidates` for the fields)."""
+
+    pre_component: int
+    pre_segment: int
+    post_component: int
+    post_segment: int
+    pre_overlap: int
+    post_overlap: int
+    pre_point: np.ndarray
+    post_point: np.ndarray
+    gap_nm: float
+    score: float
+
+
+def candidates_from_rows(rows: Sequence[CandidateRow], resolution: Sequence[float]) -> Candidates:
+    """`Candidates` of rows found in any order, sorted by their four ids.
+
+    Args:
+      rows: the candidates.
+      resolution: voxel size in nm, z-y-x (for `location`).
+
+    Returns:
+      The candidates sorted by (pre component, pre segment, post component,
+      post segment).
+    """
     if not rows:
         return Candidates.empty()
-
-    # Rows come out in join order; sort them as documented.
-    rows.sort(key=lambda row: row[:4])
+    rows = sorted(rows, key=lambda row: row[:4])
     cols = list(zip(*rows, strict=True))
     pre_point = np.stack(cols[6]).astype(np.int64)
     post_point = np.stack(cols[7]).astype(np.int64)
@@ -456,9 +488,97 @@ def generate_candidates(
         post_segment=np.asarray(cols[3], np.uint64),
         pre_overlap=np.asarray(cols[4], np.int64),
         post_overlap=np.asarray(cols[5], np.int64),
-        location=(pre_point + post_point) * 0.5 * res,
+        location=(pre_point + post_point) * 0.5 * voxel_size(resolution),
         pre_point=pre_point,
         post_point=post_point,
         gap_nm=np.asarray(cols[8], np.float64),
         score=np.asarray(cols[9], np.float64),
     )
+
+
+def near_site_pairs(
+    pre_segment: np.ndarray,
+    post_segment: np.ndarray,
+    adjacency: np.ndarray,
+    pre_box: tuple[np.ndarray, np.ndarray],
+    post_box: tuple[np.ndarray, np.ndarray],
+    resolution: Sequence[float],
+    max_gap_nm: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pre and post sites on adjacent segments whose bounding boxes lie within `max_gap_nm`.
+
+    Args:
+      pre_segment, post_segment: `[k_pre]`, `[k_post]` segment id of each site.
+      adjacency: `[m, 2]` ordered pairs of adjacent segments (both orders present).
+      pre_box, post_box: `([k, 3], [k, 3])` first and last voxel (inclusive) of
+        each site's bounding box.
+      resolution: voxel size in nm, z-y-x.
+      max_gap_nm: largest distance between the two sites.
+
+    Returns:
+      `(pre_index, post_index)` `[n]` each: the site pairs, in join order
+      (pre site, then adjacency row, then post site).
+    """
+    # Join pre sites -> adjacent segment pairs -> post sites on the partner segment.
+    pre_i, adj_i = _join(pre_segment, adjacency[:, 0])
+    link_i, post_i = _join(adjacency[adj_i, 1], post_segment)
+    pre_i = pre_i[link_i]
+    # Drop pairs of sites whose bounding boxes are already too far apart.
+    res = voxel_size(resolution)
+    gap = _box_gap_nm(
+        pre_box[0][pre_i], pre_box[1][pre_i], post_box[0][post_i], post_box[1][post_i], res
+    )
+    near = gap <= max_gap_nm
+    return pre_i[near], post_i[near]
+
+
+def search_margin(resolution: Sequence[float], max_gap_nm: float) -> np.ndarray:
+    """`[3]` int64 voxels per axis within which a site can lie `max_gap_nm` from another."""
+    return np.floor(max_gap_nm / voxel_size(resolution)).astype(np.int64)
+
+
+def closest_site_points(
+    pre_surface: np.ndarray,
+    post_surface: np.ndarray,
+    pre_box: tuple[np.ndarray, np.ndarray],
+    post_box: tuple[np.ndarray, np.ndarray],
+    resolution: Sequence[float],
+    max_gap_nm: float,
+) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The closest voxels of a pre and a post site, and their distance.
+
+    Only surface voxels within `search_margin` of the other site's box can be
+    closest, so `pre_surface` need only hold the pre site's surface voxels
+    inside the post box grown by that margin (more are allowed), and likewise
+    `post_surface`.
+
+    Args:
+      pre_surface, post_surface: `[m, 3]` int64 surface voxels of each site
+        (a voxel with a face neighbour outside the site or the volume), in
+        raster order: ties go to the first.
+      pre_box, post_box: `([3], [3])` first and last voxel of each site's box.
+      resolution: voxel size in nm, z-y-x.
+      max_gap_nm: largest distance between the two sites.
+
+    Returns:
+      `(pre_point [3], post_point [3], gap_nm)`, or None when the sites lie
+      farther apart than `max_gap_nm`.
+    """
+    res = voxel_size(resolution)
+    margin = search_margin(resolution, max_gap_nm)
+    pre_vox = _in_box(pre_surface, post_box[0] - margin, post_box[1] + margin)
+    post_vox = _in_box(post_surface, pre_box[0] - margin, pre_box[1] + margin)
+    if len(pre_vox) == 0 or len(post_vox) == 0:
+        return None
+    # Once more with the boxes of what is left, which are often much smaller.
+    pre_vox = _in_box(pre_vox, post_vox.min(0) - margin, post_vox.max(0) + margin)
+    if len(pre_vox) == 0:
+        return None
+    post_vox = _in_box(post_vox, pre_vox.min(0) - margin, pre_vox.max(0) + margin)
+    if len(post_vox) == 0:
+        return None
+    a, b, gap = _closest(pre_vox, post_vox, res, max_gap_nm)
+    if gap > max_gap_nm:
+        return None
+    # Copies: a row of `pre_vox` is a view that would keep all of it alive.
+    return pre_vox[a].copy(), post_vox[b].copy(), gap

@@ -28,6 +28,7 @@ from synjax.errors import DataError
 from synjax.models.pruning import PruningCNN, sigmoid_bce
 from synjax.postprocess.candidates import Candidates
 from synjax.postprocess.pruning_windows import NUM_CHANNELS, extract_windows
+from synjax.report.progress import progress_bar
 from synjax.settings import from_config as settings_from_config
 from synjax.stages.settings import PrunerSettings
 from synjax.train import checkpoint
@@ -156,6 +157,7 @@ class PrunerStage:
         segmentation: np.ndarray,
         candidates: Candidates,
         name: str = "raw",
+        progress: bool = False,
     ) -> np.ndarray:
         """Pruner probabilities that each candidate is a real pre -> post pair.
 
@@ -164,6 +166,7 @@ class PrunerStage:
             applied to the windows of `raw`.
           raw: [z, y, x] EM of any dtype the normalisation accepts.
           name: `raw`'s name for errors.
+          progress: show a progress bar over the batches of windows.
 
         Returns:
           [n] float64 probabilities in [0, 1].
@@ -178,7 +181,8 @@ class PrunerStage:
         # The training batch size batches the scoring too.
         batch = self.settings.train.batch_size
         scores = np.zeros(len(candidates), np.float64)
-        for start in range(0, len(candidates), batch):
+        batches = range(0, len(candidates), batch)
+        for start in progress_bar(batches, desc="pruner windows", disable=not progress):
             rows = np.arange(start, min(start + batch, len(candidates)))
             windows = extract_windows(
                 raw,

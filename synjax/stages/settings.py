@@ -89,6 +89,11 @@ class BlockwisePredictSettings:
       scheduler: with executor "dask", the address of a running scheduler
         ("tcp://host:8786", e.g. of a dask-jobqueue or dask-kubernetes
         cluster); "": a `LocalCluster` on this machine.
+      segmentation: with `input`, the neuron segmentation of it (any
+        `open_volume` source, of the input's or the roi's shape) that the
+        candidates pair sites on; "": the prediction stops at the proximity.
+      candidate_block: with `input`, the blocks `(z, y, x)` that the
+        candidates are found in (`synjax.postprocess.blockwise_candidates`).
     """
 
     batch_size: int
@@ -99,6 +104,8 @@ class BlockwisePredictSettings:
     output: str = ""
     roi: str = ""
     scheduler: str = ""
+    segmentation: str = ""
+    candidate_block: tuple[int, int, int] = (32, 384, 384)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,6 +94,8 @@ SCHEMA = {
             "batch_size": integer(1),
             "executor": choice(EXECUTORS),
             "scheduler": text(),
+            "segmentation": text(),
+            "candidate_block": integers(3, 1),
         },
     ),
     "candidates": Block(
