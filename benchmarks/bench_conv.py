@@ -5,7 +5,9 @@ can run a kz x ky x kx convolution as 2D convolutions with z folded into the
 batch ("folded": one conv over the kz z-shifted copies stacked along channels;
 "folded_sum": the sum of kz 2D convs), or as matrix products over the kernel's
 taps with a hand-written backward pass ("taps", `models/conv_taps.py`);
-"auto" is the measured default per backend. This times, after
+"fastest" is the measured choice per backend ("auto" keeps "folded" on CPU
+until the README's figures are made again; the JSON in benchmarks/results
+was measured when "auto" meant what "fastest" means now). This times, after
 `jax.block_until_ready` and with compile time reported apart:
 
 - layers: forward, and gradient w.r.t. params and input, of one Conv3D;
