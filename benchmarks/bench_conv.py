@@ -50,7 +50,7 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
 from synjax.models import UNet3D, UNet3DSettings, weighted_mse
 from synjax.models.conv import Conv3D, auto_implementation
 
-IMPLEMENTATIONS = ("native", "folded", "folded_sum", "folded_taps", "taps", "auto")
+IMPLEMENTATIONS = ("native", "folded", "folded_sum", "folded_taps", "taps", "fastest")
 SEED = 0
 LEARNING_RATE = 1e-4
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
