@@ -316,7 +316,9 @@ def test_a_region_from_voxel_zero_without_segmentation_stops_at_the_proximity(
     pipelines.run(config, workdir)
     got = open_volume(str(tmp_path / "out" / "proximity.zarr"))
     np.testing.assert_allclose(got.read(), whole[:4, :32, :32], rtol=1e-5, atol=1e-6)
+    # The proximity, its done-state and the run's neuroglancer state: no tables.
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "neuroglancer_state.json",
         "proximity.zarr",
         "proximity.zarr.blocks",
     ]
