@@ -177,6 +177,10 @@ def paint_block(
     labels = np.zeros(int(np.prod(shape)), np.uint32)
     candidates = []
     for d, score in enumerate(np.asarray(detections["scores"], np.float64)):
+        # Rescoring multiplies by a probability (<= 1): a detection at or below the
+        # threshold stays there, so its mask need not be pasted.
+        if score <= painting.score_threshold:
+            continue
         flat, mask = pasted_probabilities(
             detections["masks"][d], detections["boxes"][d], (0, 0, 0), shape
         )

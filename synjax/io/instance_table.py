@@ -142,10 +142,7 @@ def instance_rows(
     Raises:
       DataError: `scores` does not hold one score per instance.
     """
-    count = int(labels.max()) if labels.size else 0
-    if scores.shape != (count,):
-        raise DataError(f"instance table: {scores.shape[0]} scores for {count} instances")
-    sums = InstanceSums(count)
+    sums = InstanceSums(int(labels.max()) if labels.size else 0)
     sums.add(labels, image=image)
     return sums.rows(scores, resolution, offset_nm)
 

@@ -44,6 +44,15 @@ class EMVolume(NamedTuple):
     read_labels: np.ndarray
 
 
+def downsample_image(raw: np.ndarray, factors) -> np.ndarray:
+    """float32 mean of raw over `factors` blocks (the shape must divide evenly)."""
+    factors = tuple(int(f) for f in factors)
+    if factors == (1, 1, 1):
+        return raw.astype(np.float32)
+    image = skimage.measure.block_reduce(raw.astype(np.float32), factors, np.mean)
+    return image.astype(np.float32)
+
+
 def downsample(raw: np.ndarray, labels: np.ndarray, factors) -> tuple[np.ndarray, np.ndarray]:
     """(mean of raw, maximum of labels) over `factors` blocks; shapes must divide evenly."""
     factors = tuple(int(f) for f in factors)
@@ -51,11 +60,11 @@ def downsample(raw: np.ndarray, labels: np.ndarray, factors) -> tuple[np.ndarray
         raise ConfigError(
             f"config.data.downsample={factors}: does not divide the volume shape {raw.shape}"
         )
+    image = downsample_image(raw, factors)
     if factors == (1, 1, 1):
-        return raw.astype(np.float32), labels
-    image = skimage.measure.block_reduce(raw.astype(np.float32), factors, np.mean)
+        return image, labels
     read = skimage.measure.block_reduce(labels, factors, np.max)
-    return image.astype(np.float32), read.astype(labels.dtype)
+    return image, read.astype(labels.dtype)
 
 
 def upsample(labels: np.ndarray, factors) -> np.ndarray:

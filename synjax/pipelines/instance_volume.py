@@ -34,7 +34,6 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
-import skimage.measure
 from absl import logging
 
 from synjax.data.intensity import load_normalization, normalize_intensity
@@ -55,6 +54,7 @@ from synjax.io import create_volume, layout, open_volume
 from synjax.io.instance_table import InstanceSums, write_instance_table
 from synjax.io.provenance import input_fingerprint
 from synjax.pipelines import volume_input
+from synjax.pipelines.instance_data import downsample_image
 from synjax.pipelines.instances import OURS, TABLE_COLUMNS, chosen_painting
 from synjax.postprocess.components import keep_large_instances
 from synjax.report import files
@@ -84,10 +84,8 @@ def read_block_image(source, box: Box, factors, intensity) -> np.ndarray:
     native = tuple(
         slice(a * f, b * f) for a, b, f in zip(box.start, box.stop, factors, strict=True)
     )
-    raw = np.asarray(source[native]).astype(np.float32)
-    if tuple(factors) != (1, 1, 1):
-        raw = skimage.measure.block_reduce(raw, tuple(factors), np.mean).astype(np.float32)
-    return normalize_intensity(raw, intensity, "instance network input")
+    image = downsample_image(np.asarray(source[native]), factors)
+    return normalize_intensity(image, intensity, "instance network input")
 
 
 def _scores_store(path: pathlib.Path, num_blocks: int, detections: int, reuse: bool):
@@ -103,9 +101,8 @@ def _scores_store(path: pathlib.Path, num_blocks: int, detections: int, reuse: b
     )
 
 
-def _paint_blocks(config, workdir, source, boxes, factors, painting, provenance, out_dir):
+def _paint_blocks(config, predict, workdir, source, boxes, factors, painting, provenance, out_dir):
     """Detects and paints every block not yet done; returns the two stores."""
-    predict = from_config(InstancePredictSettings, config.predict, "config.predict")
     model = instance_unet.network_block(config)
     block = instance_unet.check_shape(
         predict.block,
@@ -229,7 +226,7 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         out_dir,
     )
     labels_store, scores_store, block = _paint_blocks(
-        config, workdir, source, boxes, factors, painting, provenance, out_dir
+        config, predict, workdir, source, boxes, factors, painting, provenance, out_dir
     )
 
     resolution = tuple(float(r) * f for r, f in zip(raw.resolution, factors, strict=True))
