@@ -4,8 +4,11 @@ Eight host CPU devices are forced before JAX is imported so that sharding tests
 can build a real 8-device mesh on a CPU-only machine.
 """
 
+import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -22,3 +25,26 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real EM volumes not found: {SHARED_DATA} (../shared/data) is absent")
     return SHARED_DATA
+
+
+def load_config(path: pathlib.Path, variant: str | None = None):
+    """`get_config(variant)` of the config file at `path`, as `--config=path:variant` loads it."""
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def run_main(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m synjax.main ARGS` in a subprocess on one CPU device, as a user starts it."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one device, as on a user's laptop
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, "-m", "synjax.main", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,12 +1,8 @@
 """The fluorescence pipeline: the smoke variant through the CLI, its config checks, its table."""
 
 import csv
-import importlib.util
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,30 +11,16 @@ from synjax.errors import ConfigError, DataError
 from synjax.io import open_volume
 from synjax.io.instance_table import instance_rows
 from synjax.pipelines import config_checks
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_config, run_main
 
 CONFIG = REPO_ROOT / "configs" / "fluorescence.py"
 
 
 def _config(variant=None):
-    spec = importlib.util.spec_from_file_location("fluorescence_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config(CONFIG, variant)
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run(
-        [sys.executable, "-m", "synjax.main", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+_run = run_main
 
 
 @pytest.mark.parametrize("variant", [None, "smoke", "paper"])

@@ -25,6 +25,7 @@ from synjax.models.instance_unet import (
 from synjax.pipelines.instance_data import downsample, upsample
 from synjax.postprocess.components import cleft_components, tune_components
 from synjax.stages.instance_unet import TrainingCrops
+from tests.two_stage_training import train_on_fixed_batch
 
 TINY_BACKBONE = UNetBackboneSettings(base_features=4, pool_factors=((1, 2, 2), (2, 2, 2)))
 
@@ -94,30 +95,11 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     settings = _tiny_settings()
     model = build_instance_unet(settings, training=True)
     batch = jnp.asarray(_fixed_batch())
-    params = jax.jit(model.init)(jax.random.key(1), batch[:1])["params"]
-    tx = optax.adam(3e-3)
-
-    @jax.jit
-    def step(params, opt_state):
-        def loss_of(p):
-            out = model.apply({"params": p}, batch)
-            return out["loss"], out
-
-        (_, out), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, out
-
-    opt_state = tx.init(params)
-    params, opt_state, first = step(params, opt_state)
-    assert float(first["gt_instances"]) == 2.0
-    for name in ("rpn_objectness", "rpn_box", "roi_class", "roi_box", "mask"):
-        assert np.isfinite(float(first[name])), name
+    params, first, later = train_on_fixed_batch(model, batch, steps=6)
     # Each of the first steps lowers the loss (later ones find more foreground ROIs,
     # whose box terms then join the loss, so the total is compared early).
-    losses = [float(first["loss"])]
-    for _ in range(6):
-        params, opt_state, out = step(params, opt_state)
-        losses.append(float(out["loss"]))
+    losses = [float(out["loss"]) for out in [first, *later]]
+    out = later[-1]
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
     assert losses[-1] < losses[0] - 0.05
     assert float(out["mask"]) < 0.95 * float(first["mask"])

@@ -4,30 +4,18 @@ Each run is a subprocess, as a user would start it, on one CPU device.
 """
 
 import json
-import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_main
 
 DEMO = str(REPO_ROOT / "configs" / "demo.py")
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one device, as on a user's laptop
-    env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run(
-        [sys.executable, "-m", "synjax.main", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_main(*args, timeout=timeout)
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:

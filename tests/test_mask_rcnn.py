@@ -6,7 +6,6 @@ Expected values are computed by hand in the comments.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from synjax.detection.fpn import FPNSettings
@@ -31,6 +30,7 @@ from synjax.inference.instances import (
 )
 from synjax.models.resnet3d import ResNet3DSettings
 from synjax.stages.mask_rcnn import TrainingPatches, dense_instances
+from tests.two_stage_training import train_on_fixed_batch
 
 KEY = jax.random.key(0)
 
@@ -214,26 +214,8 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     settings = _tiny_settings()
     model = build_mask_rcnn(settings, training=True)
     batch = jnp.asarray(_fixed_batch())
-    params = jax.jit(model.init)(jax.random.key(1), batch[:1])["params"]
-    tx = optax.adam(3e-3)
-
-    @jax.jit
-    def step(params, opt_state):
-        def loss_of(p):
-            out = model.apply({"params": p}, batch)
-            return out["loss"], out
-
-        (loss, out), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, out
-
-    opt_state = tx.init(params)
-    params, opt_state, first = step(params, opt_state)
-    assert float(first["gt_instances"]) == 2.0
-    for name in ("rpn_objectness", "rpn_box", "roi_class", "roi_box", "mask"):
-        assert np.isfinite(float(first[name])), name
-    for _ in range(8):
-        params, opt_state, out = step(params, opt_state)
+    params, first, later = train_on_fixed_batch(model, batch, steps=8)
+    out = later[-1]
     assert float(out["loss"]) < 0.8 * float(first["loss"])
     assert float(out["mask"]) < float(first["mask"])
 
