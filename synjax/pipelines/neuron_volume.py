@@ -52,6 +52,8 @@ SEGMENTATION_OUTPUT = layout.VOLUME_SEGMENTATION
 
 
 GROUNDTRUTH_KEY = "config.predict.groundtruth"
+# Inside the segmentation's done-state folder: removed with it when the segmentation is stale.
+PASSES_STATE = "passes"
 
 
 class VolumeOutputs(NamedTuple):
@@ -323,11 +325,13 @@ def segment_volume(
     mean-boundary agglomeration of `chosen` on blocks of `block_shape`, each
     flooded with `halo` voxels of context; `path` (uint64, chunks of one block,
     the boundary map's resolution and offset) holds segment ids 1..n, 0 =
-    background. The segmentation is made in passes over the whole volume, so
-    it is resumed whole: one made from the same boundary map (its
-    provenance) with the same parameters and blocks, and recorded as
-    finished in its done-state, is reused; any other (stale, or cut short by
-    a kill) is made afresh.
+    background. One made from the same boundary map (its provenance) with
+    the same parameters and blocks, and recorded as finished in its
+    done-state, is reused; a stale one is made afresh. The passes over the
+    volume keep what they have finished in `<path>.blocks/passes`
+    (`blockwise_pass_state`): a run killed part-way, even by SIGKILL, and
+    started again goes on from there, computing no finished block again,
+    with the same labels as an uninterrupted run.
 
     Args:
       boundary_path: `[z, y, x]` float32 boundary map in [0, 1] (zarr).
@@ -399,9 +403,11 @@ def segment_volume(
         smoothing=smoothing,
         threshold=None if threshold is None else float(threshold),
         progress=progress,
+        state=done_path / PASSES_STATE,
+        provenance=provenance,
     )
-    # Recorded only now: the passes are over the whole volume, so a kill before
-    # this line leaves nothing that a rerun would take for finished.
+    # Recorded only now: each pass is over the whole volume; until this line
+    # a rerun goes on from what the passes state records.
     done.record(np.arange(grid.num_blocks))
     if result.inexact_blocks:
         logging.warning(
