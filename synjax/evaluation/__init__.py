@@ -17,7 +17,8 @@ from synjax.evaluation.partners import (
     paper_partner_scores,
     precision_recall_curve,
 )
-from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_information
+from synjax.evaluation.rand_voi import adapted_rand_error, rand_index, variation_of_information
+from synjax.evaluation.segmentation_scores import segmentation_scores
 
 __all__ = [
     "CleftScores",
@@ -37,5 +38,7 @@ __all__ = [
     "merge_split_errors",
     "paper_partner_scores",
     "precision_recall_curve",
+    "rand_index",
+    "segmentation_scores",
     "variation_of_information",
 ]

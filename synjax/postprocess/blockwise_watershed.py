@@ -63,6 +63,16 @@ watershed per halo box, stitched where neighbouring floods agree and
 agglomerated across the faces. Like any exact result, the exact one does not
 depend on the block size; the tests check both.
 
+Resuming: with a `state` folder each pass keeps what it has finished
+(`blockwise_pass_state`): the range, each block's fragment count, seed keys
+and face bits with a done-array, the stitched pairs, the contacts, and the
+final id table, saved before `dest` is relabelled in place; the relabelling
+records each of `dest`'s chunks once rewritten. A run killed part-way (even
+by SIGKILL) and started again goes on from there and writes the labels an
+uninterrupted run writes. A kill during the range pass (which reads and
+smooths, no flood) redoes that pass; the stitching and contact passes are
+saved once each is over, so a kill in them redoes that one pass.
+
 Memory: one halo box of float64 and a few of its label arrays, the fragment,
 seed and contact tables (ids), and the face bits: one bit per voxel on each
 face between two blocks, so about `6 / (8 * block edge)` bytes per voxel of
