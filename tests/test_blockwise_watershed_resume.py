@@ -103,30 +103,41 @@ def test_killed_in_the_watershed_pass_goes_on_from_the_blocks_done(
     assert fragments.calls == 0
 
 
-def test_killed_between_passes_or_in_the_relabelling_recomputes_no_block(
-    boundary_path, tmp_path, monkeypatch
-):
+# The per-block functions of the passes, in the order they run.
+PASSES = ("_range_block", "_fragment_block", "_stitch", "_contact_block", "_relabel_block")
+CALLS_PER_RUN = {"_range_block": 8, "_fragment_block": 8, "_stitch": 1, "_contact_block": 8}
+
+
+@pytest.mark.parametrize(
+    "hook,fail_at",
+    [
+        ("_range_block", 3),
+        ("_stitch", 1),
+        ("_contact_block", 5),
+        ("_relabel_block", 4),
+    ],
+)
+def test_killed_in_any_pass_goes_on_from_there(boundary_path, tmp_path, monkeypatch, hook, fail_at):
     reference = _segment(boundary_path, tmp_path / "reference.zarr")
-    fragments = _Hook(monkeypatch, "_fragment_block")
-    contacts = _Hook(monkeypatch, "_contacts", fail_at=1)
-    relabelled = _Hook(monkeypatch, "_relabel_block")
+    hooks = {name: _Hook(monkeypatch, name) for name in PASSES}
+    hooks[hook].reset(fail_at=fail_at)
     path = tmp_path / "seg.zarr"
     with pytest.raises(_Interrupted):
-        _segment(boundary_path, path)  # after the watershed and the stitching
-    assert fragments.calls == NUM_BLOCKS and relabelled.calls == 0
-    fragments.reset()
-    contacts.reset()
-    relabelled.reset(fail_at=4)
-    with pytest.raises(_Interrupted):
-        _segment(boundary_path, path)  # in the relabelling, 3 blocks rewritten
-    assert fragments.calls == 0 and contacts.calls == 1 and relabelled.calls == 4
-    fragments.reset()
-    contacts.reset()
-    relabelled.reset()
-    # Relabelling in place twice would map final ids again: exactly the reference shows it was not.
+        _segment(boundary_path, path)
+    for name in PASSES:
+        hooks[name].reset()
+    # Relabelling in place twice would map final ids again: equality shows it did not happen.
     np.testing.assert_array_equal(_segment(boundary_path, path), reference)
-    assert fragments.calls == 0 and contacts.calls == 0
-    assert relabelled.calls == NUM_BLOCKS - 3
+    # The passes before the interrupted one are not run again; in it, only the blocks
+    # from the interrupted one on (a pass over the whole volume, the stitching, runs again).
+    done_before = fail_at - 1 if hook != "_stitch" else 0
+    interrupted = PASSES.index(hook)
+    for position, name in enumerate(PASSES):
+        total = CALLS_PER_RUN.get(name, NUM_BLOCKS)
+        expected = 0 if position < interrupted else total
+        if name == hook:
+            expected = total - done_before
+        assert hooks[name].calls == expected, name
 
 
 def test_a_state_made_with_other_parameters_is_not_reused(boundary_path, tmp_path, monkeypatch):

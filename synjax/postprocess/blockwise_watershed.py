@@ -64,14 +64,14 @@ agglomerated across the faces. Like any exact result, the exact one does not
 depend on the block size; the tests check both.
 
 Resuming: with a `state` folder each pass keeps what it has finished
-(`blockwise_pass_state`): the range, each block's fragment count, seed keys
-and face bits with a done-array, the stitched pairs, the contacts, and the
-final id table, saved before `dest` is relabelled in place; the relabelling
-records each of `dest`'s chunks once rewritten. A run killed part-way (even
-by SIGKILL) and started again goes on from there and writes the labels an
-uninterrupted run writes. A kill during the range pass (which reads and
-smooths, no flood) redoes that pass; the stitching and contact passes are
-saved once each is over, so a kill in them redoes that one pass.
+(`blockwise_pass_state`), block by block with a done-array: each block's
+range, its fragment count, seed keys and face bits, its contacts folded by
+pair; and once a pass is over its result: the range, the stitched pairs, the
+region graph, and the final id table, saved before `dest` is relabelled in
+place; the relabelling records each of `dest`'s chunks once rewritten. A run
+killed part-way (even by SIGKILL) and started again computes no finished
+block again and writes the labels an uninterrupted run writes. Only the
+stitching (which reads the faces, no flood) is redone whole if killed in it.
 
 Memory: one halo box of float64 and a few of its label arrays, the fragment,
 seed and contact tables (ids), and the face bits: one bit per voxel on each
@@ -85,7 +85,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import cc3d
@@ -165,6 +165,39 @@ def _each_block(
     return progress_bar(ids, total=len(ids), desc=what, unit="block", disable=not progress)
 
 
+def _each_result(
+    passes, name: str, grid: BlockGrid, progress: bool, what: str, compute
+) -> Iterator[dict[str, Any]]:
+    """`compute(block_id)` of every block, in block order; with `passes`, resumable.
+
+    With a pass state, each block's result (a dict of arrays) is saved and
+    the block recorded as done before it is yielded; blocks recorded by an
+    earlier run are read back instead of computed. The results come in the
+    same order either way, so what they are folded into is the same.
+    """
+    if passes is None:
+        for block_id in _each_block(grid, progress, what):
+            yield compute(block_id)
+        return
+    done = passes.blocks(name)
+    todo = set(done.todo().tolist())
+    if len(todo) < grid.num_blocks:
+        log.info(
+            "Block-wise watershed, %s: %d of %d blocks done before",
+            what,
+            grid.num_blocks - len(todo),
+            grid.num_blocks,
+        )
+    for block_id in _each_block(grid, progress, what):
+        if block_id not in todo:
+            yield passes.load_block(name, block_id)
+            continue
+        result = compute(block_id)
+        passes.save_block(name, block_id, **result)
+        done.record([block_id])
+        yield result
+
+
 def _read_smoothed(
     boundary: Any, box: Box, volume: Box, sigma_xy: float, smoothing: Smoothing
 ) -> np.ndarray:
@@ -185,21 +218,47 @@ def _read_mask(mask: Any, box: Box) -> np.ndarray | None:
     return None if mask is None else np.asarray(mask[box.slices()], dtype=bool)
 
 
+def _range_block(boundary, mask, grid, sigma_xy, smoothing, block_id: int) -> dict[str, Any]:
+    """Pass 0 on one block: the smoothed map's extremes over the mask, and if any voxel is outside.
+
+    Extremes are +inf, -inf where no voxel of the block is inside the mask.
+    """
+    core = _core(grid, block_id)
+    volume = Box.from_shape(grid.volume_shape)
+    smoothed = _read_smoothed(boundary, core, volume, sigma_xy, smoothing)
+    inside = _read_mask(mask, core)
+    outside = inside is not None and not inside.all()
+    if inside is not None:
+        smoothed = smoothed[inside]
+    if not smoothed.size:
+        return {"low": np.inf, "high": -np.inf, "outside": outside}
+    return {"low": float(smoothed.min()), "high": float(smoothed.max()), "outside": outside}
+
+
 def _whole_range(
-    boundary, mask, grid, sigma_xy, smoothing, rescale, depth, background_threshold, progress
+    boundary,
+    mask,
+    grid,
+    sigma_xy,
+    smoothing,
+    rescale,
+    depth,
+    background_threshold,
+    progress,
+    passes=None,
 ) -> _Range:
     """Pass 0: the smoothed map's range over the mask, and the relief's extremes."""
-    volume = Box.from_shape(grid.volume_shape)
     low, high, any_outside_mask = np.inf, -np.inf, False
-    for block_id in _each_block(grid, progress, "watershed: range"):
-        core = _core(grid, block_id)
-        smoothed = _read_smoothed(boundary, core, volume, sigma_xy, smoothing)
-        inside = _read_mask(mask, core)
-        if inside is not None:
-            any_outside_mask |= not inside.all()
-            smoothed = smoothed[inside]
-        if smoothed.size:
-            low, high = min(low, float(smoothed.min())), max(high, float(smoothed.max()))
+    for found in _each_result(
+        passes,
+        "range",
+        grid,
+        progress,
+        "watershed: range",
+        lambda b: _range_block(boundary, mask, grid, sigma_xy, smoothing, b),
+    ):
+        low, high = min(low, float(found["low"])), max(high, float(found["high"]))
+        any_outside_mask |= bool(found["outside"])
     if low > high:  # nothing inside the mask: `segment` gives all background
         return _Range(0.0, 0.0, rescale, True, QUANT_MAX)
     # quantise is monotone, so the extreme voxels' levels are the extreme levels.
@@ -444,7 +503,33 @@ def _stitch(dest, grid: BlockGrid, faces, progress: bool) -> tuple[np.ndarray, n
     return first, second
 
 
-def _contacts(boundary, dest, to_segment: np.ndarray, grid: BlockGrid, progress: bool) -> PairTable:
+def _contact_block(boundary, dest, to_segment: np.ndarray, grid: BlockGrid, block_id: int):
+    """Pass 3 on one block: its contacts folded by segment pair (see `_contacts`).
+
+    Returns:
+      `{"small", "large", "count", "total"}`: one row per pair of segment ids
+      in contact, sorted, with the voxel count and the summed boundary value.
+    """
+    core = _core(grid, block_id)
+    around = to_segment[read_padded(dest, core.pad(1), "edge")].astype(np.int64)
+    inner = (slice(1, -1),) * SPATIAL_DIMS
+    labels = around[inner]
+    eroded = ndimage.grey_erosion(around, footprint=FACE_CONNECTIVITY)[inner]
+    dilated = ndimage.grey_dilation(around, footprint=FACE_CONNECTIVITY)[inner]
+    values = np.asarray(boundary[core.slices()], dtype=np.float64)
+    below, above = eroded != labels, dilated != labels
+    small = np.concatenate([eroded[below], labels[above]])
+    large = np.concatenate([labels[below], dilated[above]])
+    value = np.concatenate([values[below], values[above]])
+    block = PairTable(("sum", "sum"))
+    block.add(small, large, [np.ones(len(small), np.int64), value])
+    small, large, (count, total) = block.result()
+    return {"small": small, "large": large, "count": count, "total": total}
+
+
+def _contacts(
+    boundary, dest, to_segment: np.ndarray, grid: BlockGrid, progress: bool, passes=None
+) -> PairTable:
     """Pass 3: boundary sums and counts of the region graph's contacts, per block.
 
     The contacts of `skimage.graph.rag_boundary` with face connectivity: each
@@ -452,21 +537,19 @@ def _contacts(boundary, dest, to_segment: np.ndarray, grid: BlockGrid, progress:
     with the largest (if larger), and adds its boundary value to both pairs.
     One voxel of stitched labels around the block is read; past the volume's
     edge it repeats the edge voxel, which is what scipy's erosion sees there.
+    Each block's rows are folded by pair first (as `PairTable.add` does), so
+    a resumed run adds the same rows in the same order.
     """
     table = PairTable(("sum", "sum"))
-    for block_id in _each_block(grid, progress, "agglomeration: contacts"):
-        core = _core(grid, block_id)
-        around = to_segment[read_padded(dest, core.pad(1), "edge")].astype(np.int64)
-        inner = (slice(1, -1),) * SPATIAL_DIMS
-        labels = around[inner]
-        eroded = ndimage.grey_erosion(around, footprint=FACE_CONNECTIVITY)[inner]
-        dilated = ndimage.grey_dilation(around, footprint=FACE_CONNECTIVITY)[inner]
-        values = np.asarray(boundary[core.slices()], dtype=np.float64)
-        below, above = eroded != labels, dilated != labels
-        small = np.concatenate([eroded[below], labels[above]])
-        large = np.concatenate([labels[below], dilated[above]])
-        value = np.concatenate([values[below], values[above]])
-        table.add(small, large, [np.ones(len(small), np.int64), value])
+    for found in _each_result(
+        passes,
+        "contacts",
+        grid,
+        progress,
+        "agglomeration: contacts",
+        lambda b: _contact_block(boundary, dest, to_segment, grid, b),
+    ):
+        table.add(found["small"], found["large"], [found["count"], found["total"]])
     return table
 
 
@@ -705,6 +788,7 @@ def _final_ids(
             depth,
             background_threshold,
             progress,
+            passes,
         )
         if passes is not None:
             passes.save("range", **_range_arrays(whole))
@@ -753,7 +837,7 @@ def _final_ids(
     num_labels = num_segments
 
     if threshold is not None and num_segments:
-        contacts = None if passes is None else passes.load("contacts")
+        contacts = None if passes is None else passes.load("graph")
         if contacts is None:
             table = _contacts(
                 boundary if agglomeration_boundary is None else agglomeration_boundary,
@@ -761,11 +845,12 @@ def _final_ids(
                 to_segment,
                 grid,
                 progress,
+                passes,
             )
             small, large, (count, total) = table.result()
             contacts = {"small": small, "large": large, "count": count, "total": total}
             if passes is not None:
-                passes.save("contacts", **contacts)
+                passes.save("graph", **contacts)
         ids = np.arange(num_segments + 1)
         graph = _region_graph(
             contacts["small"], contacts["large"], contacts["count"], contacts["total"], num_segments
