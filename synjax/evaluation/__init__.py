@@ -18,7 +18,6 @@ from synjax.evaluation.partners import (
     precision_recall_curve,
 )
 from synjax.evaluation.rand_voi import adapted_rand_error, rand_index, variation_of_information
-from synjax.evaluation.segmentation_scores import segmentation_scores
 
 __all__ = [
     "CleftScores",
@@ -39,6 +38,5 @@ __all__ = [
     "paper_partner_scores",
     "precision_recall_curve",
     "rand_index",
-    "segmentation_scores",
     "variation_of_information",
 ]
