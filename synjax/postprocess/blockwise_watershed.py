@@ -588,8 +588,11 @@ def _relabel(dest, to_segment: np.ndarray, grid: BlockGrid, state, progress: boo
 
     In place, so a block must never be relabelled twice: with `state`, the
     units are `dest`'s storage chunks (each rewritten whole, atomically, by
-    tensorstore) or, for a volume without chunks, the blocks; each unit is
-    recorded as done once written, and a rerun relabels only the others.
+    tensorstore) or, for a volume without a `chunks` attribute, the blocks;
+    each unit is recorded as done once written, and a rerun relabels only the
+    others. (A kill while a block that spans several storage chunks is
+    written could leave it half relabelled: give such volumes blocks of one
+    chunk, as `neuron_volume.segment_volume` does.)
     """
     if state is None:
         relabel_blockwise(dest, to_segment, grid.block_shape, progress)
