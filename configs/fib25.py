@@ -12,9 +12,17 @@ cores; goal: adapted Rand error <= 0.12 on z >= 150. Measured (2 CPU cores,
 
     python -m synjax.main --config=configs/fib25.py --workdir=workdir/fib25
     python -m synjax.main --config=configs/fib25.py:smoke --workdir=/tmp/fib25_smoke
+
+A volume of your own, segmented and (with labels) scored block by block:
+
+    python -m synjax.main --config=configs/fib25.py --workdir=workdir/fib25 \
+        --config.mode=predict --config.predict.input=/data/em.zarr \
+        --config.predict.output=/data/em_neurons --config.predict.groundtruth=/data/labels.zarr
 """
 
 import pathlib
+
+from ml_collections import config_dict
 
 from synjax import configlib
 
@@ -122,6 +130,10 @@ def get_config(arg: str | None = None):
                 # that volume (isotropic voxels: cubes; see
                 # synjax.configlib.volume_segmentation_fields).
                 **configlib.volume_segmentation_fields(),
+                # Labels of that volume (any synjax.io source, of the predicted
+                # region's shape or the input's) to score the segmentation
+                # against, block by block, into <output>/metrics.json; None: not scored.
+                "groundtruth": config_dict.placeholder(str),
             },
             "watershed": {
                 # Per-slice ("2d", DeepEM3D's choice for anisotropic sections)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from synjax import pipelines
-from synjax.errors import ConfigError
+from synjax.errors import ConfigError, DataError
+from synjax.evaluation.rand_voi import adapted_rand_error, rand_index, variation_of_information
 from synjax.io import create_volume, layout, open_volume
 from synjax.pipelines import neuron_volume, neurons, partner_volume
 from synjax.postprocess.agglomeration import WEIGHT, agglomerate, region_graph
@@ -130,6 +131,8 @@ def test_segmentation_equals_the_whole_volume_watershed_for_two_block_sizes(neur
         assert _same_up_to_renumbering(got.read(), expected), block
         # One chunk per block: the blocks are written chunk-aligned.
         assert json.loads((path / ".zarray").read_text())["chunks"] == list(block)
+        # No config.predict.groundtruth: nothing is scored.
+        assert not (output / layout.METRICS_FILE).exists()
 
 
 def test_a_finished_segmentation_is_reused_and_a_stale_one_made_afresh(
@@ -218,6 +221,122 @@ def test_the_state_shows_the_input_where_it_lies_and_the_segmentation(neuron_run
     neuroglancer = pytest.importorskip("neuroglancer")
     parsed = neuroglancer.ViewerState(state)
     assert [layer.name for layer in parsed.layers] == ["raw", "boundaries", "segmentation"]
+
+
+def _write_labels(path, labels, resolution=RESOLUTION, offset=OFFSET, dtype=np.uint32):
+    volume = create_volume(str(path), labels.shape, dtype, resolution=resolution, offset=offset)
+    volume[...] = labels.astype(dtype)
+    return str(path)
+
+
+def _expected_scores(seg: np.ndarray, gt: np.ndarray) -> dict:
+    """The scores computed on whole arrays by rand_voi, as the test part's were before."""
+    rand = adapted_rand_error(seg, gt)
+    voi = variation_of_information(seg, gt)
+    return {
+        "adapted_rand_error": rand.error,
+        "rand_precision": rand.precision,
+        "rand_recall": rand.recall,
+        "rand_index": rand_index(seg, gt),
+        "voi_split": voi.split,
+        "voi_merge": voi.merge,
+        "voi": voi.split + voi.merge,
+        "segments": len(np.unique(seg)),
+    }
+
+
+def _predict_scored(config, workdir, output, groundtruth, roi=""):
+    config.predict.update(groundtruth=groundtruth, roi=roi)
+    try:
+        return _predict(config, workdir, output, (4, 16, 16))
+    finally:
+        config.predict.update(groundtruth=None, roi="")
+
+
+def test_groundtruth_scores_the_segmentation_block_by_block(neuron_run, tmp_path):
+    config, workdir, *_ = neuron_run
+    rng = np.random.default_rng(3)
+    # Coarse bodies (8-voxel cubes, so pairs agree and disagree), 0 ignored on a corner.
+    labels = rng.integers(1, 6, (1, 4, 6)).repeat(8, 0).repeat(8, 1).repeat(8, 2)[:, :32, :48]
+    labels[:2, :8, :8] = 0
+    output = tmp_path / "whole"
+    path = _predict_scored(config, workdir, output, _write_labels(tmp_path / "gt.zarr", labels))
+    metrics = json.loads((output / layout.METRICS_FILE).read_text())
+    seg = open_volume(str(path)).read()
+    expected = _expected_scores(seg, labels)
+    assert 0.05 < expected["adapted_rand_error"] < 0.95
+    assert metrics[neurons.OURS].keys() == expected.keys()
+    for key, value in expected.items():
+        assert metrics[neurons.OURS][key] == pytest.approx(value, abs=1e-12, rel=0), key
+    assert metrics["groundtruth"] == str(tmp_path / "gt.zarr")
+    assert metrics["shape"] == list(SHAPE)
+
+    # A region of the input, scored against labels of the whole input (cut to the region)
+    # and against labels of the region alone: the same figures, those of the region's crop.
+    roi, crop = "2:8,0:32,16:48", (slice(2, 8), slice(0, 32), slice(16, 48))
+    region_offset = (120.0, 200.0, 460.0)  # OFFSET + (2, 0, 16) voxels of 10 nm
+    sources = {
+        "input's frame": _write_labels(tmp_path / "gt_input.zarr", labels),
+        "region's frame": _write_labels(
+            tmp_path / "gt_region.zarr", labels[crop], offset=region_offset
+        ),
+    }
+    for frame, source in sources.items():
+        output = tmp_path / frame.replace(" ", "_").replace("'", "")
+        path = _predict_scored(config, workdir, output, source, roi=roi)
+        metrics = json.loads((output / layout.METRICS_FILE).read_text())
+        expected = _expected_scores(open_volume(str(path)).read(), labels[crop])
+        for key, value in expected.items():
+            assert metrics[neurons.OURS][key] == pytest.approx(value, abs=1e-12, rel=0), frame
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda d: str(d / "absent.zarr"), "config.predict.groundtruth="),
+        (
+            lambda d: _write_labels(d / "small.zarr", np.ones((8, 32, 40))),
+            "has shape (8, 32, 40): expected the predicted region's (8, 32, 48)",
+        ),
+        (
+            lambda d: _write_labels(d / "float.zarr", np.ones(SHAPE), dtype=np.float32),
+            "dtype float32, expected integer labels",
+        ),
+        (
+            lambda d: _write_labels(d / "coarse.zarr", np.ones(SHAPE), resolution=(20, 20, 20)),
+            "voxel size (20.0, 20.0, 20.0) nm, expected the input's (10.0, 10.0, 10.0)",
+        ),
+        (
+            lambda d: _write_labels(d / "moved.zarr", np.ones(SHAPE), offset=(0, 0, 10)),
+            "offset (0.0, 0.0, 10.0) nm, expected (100.0, 200.0, 300.0)",
+        ),
+    ],
+    ids=["absent", "shape", "dtype", "resolution", "offset"],
+)
+def test_bad_groundtruth_is_a_one_line_error_before_prediction(
+    neuron_run, tmp_path, make, expected
+):
+    config, workdir, *_ = neuron_run
+    output = tmp_path / "out"
+    with pytest.raises(DataError) as error:
+        _predict_scored(config, workdir, output, make(tmp_path))
+    message = str(error.value)
+    assert expected in message and "config.predict.groundtruth=" in message
+    assert "\n" not in message
+    # Nothing was predicted: the error comes before the network runs.
+    assert not (output / layout.VOLUME_BOUNDARIES).exists()
+
+
+def test_groundtruth_without_an_input_is_a_config_error():
+    from synjax.pipelines import config_checks
+
+    config = _fib25_smoke()
+    config.mode = "predict"
+    config.predict.groundtruth = "/data/labels.zarr"
+    with pytest.raises(
+        ConfigError, match="config.predict.groundtruth=.* without config.predict.input"
+    ):
+        config_checks.check_config(config)
 
 
 def test_the_own_volume_output_names_agree():

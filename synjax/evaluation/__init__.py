@@ -17,7 +17,7 @@ from synjax.evaluation.partners import (
     paper_partner_scores,
     precision_recall_curve,
 )
-from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_information
+from synjax.evaluation.rand_voi import adapted_rand_error, rand_index, variation_of_information
 
 __all__ = [
     "CleftScores",
@@ -37,5 +37,6 @@ __all__ = [
     "merge_split_errors",
     "paper_partner_scores",
     "precision_recall_curve",
+    "rand_index",
     "variation_of_information",
 ]

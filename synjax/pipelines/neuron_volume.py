@@ -3,8 +3,11 @@
 `config.predict.input` (`volume_input.py`) is predicted with the DeepEM3D
 models trained in the workdir into `config.predict.output`, slab by slab;
 the boundary map is segmented with the watershed and agglomeration tuned in
-the workdir, block by block (`segment_volume`). Memory holds a slab or a
-block (with its halo) and tables of ids, whatever the volume's size.
+the workdir, block by block (`segment_volume`). With
+`config.predict.groundtruth` the segmentation is then scored against it
+(`score_volume`: the neuron pipeline's scores from a contingency table
+counted block by block) into `<output>/metrics.json`. Memory holds a slab or
+a block (with its halo) and tables of ids, whatever the volume's size.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import numpy as np
 from absl import logging
 
 from synjax.data.intensity import load_normalization
-from synjax.errors import ConfigError
+from synjax.errors import ConfigError, DataError
+from synjax.evaluation.segmentation_scores import segmentation_scores
+from synjax.geometry import Box
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.block_output import open_block_output
 from synjax.inference.done_blocks import DoneBlocks
@@ -31,10 +36,12 @@ from synjax.inference.slicewise_blocks import (
 from synjax.inference.tta import TRANSFORMS
 from synjax.io import layout, open_volume
 from synjax.io.provenance import input_fingerprint
+from synjax.io.volume_base import DEFAULT_OFFSET, DEFAULT_RESOLUTION, Volume
 from synjax.models.deepem3d import TOTAL_STRIDE, DeepEM3DNet, DeepEM3DSettings, make_apply_fn
 from synjax.pipelines import volume_input
 from synjax.pipelines.neurons import OURS, _read_tuned
 from synjax.postprocess.blockwise_watershed import segment_blockwise
+from synjax.report import files
 from synjax.stages.boundary_models import BoundaryEnsembleStage
 from synjax.train import checkpoint
 from synjax.train.checkpoint import checkpoint_provenance
@@ -44,11 +51,122 @@ BOUNDARIES_OUTPUT = layout.VOLUME_BOUNDARIES
 SEGMENTATION_OUTPUT = layout.VOLUME_SEGMENTATION
 
 
+GROUNDTRUTH_KEY = "config.predict.groundtruth"
+# Inside the segmentation's done-state folder: removed with it when the segmentation is stale.
+PASSES_STATE = "passes"
+
+
 class VolumeOutputs(NamedTuple):
-    """What `predict_volume` wrote: the ensemble's boundary map and its segmentation."""
+    """What `predict_volume` wrote: the boundary map, the segmentation and (None) its scores."""
 
     boundaries: pathlib.Path
     segmentation: pathlib.Path
+    metrics: pathlib.Path | None = None
+
+
+def open_groundtruth(config, raw: Volume, roi: Box):
+    """`config.predict.groundtruth` as the predicted region's labels, or None when unset.
+
+    The ground truth covers the predicted region: it has the region's shape,
+    or the whole input's (then the region is cut from it). Where it records
+    a voxel size or an offset (metadata other than synjax's defaults), they
+    must be those of the region it covers.
+
+    Args:
+      config: the neuron config (`predict.groundtruth`, any `open_volume` source).
+      raw: the opened `config.predict.input`.
+      roi: the predicted region of `raw`.
+
+    Returns:
+      A `[z, y, x]` label volume of the region's shape (read by slicing), or None.
+
+    Raises:
+      DataError: it does not open, is not 3D integer labels, or its shape,
+        voxel size or offset is not the region's (one line naming the key).
+    """
+    source = config.predict.get("groundtruth")
+    if not source:
+        return None
+    where = f"{GROUNDTRUTH_KEY}={source!r}"
+    try:
+        gt = open_volume(source)
+    except DataError as error:
+        raise DataError(f"{where}: {error}") from error
+    if not (np.issubdtype(gt.dtype, np.integer) or gt.dtype == bool):
+        raise DataError(f"{where}: dtype {gt.dtype}, expected integer labels")
+    shape = tuple(gt.shape)
+    region_offset = tuple(
+        o + a * r for o, a, r in zip(raw.offset, roi.start, raw.resolution, strict=True)
+    )
+    if shape == tuple(roi.shape):
+        region, offset = gt, region_offset
+    elif shape == tuple(raw.shape):
+        region, offset = volume_input.RegionVolume(gt, roi), raw.offset
+    else:
+        raise DataError(
+            f"{where} has shape {shape}: expected the predicted region's {tuple(roi.shape)} "
+            f"(or the input's {tuple(raw.shape)}, cut to {volume_input.ROI_KEY})"
+        )
+    if tuple(gt.resolution) not in (DEFAULT_RESOLUTION, tuple(raw.resolution)):
+        raise DataError(
+            f"{where}: voxel size {tuple(gt.resolution)} nm, expected the input's "
+            f"{tuple(raw.resolution)}"
+        )
+    if tuple(gt.offset) not in (DEFAULT_OFFSET, tuple(offset)):
+        raise DataError(
+            f"{where}: offset {tuple(gt.offset)} nm, expected {tuple(offset)} (where it lies "
+            "in the input)"
+        )
+    return region
+
+
+def score_volume(
+    segmentation: pathlib.Path, groundtruth, path: pathlib.Path, block_shape, source: str = ""
+) -> dict:
+    """Scores the segmentation at `segmentation` against `groundtruth`; writes them to `path`.
+
+    The neuron pipeline's scores (`evaluation.segmentation_scores`, as its
+    evaluate mode gives them on the test part): adapted Rand error with
+    precision and recall, Rand index, VOI split and merge, segments. Both
+    volumes are read block by block.
+
+    Args:
+      segmentation: the zarr `segment_volume` wrote.
+      groundtruth: `[z, y, x]` labels of the same shape (`open_groundtruth`);
+        label 0 is left out of the scores.
+      path: the JSON file to write.
+      block_shape: `(z, y, x)` voxels read at a time (the segmentation's chunks).
+      source: where the ground truth was read from, for the record.
+
+    Returns:
+      `{"deepem3d": scores, "groundtruth", "segmentation", "shape"}`, as written.
+    """
+    start = time.perf_counter()
+    seg = open_volume(str(segmentation))
+    scores = segmentation_scores(seg, groundtruth, block_shape)
+    metrics = {
+        OURS: scores,
+        "groundtruth": source,
+        "segmentation": str(segmentation),
+        "shape": list(seg.shape),
+    }
+    files.write_json(path, metrics)
+    logging.info(
+        "Segmentation %s against %s: adapted Rand error %.4f (P %.4f R %.4f), Rand index %.4f, "
+        "VOI split %.4f merge %.4f, %d segments (%.1f s) -> %s",
+        segmentation,
+        metrics["groundtruth"],
+        scores["adapted_rand_error"],
+        scores["rand_precision"],
+        scores["rand_recall"],
+        scores["rand_index"],
+        scores["voi_split"],
+        scores["voi_merge"],
+        scores["segments"],
+        time.perf_counter() - start,
+        path,
+    )
+    return metrics
 
 
 def predict_volume(config, workdir: pathlib.Path) -> VolumeOutputs:
@@ -64,14 +182,20 @@ def predict_volume(config, workdir: pathlib.Path) -> VolumeOutputs:
     checked to belong to these models. Models with an `only_slices` list are
     left out: their lists name slices of the test part.
 
+    With `config.predict.groundtruth`, the segmentation is scored against it
+    (`score_volume`) into `<output>/metrics.json`.
+
     Returns:
-      The paths of the ensemble's boundary map and of the segmentation.
+      The paths of the ensemble's boundary map, of the segmentation and of
+      the metrics (None without ground truth).
 
     Raises:
       DataError: no trained models or tuned parameters in `workdir`, or a bad
-        input (named in one line).
+        input or ground truth (named in one line).
     """
     raw, roi = volume_input.open_input(config)
+    # Checked before hours of prediction, not after.
+    groundtruth = open_groundtruth(config, raw, roi)
     out_dir = volume_input.output_dir(config)
     chosen = _read_tuned(config, workdir)[OURS]
     ensemble = BoundaryEnsembleStage.from_config(config)
@@ -176,7 +300,11 @@ def predict_volume(config, workdir: pathlib.Path) -> VolumeOutputs:
         resume=p.resume,
         progress=p.progress,
     )
-    return VolumeOutputs(out, segmentation)
+    if groundtruth is None:
+        return VolumeOutputs(out, segmentation)
+    metrics = out_dir / layout.METRICS_FILE
+    score_volume(segmentation, groundtruth, metrics, p.segment_block, p.groundtruth)
+    return VolumeOutputs(out, segmentation, metrics)
 
 
 def segment_volume(
@@ -197,11 +325,13 @@ def segment_volume(
     mean-boundary agglomeration of `chosen` on blocks of `block_shape`, each
     flooded with `halo` voxels of context; `path` (uint64, chunks of one block,
     the boundary map's resolution and offset) holds segment ids 1..n, 0 =
-    background. The segmentation is made in passes over the whole volume, so
-    it is resumed whole: one made from the same boundary map (its
-    provenance) with the same parameters and blocks, and recorded as
-    finished in its done-state, is reused; any other (stale, or cut short by
-    a kill) is made afresh.
+    background. One made from the same boundary map (its provenance) with
+    the same parameters and blocks, and recorded as finished in its
+    done-state, is reused; a stale one is made afresh. The passes over the
+    volume keep what they have finished in `<path>.blocks/passes`
+    (`blockwise_pass_state`): a run killed part-way, even by SIGKILL, and
+    started again goes on from there, computing no finished block again,
+    with the same labels as an uninterrupted run.
 
     Args:
       boundary_path: `[z, y, x]` float32 boundary map in [0, 1] (zarr).
@@ -273,9 +403,11 @@ def segment_volume(
         smoothing=smoothing,
         threshold=None if threshold is None else float(threshold),
         progress=progress,
+        state=done_path / PASSES_STATE,
+        provenance=provenance,
     )
-    # Recorded only now: the passes are over the whole volume, so a kill before
-    # this line leaves nothing that a rerun would take for finished.
+    # Recorded only now: each pass is over the whole volume; until this line
+    # a rerun goes on from what the passes state records.
     done.record(np.arange(grid.num_blocks))
     if result.inexact_blocks:
         logging.warning(

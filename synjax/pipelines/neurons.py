@@ -34,7 +34,8 @@ import numpy as np
 from absl import logging
 
 from synjax.errors import DataError
-from synjax.evaluation.rand_voi import adapted_rand_error, variation_of_information
+from synjax.evaluation.rand_voi import adapted_rand_error
+from synjax.evaluation.segmentation_scores import segmentation_scores
 from synjax.io import create_volume, layout, open_volume
 from synjax.io.layout import BOUNDARIES, SEGMENTATION, WATERSHED_FILE, WATERSHED_ONLY
 from synjax.io.provenance import describe_model, differences, input_fingerprint
@@ -214,18 +215,13 @@ def predict(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> np
     return seg
 
 
-def _scores(seg: np.ndarray, gt: np.ndarray) -> dict:
-    rand = adapted_rand_error(seg, gt)
-    voi = variation_of_information(seg, gt)
-    return {
-        "adapted_rand_error": rand.error,
-        "rand_precision": rand.precision,
-        "rand_recall": rand.recall,
-        "voi_split": voi.split,
-        "voi_merge": voi.merge,
-        "voi": voi.split + voi.merge,
-        "segments": int(len(np.unique(seg))),
-    }
+def _scores(seg, gt) -> dict:
+    """The scores of `seg` against `gt` (arrays or volumes), counted block by block.
+
+    The one path of every neuron score: the test part here and a volume of
+    one's own (`neuron_volume.score_volume`) alike.
+    """
+    return segmentation_scores(seg, gt)
 
 
 def evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> dict:
@@ -236,8 +232,8 @@ def evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> d
             neuron_data.missing_labels(config, "test"),
         )
         return {}
-    seg = open_volume(str(workdir / SEGMENTATION)).read()
-    over = open_volume(str(workdir / WATERSHED_ONLY)).read()
+    seg = open_volume(str(workdir / SEGMENTATION))
+    over = open_volume(str(workdir / WATERSHED_ONLY))
     chosen = files.read_json(workdir / WATERSHED_FILE)
     classical = chosen[CLASSICAL]
     baseline = segment(
@@ -266,7 +262,7 @@ def evaluate(config, workdir: pathlib.Path, test: neuron_data.NeuronVolume) -> d
     slices.plot_slices(
         test.raw,
         {
-            "DeepEM3D segmentation": seg,
+            "DeepEM3D segmentation": seg.read(),
             "classical watershed": baseline,
             "ground truth": test.neuron_ids,
         },

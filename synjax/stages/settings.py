@@ -211,6 +211,8 @@ class SlicePredictSettings:
       segment_block: (z, y, x) voxels of a block of the block-wise
         segmentation of `input` (`neuron_volume.segment_volume`).
       segment_halo: voxels of context flooded around each such block.
+      groundtruth: labels of `input` (any `open_volume` source) that its
+        segmentation is scored against, block by block; None: not scored.
     """
 
     tta: bool
@@ -229,3 +231,4 @@ class SlicePredictSettings:
     scheduler: str = ""
     segment_block: tuple[int, int, int] = (128, 128, 128)
     segment_halo: int = 16
+    groundtruth: str | None = None

@@ -122,6 +122,8 @@ SEGMENTER = {
             # The block-wise segmentation of `input` (configlib.volume_segmentation_fields).
             "segment_block": integers(3, 1),
             "segment_halo": integer(1),
+            # Labels of `input` to score its segmentation against (None: not scored).
+            "groundtruth": optional(text(non_empty=True)),
         },
     ),
     "watershed": Block({**WATERSHED, "thresholds": sequence(fraction(), 0, required=False)}),
@@ -184,6 +186,12 @@ def check_relations(config) -> None:
     """Checks across the keys of a neuron config."""
     check_segmenter(config, "config")
     check_predict_volume(config.predict, "config.predict")
+    if config.predict.get("groundtruth") and not config.predict.get("input"):
+        raise ConfigError(
+            f"config.predict.groundtruth={config.predict.groundtruth!r} is set without "
+            "config.predict.input: it scores the segmentation of a volume of your own "
+            "(the test part is scored by mode=evaluate against config.data's labels)"
+        )
 
 
 def check_input_files(config) -> None:
