@@ -21,7 +21,7 @@ import pytest
 from synjax.inference.block_grid import BlockGrid
 from synjax.io import create_volume, layout, open_volume
 from synjax.pipelines import neuron_volume
-from synjax.postprocess import blockwise_watershed
+from synjax.postprocess import blockwise_passes
 from synjax.postprocess.blockwise_watershed import segment_blockwise
 from tests.conftest import REPO_ROOT
 from tests.test_blockwise_post import _cells
@@ -38,11 +38,11 @@ class _Interrupted(Exception):
 
 
 class _Hook:
-    """Counts the calls of a per-block function of blockwise_watershed; raises at call `fail_at`."""
+    """Counts the calls of a per-block function of blockwise_passes; raises at call `fail_at`."""
 
     def __init__(self, monkeypatch, name: str, fail_at: int | None = None):
         self.calls, self.fail_at = 0, fail_at
-        real = getattr(blockwise_watershed, name)
+        real = getattr(blockwise_passes, name)
 
         def counted(*args, **kwargs):
             self.calls += 1
@@ -50,7 +50,7 @@ class _Hook:
                 raise _Interrupted(name)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(blockwise_watershed, name, counted)
+        monkeypatch.setattr(blockwise_passes, name, counted)
 
     def reset(self, fail_at: int | None = None) -> None:
         self.calls, self.fail_at = 0, fail_at
@@ -104,15 +104,15 @@ def test_killed_in_the_watershed_pass_goes_on_from_the_blocks_done(
 
 
 # The per-block functions of the passes, in the order they run.
-PASSES = ("_range_block", "_fragment_block", "_stitch", "_contact_block", "_relabel_block")
-CALLS_PER_RUN = {"_range_block": 8, "_fragment_block": 8, "_stitch": 1, "_contact_block": 8}
+PASSES = ("_range_block", "_fragment_block", "stitch", "_contact_block", "_relabel_block")
+CALLS_PER_RUN = {"_range_block": 8, "_fragment_block": 8, "stitch": 1, "_contact_block": 8}
 
 
 @pytest.mark.parametrize(
     "hook,fail_at",
     [
         ("_range_block", 3),
-        ("_stitch", 1),
+        ("stitch", 1),
         ("_contact_block", 5),
         ("_relabel_block", 4),
     ],
@@ -130,7 +130,7 @@ def test_killed_in_any_pass_goes_on_from_there(boundary_path, tmp_path, monkeypa
     np.testing.assert_array_equal(_segment(boundary_path, path), reference)
     # The passes before the interrupted one are not run again; in it, only the blocks
     # from the interrupted one on (a pass over the whole volume, the stitching, runs again).
-    done_before = fail_at - 1 if hook != "_stitch" else 0
+    done_before = fail_at - 1 if hook != "stitch" else 0
     interrupted = PASSES.index(hook)
     for position, name in enumerate(PASSES):
         total = CALLS_PER_RUN.get(name, NUM_BLOCKS)
@@ -161,10 +161,10 @@ _KILLED_JOB = """
 import pathlib, sys, time
 import numpy as np
 from synjax.io import open_volume
-from synjax.postprocess import blockwise_watershed
+from synjax.postprocess import blockwise_passes, blockwise_watershed
 
 work, hook, hang_at = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-real, calls = getattr(blockwise_watershed, hook), [0]
+real, calls = getattr(blockwise_passes, hook), [0]
 
 def hanging(*args, **kwargs):
     calls[0] += 1
@@ -173,7 +173,7 @@ def hanging(*args, **kwargs):
         time.sleep(600)  # killed here
     return real(*args, **kwargs)
 
-setattr(blockwise_watershed, hook, hanging)
+setattr(blockwise_passes, hook, hanging)
 blockwise_watershed.segment_blockwise(
     open_volume(str(work / "boundaries.zarr")), open_volume(str(work / "seg.zarr"), mode="r+"),
     (6, 16, 20), 0.8, 0.08, halo=4, smoothing="2d", threshold=0.78, state=work / "state",
