@@ -284,3 +284,65 @@ def test_an_n5_input_is_shown_by_its_own_metadata(tmp_path):
     assert [layer["name"] for layer in state["layers"]] == ["raw", "boundaries"]
     assert "matrix" not in state["layers"][1]["source"]["transform"]  # offset 0: none
     assert sorted(p.name for p in output.iterdir()) == [layout.VOLUME_BOUNDARIES]
+
+
+# The zarr v2 dtypes neuroglancer's zarr source reads (its client's numpy type table).
+NEUROGLANCER_ZARR_DTYPES = {"|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f4"}
+
+
+def test_own_volume_state_places_the_segmentation_and_serves_every_folder(tmp_path):
+    """Input, segmentation and outputs in three folders: each layer opens over HTTP.
+
+    The segmentation is of the region's shape and records no offset: it is
+    placed where the partner pipeline read it, at the region's offset.
+    """
+    neuroglancer = pytest.importorskip("neuroglancer")
+    resolution = (40.0, 4.0, 8.0)
+    source = str(tmp_path / "em" / "raw.zarr")
+    create_volume(source, SHAPE, np.uint8, resolution, (80.0, 0.0, 16.0))[...] = 7
+    # The region 1:4, 2:6, 3:10 of the input: (80 + 40, 0 + 8, 16 + 24) nm.
+    region, offset = (3, 4, 7), (120.0, 8.0, 40.0)
+    output = tmp_path / "out"
+    create_volume(output / layout.VOLUME_PROXIMITY, region, np.float32, resolution, offset)
+    create_volume(output / layout.VOLUME_PRE_SITES, region, np.uint64, resolution, offset)
+    segmentation = str(tmp_path / "neurons" / "seg.zarr")
+    create_volume(segmentation, region, np.uint64, resolution)[...] = 3
+    state = neuroglancer_state.build_volume_state(output, source, segmentation)
+    layers = {layer["name"]: layer for layer in state["layers"]}
+    assert list(layers) == ["raw", "proximity", "segmentation", "pre sites"]
+    assert layers["segmentation"]["type"] == "segmentation"
+    assert layers["segmentation"]["source"]["url"] == "zarr://file://" + segmentation
+    matrices = {name: layer["source"]["transform"]["matrix"] for name, layer in layers.items()}
+    # 120 / 40, 8 / 4, 40 / 8 voxels; the input at 80 / 40, 0, 16 / 8.
+    assert matrices["segmentation"] == [[1, 0, 0, 3], [0, 1, 0, 2], [0, 0, 1, 5]]
+    assert matrices["segmentation"] == matrices["proximity"] == matrices["pre sites"]
+    assert matrices["raw"] == [[1, 0, 0, 2], [0, 1, 0, 0], [0, 0, 1, 2]]
+    parsed = neuroglancer.ViewerState(state)
+    assert isinstance(parsed.layers["segmentation"].layer, neuroglancer.SegmentationLayer)
+    served = neuroglancer_serve.serve(state)
+    try:
+        folders = [tmp_path / "em", tmp_path / "neurons", output]
+        assert sorted(served.file_urls) == [f.absolute() for f in folders]
+        for layer in served._viewer.state.layers:
+            url = layer.source[0].url
+            assert url.startswith("zarr://http://127.0.0.1:"), layer.name
+            with urllib.request.urlopen(url[len("zarr://") :] + "/.zarray", timeout=10) as got:
+                meta = json.loads(got.read())
+            # What neuroglancer's zarr v2 source reads.
+            assert meta["zarr_format"] == 2 and meta["dimension_separator"] in (".", "/")
+            assert meta["dtype"] in NEUROGLANCER_ZARR_DTYPES, layer.name
+            assert meta["compressor"]["id"] in ("blosc", "gzip", "zlib", "zstd"), layer.name
+    finally:
+        served.stop()
+        neuroglancer.server.stop()
+    # One neuroglancer cannot read (HDF5) gets no layer; the folder's own
+    # segmentation.zarr (the neuron pipeline's, same folder) is listed once.
+    with h5py.File(tmp_path / "seg.h5", "w") as f:
+        f.create_dataset("seg", data=np.zeros(region, np.uint64))
+    state = neuroglancer_state.build_volume_state(output, source, f"{tmp_path / 'seg.h5'}:/seg")
+    assert [layer["name"] for layer in state["layers"]] == ["raw", "proximity", "pre sites"]
+    own = output / layout.VOLUME_SEGMENTATION
+    create_volume(own, region, np.uint64, resolution, offset)
+    state = neuroglancer_state.build_volume_state(output, source, f"{own}/")
+    names = [layer["name"] for layer in state["layers"]]
+    assert names == ["raw", "proximity", "segmentation", "pre sites"]

@@ -19,7 +19,7 @@ from synjax import pipelines
 from synjax.errors import DataError
 from synjax.geometry import Box
 from synjax.io import SynapseTable, create_volume, open_volume
-from synjax.pipelines import partner_data, partners
+from synjax.pipelines import neuron_volume, partner_data, partners
 from synjax.postprocess.blockwise_candidates import (
     generate_candidates_blockwise,
     site_surface_near,
@@ -265,6 +265,160 @@ def test_user_volume_synapse_table_equals_the_whole_volume_functions(trained_run
         # The second run keeps about half: the threshold is not vacuous there.
         thresholds["median"] = float(np.median(detections.score))
     assert 0 < len(kept) < len(detections)
+    # The run's neuroglancer state: the input and the segmentation where they
+    # lie, both placed at the input's offset of (400, 40, 80) nm over (40, 4, 4)
+    # nm voxels; the outputs at the region's; the synapse table's rows.
+    state = json.loads((out / "neuroglancer_state.json").read_text())
+    layers = {layer["name"]: layer for layer in state["layers"]}
+    assert list(layers) == [
+        "raw",
+        "proximity",
+        "segmentation",
+        "pre sites",
+        "post sites",
+        "synapses",
+    ]
+    assert layers["segmentation"]["source"]["url"] == f"zarr://file://{seg_path}"
+    assert layers["segmentation"]["source"]["transform"]["matrix"] == [
+        [1, 0, 0, 10],
+        [0, 1, 0, 10],
+        [0, 0, 1, 20],
+    ]
+    assert layers["pre sites"]["source"]["url"] == f"zarr://file://{out / 'pre_sites.zarr'}"
+    _assert_annotations_are_the_table(layers, out, resolution, {"segmentation": segmentation})
+
+
+def _translation_nm(layer, resolution):
+    """A zarr layer's offset in nm (z-y-x): its transform's last column times the voxel size."""
+    matrix = layer["source"]["transform"].get("matrix")
+    if matrix is None:
+        return np.zeros(3)
+    return np.array([row[-1] for row in matrix]) * np.asarray(resolution)
+
+
+def _label_at(layer, array, resolution, point_xyz):
+    """The label of `array` (shown by `layer`) at the neuroglancer point `point_xyz` (nm)."""
+    zyx = np.asarray(point_xyz[::-1]) - _translation_nm(layer, resolution)
+    return array[tuple(np.floor(zyx / np.asarray(resolution)).astype(int))]
+
+
+def _assert_annotations_are_the_table(layers, out, resolution, arrays):
+    """The annotation layer holds synapses.csv's rows, pre and post on the layers' labels.
+
+    Each row's pre point lies in a voxel of a pre site and of its pre segment,
+    the post point likewise, when looked up through the volume layers' own
+    transforms (a wrong half-voxel shift, axis order or offset would miss).
+    `arrays` holds the segmentation's voxels, as the layer of that name shows them.
+    """
+    table = SynapseTable.from_csv(out / "synapses.csv")
+    annotations = layers["synapses"]["annotations"]
+    assert len(annotations) == len(table) > 0
+    sites = {n: open_volume(str(out / f"{n}_sites.zarr")).read() for n in ("pre", "post")}
+    half = np.asarray(resolution) / 2
+    for row, annotation in enumerate(annotations):
+        assert annotation["type"] == "line"
+        np.testing.assert_allclose(annotation["pointA"], (table.pre_location[row] + half)[::-1])
+        np.testing.assert_allclose(annotation["pointB"], (table.post_location[row] + half)[::-1])
+        for point, side, segment in (
+            (annotation["pointA"], "pre", table.pre_segment[row]),
+            (annotation["pointB"], "post", table.post_segment[row]),
+        ):
+            label = layers["segmentation"], arrays["segmentation"], resolution, point
+            assert _label_at(*label) == segment
+            assert _label_at(layers[f"{side} sites"], sites[side], resolution, point) != 0
+
+
+def _neuron_boundaries(neurons):
+    """1 where a voxel's next neighbour along an axis is another neuron, else 0 (float32)."""
+    boundary = np.zeros(neurons.shape, np.float32)
+    for axis in range(3):
+        differs = np.diff(neurons, axis=axis) != 0
+        low = [slice(None)] * 3
+        low[axis] = slice(0, -1)
+        boundary[tuple(low)] = np.maximum(boundary[tuple(low)], differs)
+    return boundary
+
+
+def test_the_neuron_pipelines_segmentation_of_a_region_chains_into_the_partner_run(
+    trained_run, tmp_path
+):
+    """The two commands of the README: the neuron pipeline's own-volume outputs, then partners.
+
+    The neuron pipeline's `segmentation.zarr` of a region is written by its own
+    writer (`neuron_volume.segment_volume`: a boundary map of the region at the
+    region's offset, segmented block by block), into the folder the partner run
+    then predicts into with `config.predict.segmentation` naming it.
+    """
+    config, workdir, provenance, raw, neurons, resolution = trained_run
+    _write_threshold(workdir, 0.0, provenance)
+    source = create_volume(
+        str(tmp_path / "user.zarr"), raw.shape, raw.dtype, resolution, (400.0, 40.0, 80.0)
+    )
+    source[...] = raw
+    roi = (slice(2, 12), slice(8, 96), slice(0, 90))
+    region_offset = (400.0 + 2 * 40.0, 40.0 + 8 * 4.0, 80.0)
+    out = tmp_path / "out"
+    boundaries = create_volume(
+        str(out / "boundaries.zarr"), (10, 88, 90), np.float32, resolution, region_offset
+    )
+    boundaries[...] = _neuron_boundaries(neurons[roi])
+    seg_path = neuron_volume.segment_volume(
+        out / "boundaries.zarr",
+        out / "segmentation.zarr",
+        {"sigma": 0.5, "h": 0.1, "threshold": None},
+        "3d",
+        boundary_provenance={"made_by": "this test"},
+        block_shape=(5, 44, 45),
+        halo=4,
+    )
+    written = open_volume(str(seg_path))
+    assert (written.offset, written.resolution) == (region_offset, resolution)
+    segmentation = written.read()
+    assert len(np.unique(segmentation)) > 3  # neurons, not one segment
+    config.mode = "predict"
+    config.predict.update(
+        input=str(tmp_path / "user.zarr"),
+        output=str(out),
+        roi="2:12,8:96,0:90",
+        segmentation=str(seg_path),
+        candidate_block=(5, 44, 45),
+    )
+    pipelines.run(config, workdir)
+    *_, kept = _expected_tables(
+        config, workdir, out, raw[roi], segmentation, resolution, region_offset, 0.0
+    )
+    assert len(kept) >= 1
+    _assert_same_table(SynapseTable.from_csv(out / "synapses.csv"), kept)
+    # The state shows the folder's segmentation once (at its stored offset, the
+    # region's: (480, 72, 80) nm = (12, 18, 20) voxels), beside the boundaries.
+    state = json.loads((out / "neuroglancer_state.json").read_text())
+    layers = {layer["name"]: layer for layer in state["layers"]}
+    assert [layer["name"] for layer in state["layers"]] == [
+        "raw",
+        "proximity",
+        "boundaries",
+        "segmentation",
+        "pre sites",
+        "post sites",
+        "synapses",
+    ]
+    assert layers["segmentation"]["source"]["transform"]["matrix"] == [
+        [1, 0, 0, 12],
+        [0, 1, 0, 18],
+        [0, 0, 1, 20],
+    ]
+    _assert_annotations_are_the_table(layers, out, resolution, {"segmentation": segmentation})
+    # The same segmentation given for another region of its shape is refused
+    # before anything is predicted: it records where it lies.
+    config.predict.update(roi="0:10,8:96,0:90", output=str(tmp_path / "other"))
+    with pytest.raises(DataError) as error:
+        pipelines.run(config, workdir)
+    assert str(error.value) == (
+        f"config.predict.segmentation={str(seg_path)!r}: offset (480.0, 72.0, 80.0) nm; "
+        "expected the config.predict.roi region's (400.0, 72.0, 80.0) nm (a segmentation of "
+        "another region?)"
+    )
+    assert not (tmp_path / "other" / "proximity.zarr").exists()
 
 
 def test_a_segmentation_of_another_shape_is_named(trained_run, tmp_path):
@@ -295,6 +449,11 @@ def test_a_segmentation_of_another_shape_is_named(trained_run, tmp_path):
     create_volume(str(tmp_path / "floats.zarr"), raw.shape, np.float32, resolution)
     config.predict.segmentation = str(tmp_path / "floats.zarr")
     with pytest.raises(DataError, match="dtype float32; expected integer neuron labels"):
+        pipelines.run(config, workdir)
+    # One of the input's shape that records another voxel size.
+    create_volume(str(tmp_path / "coarse.zarr"), raw.shape, np.uint64, (40.0, 8.0, 8.0))
+    config.predict.segmentation = str(tmp_path / "coarse.zarr")
+    with pytest.raises(DataError, match=r"voxel size \(40.0, 8.0, 8.0\) nm; expected the "):
         pipelines.run(config, workdir)
     assert not (tmp_path / "out" / "proximity.zarr").exists()
 

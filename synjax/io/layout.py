@@ -76,6 +76,8 @@ VOLUME_INSTANCES = "instances.zarr"
 VOLUME_INSTANCES_TABLE = "instances.csv"
 VOLUME_INSTANCE_BLOCKS = "instance_blocks.zarr"
 VOLUME_INSTANCE_SCORES = "instance_scores.zarr"
+# The partner pipeline's candidate sites: components of the thresholded proximity.
+VOLUME_PRE_SITES, VOLUME_POST_SITES = "pre_sites.zarr", "post_sites.zarr"
 
 # Classical instance baseline.
 FOREST_FILE = "pixel_forest.joblib"

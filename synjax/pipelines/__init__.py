@@ -73,7 +73,9 @@ def run(config, workdir: pathlib.Path) -> dict:
         from synjax.report import neuroglancer_state  # tensorstore: not for --help
 
         output = volume_input.output_dir(config)
-        path = neuroglancer_state.write_volume_state(output, config.predict.input)
+        path = neuroglancer_state.write_volume_state(
+            output, config.predict.input, config.predict.get("segmentation")
+        )
         logging.info(
             "Neuroglancer state in %s (open it with python -m synjax.view %s)", path, output
         )

@@ -36,6 +36,7 @@ from synjax.errors import DataError
 from synjax.geometry import Box
 from synjax.io import SynapseTable, create_volume, layout, open_volume
 from synjax.io.provenance import describe_model
+from synjax.io.volume_base import DEFAULT_RESOLUTION
 from synjax.pipelines import volume_input
 from synjax.pipelines.partners import (
     _best_of_duplicates,
@@ -52,7 +53,7 @@ from synjax.stages.pruner import PrunerStage
 
 # The outputs in `config.predict.output`.
 PROXIMITY_OUTPUT = "proximity.zarr"
-PRE_SITES_OUTPUT, POST_SITES_OUTPUT = "pre_sites.zarr", "post_sites.zarr"
+PRE_SITES_OUTPUT, POST_SITES_OUTPUT = layout.VOLUME_PRE_SITES, layout.VOLUME_POST_SITES
 SEGMENTATION_KEY = "config.predict.segmentation"
 # Chunks of the site labels within a candidate block: small enough that the
 # closest-point search, which reads a site's neighbourhood, decompresses little.
@@ -83,7 +84,7 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
     unet = _model(workdir, proximity.MODEL_NAME, trained)
     # Checked before the long prediction: a bad segmentation or a threshold
     # chosen for other models is an error now rather than in an hour.
-    segmentation = open_segmentation(config, raw.shape, roi)
+    segmentation = open_segmentation(config, raw, roi)
     if segmentation is not None:
         choice = _read_threshold(workdir)
         pruner_stage = PrunerStage.from_config(config)
@@ -117,10 +118,14 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         )
         logging.warning(
             "No synapse table: %s is empty (%s); give a neuron segmentation of %s to pair "
-            "the proximity's sites on. Stopping at %s.",
+            "the proximity's sites on, e.g. the neuron pipeline's: run it with the same "
+            "input and roi and --config.predict.output=DIR, then pass %s=DIR/%s. "
+            "Stopping at %s.",
             SEGMENTATION_KEY,
             why,
             config.predict.input,
+            SEGMENTATION_KEY,
+            layout.VOLUME_SEGMENTATION,
             out,
         )
         return out
@@ -142,18 +147,29 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def open_segmentation(config, input_shape, roi: Box):
+def open_segmentation(config, raw, roi: Box):
     """`config.predict.segmentation` as a lazy `[z, y, x]` volume of the roi's shape.
 
     A segmentation of the input's shape is cut to the roi; one of the roi's
-    shape (e.g. predicted for that region) is used as it is.
+    shape (e.g. the neuron pipeline's `segmentation.zarr` of that region) is
+    used as it is. Either is read in the input's voxels: where it records
+    its own place (a voxel size, or an offset other than zero, as the
+    neuron pipeline's outputs do), that must be the input's, or the region's
+    for one of the region's shape, so that a segmentation of another region
+    or scale is an error rather than a table of wrong pairs. One that
+    records nothing (e.g. a plain zarr from another tool) is taken as placed.
+
+    Args:
+      config: the run's config (`config.predict.segmentation`).
+      raw: the opened input (its shape, voxel size and offset).
+      roi: the predicted region of the input.
 
     Returns:
       The volume, or None when the key is empty.
 
     Raises:
-      DataError: it cannot be opened, holds no integer labels, or has
-        neither shape (named in one line).
+      DataError: it cannot be opened, holds no integer labels, has neither
+        shape, or records another voxel size or place (named in one line).
     """
     path = config.predict.get("segmentation") or ""
     if not path:
@@ -166,15 +182,33 @@ def open_segmentation(config, input_shape, roi: Box):
     if not np.issubdtype(volume.dtype, np.integer):
         raise DataError(f"{where}: dtype {volume.dtype}; expected integer neuron labels")
     shape = tuple(volume.shape)
-    input_shape = tuple(int(s) for s in input_shape)
+    input_shape = tuple(int(s) for s in raw.shape)
+    resolution = np.asarray(raw.resolution, np.float64)
     if shape == input_shape:
-        return volume_input.RegionVolume(volume, roi)
-    if shape == roi.shape:
-        return volume
-    raise DataError(
-        f"{where}: shape {shape}; expected the input's {input_shape} or the "
-        f"{volume_input.ROI_KEY} region's {roi.shape}"
-    )
+        expected, what = np.asarray(raw.offset, np.float64), "the input's"
+    elif shape == roi.shape:
+        expected = np.asarray(raw.offset, np.float64) + np.asarray(roi.start) * resolution
+        what = f"the {volume_input.ROI_KEY} region's"
+    else:
+        raise DataError(
+            f"{where}: shape {shape}; expected the input's {input_shape} or the "
+            f"{volume_input.ROI_KEY} region's {roi.shape}"
+        )
+    stored_resolution = np.asarray(volume.resolution, np.float64)
+    stored_offset = np.asarray(volume.offset, np.float64)
+    if not np.allclose(stored_resolution, DEFAULT_RESOLUTION) and not np.allclose(
+        stored_resolution, resolution
+    ):
+        raise DataError(
+            f"{where}: voxel size {tuple(stored_resolution.tolist())} nm; expected the "
+            f"input's {tuple(resolution.tolist())} nm"
+        )
+    if np.any(stored_offset != 0) and not np.allclose(stored_offset, expected):
+        raise DataError(
+            f"{where}: offset {tuple(stored_offset.tolist())} nm; expected {what} "
+            f"{tuple(expected.tolist())} nm (a segmentation of another region?)"
+        )
+    return volume_input.RegionVolume(volume, roi) if shape == input_shape else volume
 
 
 def find_candidates(config, block_shape, prox, segmentation, out_dir: pathlib.Path) -> Candidates:

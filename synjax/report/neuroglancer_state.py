@@ -25,7 +25,11 @@ so such an input gets no layer) under the outputs of `OWN_VOLUME_LAYERS`.
 Each zarr layer sits at its stored offset (a translation of offset / voxel
 size), so the outputs of a `config.predict.roi` cover their region of the
 input; an N5 or precomputed input is placed by neuroglancer from its own
-metadata (its voxel size and offset), which synjax reads the same way.
+metadata (its voxel size and offset), which synjax reads the same way. The
+neuron segmentation that the partner pipeline paired sites on
+(`config.predict.segmentation`) is shown where it lies too, placed as the
+pipeline read it (`segmentation_layer`), unless it is the output folder's own
+`segmentation.zarr` (the neuron pipeline's, predicted into the same folder).
 
 Sources. A volume layer's source is `zarr://file:///absolute/path.zarr`:
 the file it shows, named exactly. Browsers cannot read `file://` URLs;
@@ -90,8 +94,12 @@ OWN_VOLUME_LAYERS = (
     ("boundaries", "image", layout.VOLUME_BOUNDARIES, None),
     ("segmentation", "segmentation", layout.VOLUME_SEGMENTATION, None),
     ("synapse instances", "segmentation", layout.VOLUME_INSTANCES, None),
+    # The partner pipeline's candidate sites (components of |proximity| > tau).
+    ("pre sites", "segmentation", layout.VOLUME_PRE_SITES, None),
+    ("post sites", "segmentation", layout.VOLUME_POST_SITES, None),
 )
 INPUT_LAYER = "raw"
+SEGMENTATION_LAYER = "segmentation"
 # synjax source formats that neuroglancer reads, with its data source prefix.
 NEUROGLANCER_FORMATS = {"zarr": "zarr://", "n5": "n5://", "precomputed": "precomputed://"}
 
@@ -295,21 +303,81 @@ def build_state(workdir: str | os.PathLike) -> dict[str, Any]:
     return _assemble(workdir, [layer for layer, _ in found], first, first)
 
 
-def build_volume_state(output: str | os.PathLike, input_source: str) -> dict[str, Any]:
+def segmentation_layer(source: str, input_volume, region=None) -> dict[str, Any] | None:
+    """The layer of a neuron segmentation of a volume of your own, where the pipeline read it.
+
+    The partner pipeline reads `config.predict.segmentation` in the input's
+    voxels: one of the input's shape covers the input, one of the region's
+    shape covers the region (`partner_volume.open_segmentation`). A zarr
+    layer is placed so (the input's voxel size; the input's or the region's
+    offset), whatever the array stores; N5 and precomputed are placed by
+    neuroglancer from their own metadata.
+
+    Args:
+      source: the segmentation (an `open_volume` source).
+      input_volume: the opened input (`config.predict.input`).
+      region: an opened output of the predicted region (its shape and
+        offset), or None.
+
+    Returns:
+      A segmentation layer named `SEGMENTATION_LAYER`, or None for a format
+      neuroglancer does not read (HDF5, TIFF).
+
+    Raises:
+      DataError: the segmentation cannot be opened.
+    """
+    url = source_url(source)
+    if url is None:
+        return None
+    if not url.startswith(ZARR_PREFIX):
+        return {"type": "segmentation", "name": SEGMENTATION_LAYER, "source": url, "segments": []}
+    volume = open_volume(source)
+    try:
+        shape = tuple(volume.shape)
+        resolution = input_volume.resolution
+        if shape == tuple(input_volume.shape):
+            offset = input_volume.offset
+        elif region is not None and shape == tuple(region.shape[:SPATIAL_DIMS]):
+            offset = region.offset
+        else:
+            # Not a shape the pipeline pairs sites on: shown as it is stored.
+            resolution, offset = volume.resolution, volume.offset
+        return volume_layer(
+            SEGMENTATION_LAYER, "segmentation", "", resolution, None, offset, url=url
+        )
+    finally:
+        volume.close()
+
+
+def _is_output(source: str, output: pathlib.Path, relative: str) -> bool:
+    """Whether the volume source `source` is `output / relative`."""
+    location = parse_source(source)[1]
+    if "://" in location:
+        return False
+    return pathlib.Path(location).resolve() == (output / relative).resolve()
+
+
+def build_volume_state(
+    output: str | os.PathLike, input_source: str, segmentation: str | None = None
+) -> dict[str, Any]:
     """The state of the predictions of a volume of your own (nothing is written or copied).
 
     Args:
       output: the folder of the predictions (`config.predict.output`).
       input_source: the volume they were predicted from (`config.predict.input`).
+      segmentation: the neuron segmentation that the partner pipeline paired
+        sites on (`config.predict.segmentation`), or None / "".
 
     Returns:
       The state: the input where it lies (when neuroglancer reads its
       format, see `source_url`), the layers of `OWN_VOLUME_LAYERS` present in
-      `output` and its synapse table, if written; the view's voxel size is
+      `output`, the segmentation where it lies (`segmentation_layer`; after
+      the image layers, unless it is `output`'s own segmentation, listed
+      already) and the synapse table, if written; the view's voxel size is
       the input's, and it starts at the centre of the predicted region.
 
     Raises:
-      DataError: the input cannot be opened.
+      DataError: the input or the segmentation cannot be opened.
     """
     output = pathlib.Path(output)
     found = _output_layers(output, OWN_VOLUME_LAYERS)
@@ -325,8 +393,13 @@ def build_volume_state(output: str | os.PathLike, input_source: str) -> dict[str
         elif url is not None:
             # N5 and precomputed name their own axes, voxel size and offset.
             layers.insert(0, {"type": "image", "name": INPUT_LAYER, "source": url})
-        centre = found[0][1] if found else raw
-        return _assemble(output, layers, raw, centre)
+        region = found[0][1] if found else None
+        if segmentation and not _is_output(segmentation, output, layout.VOLUME_SEGMENTATION):
+            layer = segmentation_layer(segmentation, raw, region)
+            if layer is not None:
+                images = [i for i, other in enumerate(layers) if other["type"] == "image"]
+                layers.insert(images[-1] + 1 if images else 0, layer)
+        return _assemble(output, layers, raw, region if region is not None else raw)
     finally:
         raw.close()
 
@@ -376,16 +449,20 @@ def write_state(
     return path
 
 
-def write_volume_state(output: str | os.PathLike, input_source: str) -> pathlib.Path:
+def write_volume_state(
+    output: str | os.PathLike, input_source: str, segmentation: str | None = None
+) -> pathlib.Path:
     """Writes the neuroglancer state of a volume of your own's predictions into `output`.
 
-    See `build_volume_state`: the input is referenced where it lies, never copied.
+    See `build_volume_state`: the input (and `segmentation`) are referenced
+    where they lie, never copied.
 
     Returns:
       The path of `output/layout.NEUROGLANCER_STATE_FILE`.
     """
     path = pathlib.Path(output) / layout.NEUROGLANCER_STATE_FILE
-    write_text_atomic(path, json.dumps(build_volume_state(output, input_source), indent=1))
+    state = build_volume_state(output, input_source, segmentation)
+    write_text_atomic(path, json.dumps(state, indent=1))
     return path
 
 
@@ -404,7 +481,7 @@ def read_state(workdir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(
             f"{path} is absent: run synjax.main with --config.mode=predict (or all) on "
-            "this workdir first"
+            "this workdir, or with this folder as --config.predict.output, first"
         )
     try:
         state = json.loads(path.read_text())
