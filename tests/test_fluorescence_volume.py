@@ -195,6 +195,11 @@ def test_resume_after_a_failing_block_computes_only_the_missing_ones(
     assert "were detected before: reused" in caplog.text
     np.testing.assert_array_equal(predicted.read(), expected[0])
 
+    # A stored block lost behind the done-state's back: one line naming it, no silent gap.
+    (out / "mask_rcnn_detections" / "block_1.npz").unlink()
+    with pytest.raises(DataError, match=r"block_1.npz: a block recorded as done cannot be read"):
+        _predict(_config(), trained, path, out, (16, 64, 48))
+
 
 def test_bad_inputs_are_one_line_errors(trained, user_volume, tmp_path):
     path, _ = user_volume

@@ -199,6 +199,22 @@ def _block_file(folder: pathlib.Path, block_id: int) -> pathlib.Path:
     return folder / f"block_{block_id}.npz"
 
 
+def _load(path: pathlib.Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays `keys` of a stored block.
+
+    Raises:
+      DataError: the file is missing or unreadable though its block is recorded as done.
+    """
+    try:
+        with np.load(path) as data:
+            return {key: data[key] for key in keys}
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(
+            f"{path}: a block recorded as done cannot be read ({error}); delete "
+            f"{layout.blocks_manifest(path.parent)} to detect every block again"
+        ) from error
+
+
 def _save(path: pathlib.Path, found: dict) -> None:
     with atomic_open(path, "wb") as stream:
         np.savez(stream, **found)
@@ -220,9 +236,9 @@ class Detections:
         meta = {key: [] for key in _KEYS}
         self.block_of, self.position = [], []
         for b in plan.grid.block_ids():
-            with np.load(_block_file(folder, b)) as data:
-                for key in _KEYS:
-                    meta[key].append(data[key])
+            data = _load(_block_file(folder, b), _KEYS)
+            for key in _KEYS:
+                meta[key].append(data[key])
             n = meta["patch"][-1].size
             self.block_of.append(np.full(n, b, np.int64))
             self.position.append(np.arange(n, dtype=np.int64))
@@ -255,8 +271,8 @@ class Detections:
         voxels, owners = [], []
         for b in np.unique(self.block_of[columns]):
             mine = columns[self.block_of[columns] == b]
-            with np.load(_block_file(self.folder, int(b))) as data:
-                lengths, flat = data["length"], data["voxels"]
+            data = _load(_block_file(self.folder, int(b)), ("length", "voxels"))
+            lengths, flat = data["length"], data["voxels"]
             ends = np.cumsum(lengths)
             for column in mine:
                 p = self.position[column]
