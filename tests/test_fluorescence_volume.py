@@ -201,6 +201,66 @@ def test_resume_after_a_failing_block_computes_only_the_missing_ones(
         _predict(_config(), trained, path, out, (16, 64, 48))
 
 
+def test_a_changed_threshold_detects_every_block_again(
+    trained, user_volume, expected, tmp_path, monkeypatch
+):
+    path, _ = user_volume
+    out = tmp_path / "out"
+    _predict(_config(), trained, path, out, (16, 64, 48))
+    detect = fluorescence_volume.detect_block
+    calls: list[int] = []
+    monkeypatch.setattr(
+        fluorescence_volume,
+        "detect_block",
+        lambda *args: calls.append(args[4]) or detect(*args),
+    )
+    # As if the training run had chosen another threshold: the stored blocks are stale.
+    scores = expected[2].scores
+    threshold = float(np.median(scores))
+    monkeypatch.setattr(fluorescence_volume, "_chosen_threshold", lambda workdir: threshold)
+    predicted = _predict(_config(), trained, path, out, (16, 64, 48))
+    assert calls == [0, 1, 2, 3]
+    want = merge_detections(expected[2], threshold, int(_config().predict.min_overlap)).labels
+    assert 0 < want.max() < expected[0].max()
+    np.testing.assert_array_equal(predicted.read(), want)
+
+
+def test_keep_one_per_group_is_the_merge_on_its_links():
+    import scipy.sparse
+
+    from synjax.inference.merge import keep_one_per_group, mask_overlaps, mask_sizes, merge_masks
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(5, 40, size=60)
+    rows = np.concatenate([rng.choice(300, n, replace=False) for n in sizes])
+    columns = np.repeat(np.arange(sizes.size), sizes)
+    masks = scipy.sparse.csc_matrix(
+        (np.ones(rows.size, bool), (rows, columns)), shape=(300, sizes.size)
+    )
+    first, second, _ = mask_overlaps(masks, 3)
+    kept = keep_one_per_group(mask_sizes(masks), first, second)
+    np.testing.assert_array_equal(kept, merge_masks(masks, 3))
+    # Not every mask survives, nor only one: the rounds had something to decide.
+    assert 1 < kept.size < sizes.size
+
+
+def test_cells_reached_by_patches_by_hand():
+    from synjax.inference.block_grid import BlockGrid
+
+    # x: patches of 8 starting every 5 (starts 0, 5, 10, 12) in cells of 4 voxels.
+    plan = fluorescence_volume.PatchPlan(
+        (1, 1, 20), (1, 1, 8), (0, 0, 3), BlockGrid((1, 1, 20), (1, 1, 4))
+    )
+    assert [list(s) for s in plan.starts] == [[0], [0], [0, 5, 10, 12]]
+    # Cell 3 (voxels 12..15) holds the patch starting at 12; cell 2 (8..11) the one at 10.
+    np.testing.assert_array_equal(plan.patches_of(3)[0], [3])
+    np.testing.assert_array_equal(plan.patches_of(2)[1], [[0, 0, 10]])
+    assert plan.patches_of(4)[0].size == 0
+    # A patch starting in cell j covers up to (j + 1) * 4 - 1 + 8: cells j..j + 2 (ceil(7 / 4) = 2).
+    assert plan.blocks_reaching(3) == [1, 2, 3]
+    assert plan.blocks_reaching(1) == [0, 1]
+
+
 def test_bad_inputs_are_one_line_errors(trained, user_volume, tmp_path):
     path, _ = user_volume
     cases = [
