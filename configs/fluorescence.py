@@ -25,6 +25,13 @@ paper:   the paper's ResNet-101 (base width 64), 256-channel FPN over P2..P5,
 smoke:   a tiny network and volume that run end to end (about 90 s on a loaded
          2-core CPU, mostly compilation).
 
+A volume of your own, with the network and score threshold of a trained RUN
+(zarr, N5, precomputed://, file.h5:/dataset or TIFF; `roi` optional):
+
+    python -m synjax.main --config=configs/fluorescence.py --workdir=workdir/fluorescence \
+        --config.mode=predict --config.predict.input=/data/puncta.zarr \
+        --config.predict.output=/data/puncta_synapses --config.predict.roi=0:32,0:2048,0:2048
+
 The training step matches anchors to boxes tile by tile
 (`synjax.detection.matcher.match_boxes`, the same labels as the dense
 55k x 192 IoU matrix, which took 0.4-0.6 s a step), draws the anchor sample
@@ -145,6 +152,18 @@ def get_config(arg: str | None = None):
                 "batch_size": 1,
                 # Pasted masks sharing this many voxels are copies (paper: 10).
                 "min_overlap": 10,
+                # A volume of your own (with --config.mode=predict; see the docstring
+                # of synjax.pipelines.fluorescence_volume): the cells (z, y, x) in
+                # voxels whose patches one block detects (memory: the raw voxels the
+                # patches of one cell cover, and their masks), the output folder,
+                # region, reuse of blocks and retries (see
+                # synjax.configlib.volume_predict_fields; no Dask executor here).
+                "block": (16, 64, 64) if smoke else (32, 512, 512),
+                "input": "",
+                "output": "",
+                "roi": "",
+                "resume": "auto",
+                "retries": 2,
             },
             "baseline": {
                 # Ilastik-like pixel forest.

@@ -204,16 +204,47 @@ def detect_patches(
         patches = np.stack(
             [image[z : z + patch[0], y : y + patch[1], x : x + patch[2]] for z, y, x in chunk]
         )
-        out = {k: np.asarray(v) for k, v in predict_fn(patches).items()}
-        for i, origin in enumerate(chunk):
-            for d in np.flatnonzero(out["valid"][i] & (out["scores"][i] > min_score)):
-                pasted = paste_mask(
-                    out["masks"][i, d], out["boxes"][i, d], origin, shape, mask_threshold
-                )
-                if pasted.size:
-                    voxels.append(pasted)
-                    scores.append(float(out["scores"][i, d]))
+        for _, _, pasted, score in paste_detections(
+            predict_fn(patches), chunk, shape, min_score, mask_threshold
+        ):
+            voxels.append(pasted)
+            scores.append(score)
     return PatchDetections(voxels, np.asarray(scores, np.float32), shape, len(origins))
+
+
+def paste_detections(
+    out: dict,
+    origins: Sequence[Sequence[int]],
+    volume_shape: Sequence[int],
+    min_score: float = 0.0,
+    mask_threshold: float = 0.5,
+) -> list[tuple[int, int, np.ndarray, float]]:
+    """The pasted masks of one `PatchDetector` call, in patch order then detection order.
+
+    Args:
+      out: the detector's output for `len(origins)` patches (more rows, e.g.
+        padding of the batch, are ignored).
+      origins: (z, y, x) volume position of each patch's voxel (0, 0, 0).
+      volume_shape: (z, y, x) of the volume; voxels outside it are dropped.
+      min_score: detections scoring at or below this are left out.
+      mask_threshold: mask probability above which a voxel is in an instance.
+
+    Returns:
+      (patch position in `origins`, detection index in the patch, [k] int64
+      sorted flat volume indices, score) of each valid detection above
+      `min_score` whose pasted mask is not empty.
+    """
+    out = {k: np.asarray(v) for k, v in out.items()}
+    shape = tuple(int(s) for s in volume_shape)
+    found = []
+    for i, origin in enumerate(origins):
+        for d in np.flatnonzero(out["valid"][i] & (out["scores"][i] > min_score)):
+            pasted = paste_mask(
+                out["masks"][i, d], out["boxes"][i, d], origin, shape, mask_threshold
+            )
+            if pasted.size:
+                found.append((i, int(d), pasted, float(out["scores"][i, d])))
+    return found
 
 
 def merge_detections(

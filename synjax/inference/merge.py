@@ -228,6 +228,27 @@ def merge_masks(masks, min_overlap: int = DEFAULT_MIN_OVERLAP) -> np.ndarray:
     sizes = np.bincount(columns, minlength=num_masks)
     first, second, _ = _overlap_pairs(voxels, columns, num_masks, min_overlap)
     del voxels, columns
+    return keep_one_per_group(sizes, first, second)
+
+
+def keep_one_per_group(sizes: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The rounds of `merge_masks` on its link graph: one kept mask per group of copies.
+
+    For callers that count the overlaps themselves (block by block, when the
+    masks of a volume do not fit in memory at once): the result is
+    `merge_masks`'s when the links are those it would find.
+
+    Args:
+        sizes: `[masks]` voxels of each mask.
+        first, second: `[e]` int64 the linked pairs (sharing at least
+            `min_overlap` voxels), each pair once.
+
+    Returns:
+        `[kept]` int64 sorted indices of the kept masks.
+    """
+    sizes = np.asarray(sizes)
+    first, second = np.asarray(first, np.int64), np.asarray(second, np.int64)
+    num_masks = sizes.size
     undecided = np.ones(num_masks, bool)
     kept = np.zeros(num_masks, bool)
     while True:

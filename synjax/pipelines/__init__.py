@@ -6,7 +6,8 @@ neuron segmentation) each define `train(config, workdir)`,
 `evaluate(config, workdir, test)`; `run` checks the config, then runs the
 phases of `config.mode` in order. With `config.predict.input` (a volume of the
 user's, `volume_input.py`), predict mode runs `predict_volume(config, workdir)`
-of `partner_volume.py`, `neuron_volume.py` or `instance_volume.py` instead of
+of `partner_volume.py`, `neuron_volume.py`, `instance_volume.py` or
+`fluorescence_volume.py` instead of
 predicting the test data, then writes the neuroglancer state of its outputs
 into `config.predict.output` (the input referenced where it lies, not copied;
 `python -m synjax.view OUTPUT`). May
@@ -37,6 +38,7 @@ VOLUME_JOBS = {
     "partners": "synjax.pipelines.partner_volume",
     "neurons": "synjax.pipelines.neuron_volume",
     "instances": "synjax.pipelines.instance_volume",
+    "fluorescence": "synjax.pipelines.fluorescence_volume",
 }
 
 

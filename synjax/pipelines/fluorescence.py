@@ -129,6 +129,20 @@ def _train(config, workdir: pathlib.Path) -> dict:
     return chosen
 
 
+def warn_tied_scores(scores: np.ndarray) -> None:
+    """Warns when most of many instances share one score (`tied_score_share`)."""
+    share, tied = tied_score_share(scores)
+    if scores.size >= TIED_SCORES_MIN_INSTANCES and share > TIED_SCORES_SHARE:
+        logging.warning(
+            "Mask R-CNN: %.0f%% of the %d instances share the score %.6f: ranking or "
+            "thresholding them by score means little (the box head may be inactive for "
+            "most ROIs)",
+            100 * share,
+            scores.size,
+            tied,
+        )
+
+
 def _predict(config, workdir: pathlib.Path) -> None:
     chosen = files.read_json(workdir / layout.CHOSEN_FILE)
     image, _ = synthetic_volume(config, "test")
@@ -144,16 +158,7 @@ def _predict(config, workdir: pathlib.Path) -> None:
         ours.num_detections,
         detections.num_patches,
     )
-    share, tied = tied_score_share(ours.scores)
-    if ours.scores.size >= TIED_SCORES_MIN_INSTANCES and share > TIED_SCORES_SHARE:
-        logging.warning(
-            "Mask R-CNN: %.0f%% of the %d instances share the score %.6f: ranking or "
-            "thresholding them by score means little (the box head may be inactive for "
-            "most ROIs)",
-            100 * share,
-            ours.scores.size,
-            tied,
-        )
+    warn_tied_scores(ours.scores)
     write_instance_labels(workdir / layout.MASK_RCNN_INSTANCES, ours.labels, resolution)
     write_instance_table(
         workdir / layout.INSTANCES_TABLE_FILE,

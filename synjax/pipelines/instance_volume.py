@@ -56,9 +56,9 @@ from synjax.io.provenance import input_fingerprint
 from synjax.pipelines import volume_input
 from synjax.pipelines.instance_data import downsample_image
 from synjax.pipelines.instances import OURS, TABLE_COLUMNS, chosen_painting
+from synjax.pipelines.volume_blocks import predict_pending
 from synjax.postprocess.components import keep_large_instances
 from synjax.report import files
-from synjax.report.progress import progress_bar
 from synjax.settings import from_config
 from synjax.stages import instance_unet
 from synjax.stages.instance_settings import InstancePredictSettings
@@ -126,40 +126,38 @@ def _paint_blocks(config, predict, workdir, source, boxes, factors, painting, pr
         return labels_store, scores_store, block
     trained = instance_unet.load_instance_unet(config, workdir)
     detector = instance_unet.block_detector(config, trained.params)
-    batch_size = int(predict.batch_size)
-    with progress_bar(
-        total=len(boxes), initial=len(boxes) - len(todo), unit="block", desc="instances"
-    ) as bar:
-        for first in range(0, len(todo), batch_size):
-            chunk = todo[first : first + batch_size]
-            for attempt in range(int(predict.retries) + 1):
-                try:
-                    chunk_boxes = [boxes[b] for b in chunk]
-                    painted = _paint(
-                        detector, source, chunk_boxes, block, factors, trained, painting
-                    )
-                    break
-                except Exception as error:  # noqa: BLE001 - named and re-raised below
-                    if attempt == int(predict.retries):
-                        b = chunk[0]
-                        raise DataError(
-                            f"instance blocks {chunk} (first: read-grid voxels "
-                            f"{boxes[b].start}..{boxes[b].stop}) failed after "
-                            f"{attempt + 1} tries: {type(error).__name__}: {error}"
-                        ) from error
-                    logging.warning("blocks %s failed (%s); trying again", chunk, error)
-            for b, (labels, scores) in zip(chunk, painted, strict=True):
-                full = np.zeros(block, np.uint32)
-                full[tuple(slice(0, n) for n in labels.shape)] = labels
-                labels_store[b * block[0] : (b + 1) * block[0]] = full
-                row = np.zeros((1, 1, detections), np.float32)
-                row[0, 0, : scores.size] = scores
-                scores_store[b : b + 1] = row
-            done.record(chunk)
-            bar.update(len(chunk))
-    missing = done.missing()
-    if len(missing):
-        raise DataError(f"{labels_path}: blocks {list(missing)[:10]} were not painted")
+
+    def paint_chunk(chunk: list[int]):
+        chunk_boxes = [boxes[b] for b in chunk]
+        return _paint(detector, source, chunk_boxes, block, factors, trained, painting)
+
+    def store(chunk: list[int], painted) -> None:
+        for b, (labels, scores) in zip(chunk, painted, strict=True):
+            full = np.zeros(block, np.uint32)
+            full[tuple(slice(0, n) for n in labels.shape)] = labels
+            labels_store[b * block[0] : (b + 1) * block[0]] = full
+            row = np.zeros((1, 1, detections), np.float32)
+            row[0, 0, : scores.size] = scores
+            scores_store[b : b + 1] = row
+
+    def describe(chunk) -> str:
+        b = chunk[0]
+        return (
+            f"instance blocks {list(chunk)} (first: read-grid voxels "
+            f"{boxes[b].start}..{boxes[b].stop})"
+        )
+
+    predict_pending(
+        done,
+        len(boxes),
+        int(predict.batch_size),
+        int(predict.retries),
+        paint_chunk,
+        store,
+        describe,
+        desc="instances",
+        output=str(labels_path),
+    )
     return labels_store, scores_store, block
 
 

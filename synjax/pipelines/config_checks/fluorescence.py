@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from synjax.errors import ConfigError
-from synjax.pipelines.config_checks.common import INTENSITY, TOP, TRAIN_RULES
+from synjax.pipelines.config_checks.common import (
+    INTENSITY,
+    PREDICT_VOLUME_RULES,
+    TOP,
+    TRAIN_RULES,
+    check_predict_volume,
+)
 from synjax.pipelines.config_checks.rules import (
     Block,
     Value,
@@ -111,6 +117,8 @@ SCHEMA = {
             "score_thresholds": sequence(number(0, 1, open_high=True)),
             "batch_size": integer(1),
             "min_overlap": integer(1),
+            "block": integers(3, 1),
+            **PREDICT_VOLUME_RULES,
         }
     ),
     "baseline": Block(
@@ -128,7 +136,7 @@ SCHEMA = {
 
 
 def check_relations(config) -> None:
-    """Patches fit the training volume and overlap less than their size."""
+    """Patches fit the training volume and overlap less than their size; an input has an output."""
     patch, overlap = tuple(config.train.patch), tuple(config.predict.overlap)
     shape = tuple(config.data.train_shape)
     if any(p > s for p, s in zip(patch, shape, strict=True)):
@@ -139,6 +147,7 @@ def check_relations(config) -> None:
         raise ConfigError(
             f"config.predict.overlap={overlap}: expected less than config.train.patch={patch}"
         )
+    check_predict_volume(config.predict, "config.predict")
 
 
 def check_input_files(config) -> None:
