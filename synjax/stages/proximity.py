@@ -97,6 +97,7 @@ class ProximityStage:
             padding=n.padding,
             out_channels=1,
             conv_implementation=n.conv_implementation,
+            remat=n.remat,
         )
 
     def model(self) -> UNet3D:
