@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import pathlib
+import runpy
 import threading
 
 import flax.linen as nn
@@ -12,6 +14,8 @@ import pytest
 
 from synjax.errors import ConfigError, DataError
 from synjax.models.unet3d import UNet3D, UNet3DSettings
+from synjax.pipelines.config_checks import check_config
+from synjax.stages.proximity import ProximityStage
 from synjax.train.batches import to_global_batch
 from synjax.train.loop import init_train_state, make_train_step, train
 from synjax.train.parallel import make_mesh
@@ -308,3 +312,34 @@ def test_bad_train_settings_name_their_key(field, value, message):
     settings = TrainSettings(steps=1, batch_size=1, learning_rate=1e-3, **{field: value})
     with pytest.raises(ConfigError, match=message):
         settings.validate()
+
+
+def _demo_smoke():
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+    return runpy.run_path(str(path))["get_config"]("smoke")
+
+
+def test_demo_config_reaches_the_unet_and_the_loop_with_behaviour_preserving_defaults():
+    stage = ProximityStage.from_config(_demo_smoke())
+    assert stage.unet_settings().remat is False
+    assert stage.training.prng_impl == "threefry2x32"
+    config = _demo_smoke()
+    config.unet.remat = True
+    config.train.prefetch = 0
+    stage = ProximityStage.from_config(config)
+    assert stage.unet_settings().remat is True
+    assert stage.training.prefetch == 0
+
+
+@pytest.mark.parametrize(
+    ("block", "key", "value", "message"),
+    [
+        ("train", "prng_impl", "philox", r"^config.train.prng_impl='philox'"),
+        ("train", "prefetch", -2, r"^config.train.prefetch=-2"),
+    ],
+)
+def test_config_checks_name_the_new_keys(block, key, value, message):
+    config = _demo_smoke()
+    config[block][key] = value
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)
