@@ -122,6 +122,9 @@ def get_config(arg: str | None = None):
                 "predict_output": (16, 192, 192),
                 # SAME padding: real context read around each block (z, y, x).
                 "predict_context": (2, 16, 16),
+                # Recompute conv-block activations in the backward pass: less
+                # memory for large training patches, same results.
+                "remat": False,
             },
             "train": configlib.train_block(
                 steps=500,
@@ -135,6 +138,11 @@ def get_config(arg: str | None = None):
                 keep_checkpoints=2,
                 # Share of patches centred on a synapse (targets are sparse).
                 positive_fraction=0.7,
+                # Batches sampled ahead in a background thread (same batches); 0: none.
+                prefetch=2,
+                # PRNG of the initialisation: "threefry2x32" (the README's
+                # parameters), or the faster "rbg" / "unsafe_rbg".
+                prng_impl="threefry2x32",
             ),
             "predict": {
                 "batch_size": 1,

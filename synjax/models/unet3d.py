@@ -19,6 +19,7 @@ block-wise prediction) and the smallest valid input for a wanted output.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,10 @@ class UNet3DSettings:
         None follows the input.
       conv_implementation: `conv.Conv3D.implementation` of every convolution
         ("auto": the measured fastest for the backend).
+      remat: recompute each conv block's activations in the backward pass
+        (`nn.remat`) instead of keeping them: less memory for large training
+        patches, for about one more forward pass of compute. The parameters
+        and every result are the same either way.
     """
 
     depth: int = 3
@@ -70,6 +75,7 @@ class UNet3DSettings:
     out_channels: int = 1
     dtype: Any = None
     conv_implementation: str = "auto"
+    remat: bool = False
 
     def __post_init__(self):
         if self.depth < 0 or self.base_features < 1 or self.feature_growth < 1:
@@ -247,14 +253,22 @@ class UNet3D(nn.Module):
             x = x.astype(cfg.dtype)
         skips = []
         impl = cfg.conv_implementation
+        # nn.remat renames the class ("CheckpointConvBlock"): the blocks are named
+        # as Linen names plain ones, so parameters and checkpoints match either way.
+        block_class = nn.remat(ConvBlock) if cfg.remat else ConvBlock
+        block_index = itertools.count()
+
+        def conv_block(*args) -> ConvBlock:
+            return block_class(*args, name=f"ConvBlock_{next(block_index)}")
+
         for level in range(cfg.depth):
-            x = ConvBlock(
+            x = conv_block(
                 cfg.features(level), cfg.conv_kernels[level], cfg.padding, cfg.dtype, impl
             )(x)
             skips.append(x)
             pool = cfg.pool_factors[level]
             x = nn.max_pool(x, pool, strides=pool, padding="VALID")
-        x = ConvBlock(
+        x = conv_block(
             cfg.features(cfg.depth), cfg.conv_kernels[cfg.depth], cfg.padding, cfg.dtype, impl
         )(x)
         for level in reversed(range(cfg.depth)):
@@ -267,7 +281,7 @@ class UNet3D(nn.Module):
             )(x)
             skip = center_crop(skips[level], x.shape[1:4])
             x = jnp.concatenate([x, skip], axis=-1)
-            x = ConvBlock(
+            x = conv_block(
                 cfg.features(level), cfg.conv_kernels[level], cfg.padding, cfg.dtype, impl
             )(x)
         x = nn.Conv(cfg.out_channels, (1, 1, 1), dtype=cfg.dtype, name="output")(x)

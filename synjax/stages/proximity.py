@@ -97,6 +97,7 @@ class ProximityStage:
             padding=n.padding,
             out_channels=1,
             conv_implementation=n.conv_implementation,
+            remat=n.remat,
         )
 
     def model(self) -> UNet3D:
@@ -113,11 +114,27 @@ class ProximityStage:
             [source["raw"] for source in sources], name="U-Net training raw"
         )
         save_normalization(intensity, checkpoint.checkpoint_dir(workdir, MODEL_NAME))
+        # Each process samples its own share of the batch (multi-host training).
+        batch_fn = process_batch_fn(
+            self.patch_sampler(sources, intensity).batch, self.training.batch_size
+        )
+        state = train(self.model(), _loss, batch_fn, self.training, workdir, name=MODEL_NAME)
+        return TrainedParams(jax.device_get(state.params), intensity)
+
+    def patch_sampler(
+        self, sources: list[dict[str, np.ndarray]], intensity: IntensityNormalization
+    ) -> PatchSampler:
+        """The training patches: `input_shape` raw around `output_shape` targets, augmented.
+
+        Args:
+          sources: as for `train`.
+          intensity: the normalisation fitted on the sources' raw.
+        """
         cfg = self.unet_settings()
         input_shape = cfg.valid_input_shape(self.network.train_output)
         output_shape = cfg.output_shape(input_shape)
         logging.info("U-Net training patch: input %s -> output %s", input_shape, output_shape)
-        sampler = PatchSampler(
+        return PatchSampler(
             sources,
             input_shape=input_shape,
             output_shape=output_shape,
@@ -128,10 +145,6 @@ class ProximityStage:
             positive_fraction=self.training.positive_fraction,
             intensity=intensity,
         )
-        # Each process samples its own share of the batch (multi-host training).
-        batch_fn = process_batch_fn(sampler.batch, self.training.batch_size)
-        state = train(UNet3D(cfg), _loss, batch_fn, self.training, workdir, name=MODEL_NAME)
-        return TrainedParams(jax.device_get(state.params), intensity)
 
     def load(self, workdir: pathlib.Path) -> TrainedParams:
         """The trained U-Net in `workdir` (for predict-only runs), with its normalisation."""

@@ -46,6 +46,9 @@ class ProximityNetworkSettings:
         (`synjax.models.conv.IMPLEMENTATIONS`; "auto": "folded" on CPU, what
         the README's figures were made with; "fastest": the measured fastest
         for the backend; every choice gives the same result up to rounding).
+      remat: recompute the conv blocks' activations in the backward pass
+        instead of storing them (less memory for large training patches,
+        about one more forward pass of compute; the same results).
     """
 
     depth: int
@@ -58,6 +61,7 @@ class ProximityNetworkSettings:
     predict_output: tuple[int, int, int]
     predict_context: tuple[int, int, int]
     conv_implementation: str = "auto"
+    remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The training loop: jit-compiled, data-parallel steps with checkpoints and logs.
 
 `train` drives any Linen model with any loss: `batch_fn(step)` gives the
-host batch, one `jax.jit` step (batch sharded on `'data'`, state replicated
-and donated) updates the state, checkpoints make a re-run resume, and metrics
-go to JSONL, TensorBoard and a progress bar. A NaN or infinite loss (or
+host batch (sampled ahead in a background thread, `prefetch.py`, while the
+device runs the step), one `jax.jit` step (batch sharded on `'data'`, state
+replicated and donated) updates the state, checkpoints make a re-run resume,
+and metrics go to JSONL, TensorBoard and a progress bar. A NaN or infinite loss (or
 gradient norm) stops the run with `NonFiniteLossError` before anything of
 that step or later is logged or checkpointed, so the checkpoints left behind
 all hold finite parameters.
@@ -31,6 +32,7 @@ from synjax.report.progress import progress_bar
 from synjax.train.batches import to_global_batch
 from synjax.train.checkpoint import Checkpointer
 from synjax.train.parallel import batch_sharding, make_mesh, replicated_sharding
+from synjax.train.prefetch import BatchPrefetcher
 from synjax.train.settings import TrainSettings
 from synjax.train.state import TrainState, create_train_state
 
@@ -85,6 +87,22 @@ class NonFiniteLossError(SynjaxError):
         self.loss, self.grad_norm = loss, grad_norm
 
 
+def _in_float32(outputs: Any) -> Any:
+    """Low-precision float outputs (bfloat16 compute) as float32; others unchanged.
+
+    A loss summed over a patch in bfloat16 keeps 8 bits of mantissa: the
+    float32 master weights would follow a coarsely rounded loss and gradient.
+    """
+
+    def widen(value):
+        dtype = getattr(value, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+            return value.astype(jnp.float32)
+        return value
+
+    return jax.tree.map(widen, outputs)
+
+
 def make_train_step(
     loss_fn: LossFn, mesh: Mesh
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
@@ -93,9 +111,11 @@ def make_train_step(
     Args:
       loss_fn: `(outputs, batch) -> (scalar loss, {name: scalar})`, where
         `outputs = state.apply_fn({"params": params}, batch["input"])` is any
-        pytree. A state with `batch_stats` (BatchNorm models) is applied as
-        `apply_fn({"params", "batch_stats"}, input, train=True,
-        mutable=["batch_stats"])` and its statistics are updated too.
+        pytree; low-precision float outputs (a bfloat16 network) reach it
+        as float32, so the loss is computed in float32. A state with
+        `batch_stats` (BatchNorm models) is applied as `apply_fn({"params",
+        "batch_stats"}, input, train=True, mutable=["batch_stats"])` and its
+        statistics are updated too.
       mesh: mesh with axis 'data'.
 
     Returns:
@@ -110,14 +130,14 @@ def make_train_step(
         def loss_of(params):
             if not has_stats:
                 outputs = state.apply_fn({"params": params}, batch["input"])
-                loss, metrics = loss_fn(outputs, batch)
+                loss, metrics = loss_fn(_in_float32(outputs), batch)
                 return loss, (metrics, None)
             # BatchNorm normalises with this batch's statistics and updates
             # the running ones that inference (train=False) uses.
             outputs, updates = state.apply_fn(
                 state.variables(params), batch["input"], train=True, mutable=["batch_stats"]
             )
-            loss, metrics = loss_fn(outputs, batch)
+            loss, metrics = loss_fn(_in_float32(outputs), batch)
             return loss, (metrics, updates["batch_stats"])
 
         (loss, (metrics, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
@@ -134,6 +154,28 @@ def make_train_step(
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
+
+
+def init_train_state(
+    model: nn.Module, sample_input: np.ndarray, settings: TrainSettings, mesh: Mesh
+) -> TrainState:
+    """The state at step 0: parameters initialised in one compiled call, replicated on `mesh`.
+
+    Args:
+      model: as for `train`.
+      sample_input: `[batch, z, y, x, channels]`; only its shape and dtype matter.
+      settings: `seed` and `prng_impl` make the key
+        (`jax.random.key(seed, impl=prng_impl)`); the optimizer fields the rest.
+      mesh: mesh from `synjax.train.parallel.make_mesh`.
+
+    Returns:
+      A `TrainState` at step 0 whose parameters equal eager `model.init` with
+      the same key (compiling the initialisation changes no bit of them).
+    """
+    return jax.jit(
+        lambda rng: create_train_state(model, sample_input, settings, rng),
+        out_shardings=replicated_sharding(mesh),
+    )(jax.random.key(settings.seed, impl=settings.prng_impl))
 
 
 class _MetricWriter:
@@ -231,8 +273,10 @@ def train(
       batch_fn: `step -> host batch`, deterministic in `step` so that a resumed
         run sees the batches an uninterrupted one would; "input" is
         `[local_batch, z, y, x, channels]`, other keys are targets. On several
-        processes it returns this process's share.
-      settings: run length, optimizer, logging and checkpoint cadence.
+        processes it returns this process's share. With `settings.prefetch`
+        it is called from a background thread, in step order, up to that
+        many steps ahead (it must not share mutable state with `eval_fn`).
+      settings: run length, optimizer, prefetch, logging and checkpoint cadence.
       workdir: run folder: `checkpoints/<name>`, `metrics/<name>.jsonl` and
         `tensorboard/<name>` are written under it.
       name: model name (several models can share a workdir).
@@ -260,10 +304,7 @@ def train(
             raise ConfigError(
                 f"batch_fn({start}) returned keys {sorted(first_batch)}; expected an 'input'"
             )
-        state = jax.jit(
-            lambda rng: create_train_state(model, first_batch["input"], settings, rng),
-            out_shardings=replicated_sharding(mesh),
-        )(jax.random.key(settings.seed))
+        state = init_train_state(model, first_batch["input"], settings, mesh)
         if start:
             state = checkpointer.restore(state, start)
             logging.info("%s: resumed from step %d in %s", name, start, checkpointer.directory)
@@ -280,10 +321,12 @@ def train(
             leave=False,
         )
         first_non_finite = jax.jit(_no_non_finite_yet, out_shardings=replicated_sharding(mesh))()
+        # The first batch is at hand: the others are sampled while steps run.
+        batches = BatchPrefetcher(batch_fn, range(start + 1, settings.steps), settings.prefetch)
         last_time, last_step = time.perf_counter(), start
         try:
             for step in range(start, settings.steps):
-                host_batch = first_batch if step == start else batch_fn(step)
+                host_batch = first_batch if step == start else batches.get(step)
                 state, metrics = train_step(state, to_global_batch(host_batch, mesh))
                 done = step + 1
                 first_non_finite = _note_non_finite(first_non_finite, done, metrics)
@@ -319,6 +362,7 @@ def train(
                 if save_now:
                     checkpointer.save(state)
         finally:
+            batches.close()
             bar.close()
             writer.close()
     return state

@@ -13,6 +13,11 @@ from typing import ClassVar
 from synjax.errors import ConfigError
 from synjax.settings import config_fields, from_config
 
+# PRNG implementations of the parameter initialisation (`jax.random.key(seed, impl=...)`):
+# threefry (JAX's default: the parameters of every run so far) or the faster,
+# hardware-generator-based "rbg" / "unsafe_rbg" (other parameters for the same seed).
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
@@ -34,6 +39,11 @@ class TrainSettings:
       seed: seed of the parameter initialisation (given by the caller: a
         config's `seed` or a model's, never a train block's).
       num_devices: local devices to use; None: all.
+      prefetch: host batches sampled ahead in a background thread while the
+        device runs the step (the same batches in the same order); 0: each
+        batch is sampled after the step that precedes it was dispatched.
+      prng_impl: PRNG of the parameter initialisation, one of `PRNG_IMPLS`;
+        "threefry2x32" keeps the parameters of earlier runs bit for bit.
     """
 
     GIVEN: ClassVar[tuple[str, ...]] = ("seed",)
@@ -52,6 +62,8 @@ class TrainSettings:
     keep_checkpoints: int = 2
     seed: int = 0
     num_devices: int | None = None
+    prefetch: int = 2
+    prng_impl: str = "threefry2x32"
 
     @classmethod
     def from_config(cls, block, seed: int, steps: int | None = None) -> TrainSettings:
@@ -80,6 +92,7 @@ class TrainSettings:
             "log_every": self.log_every,
             "eval_every": self.eval_every,
             "warmup_steps": self.warmup_steps,
+            "prefetch": self.prefetch,
         }
         for key, value in positive.items():
             if value < 1:
@@ -90,4 +103,8 @@ class TrainSettings:
         if self.checkpoint_every < 1:
             raise ConfigError(
                 f"config.train.checkpoint_every={self.checkpoint_every}: expected >= 1"
+            )
+        if self.prng_impl not in PRNG_IMPLS:
+            raise ConfigError(
+                f"config.train.prng_impl={self.prng_impl!r}: expected one of {PRNG_IMPLS}"
             )

@@ -22,6 +22,7 @@ from synjax.pipelines.config_checks.rules import (
     positive,
     text,
 )
+from synjax.train.settings import PRNG_IMPLS
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # synjax.train.state.OPTIMIZERS
 SCHEDULES = ("constant", "cosine", "warmup_cosine")  # synjax.train.state.SCHEDULES
@@ -44,6 +45,8 @@ TRAIN_RULES = {
     "checkpoint_every": integer(1),
     "keep_checkpoints": integer(1),
     "num_devices": optional(integer(1)),
+    "prefetch": integer(0),
+    "prng_impl": choice(PRNG_IMPLS),
 }
 
 

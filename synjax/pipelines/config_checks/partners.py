@@ -19,6 +19,7 @@ from synjax.pipelines.config_checks.neurons import SEGMENTER, check_segmenter
 from synjax.pipelines.config_checks.rules import (
     Block,
     Value,
+    boolean,
     choice,
     fraction,
     integer,
@@ -82,6 +83,7 @@ SCHEMA = {
             "train_output": integers(3, 1),
             "predict_output": integers(3, 1),
             "predict_context": integers(3, 0),
+            "remat": boolean(),
         },
     ),
     "train": settings_block(
