@@ -17,14 +17,16 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 
 from synjax.inference.block_grid import BlockGrid
 from synjax.io import create_volume, open_volume
-from synjax.pipelines import partner_data
+from synjax.pipelines import partner_data, partner_volume
 from synjax.postprocess import blockwise_candidates, blockwise_components
 from synjax.postprocess.blockwise_candidates import generate_candidates_blockwise
+from synjax.postprocess.candidates import DEFAULT_MAX_GAP_NM
 from tests.conftest import REPO_ROOT
 from tests.test_partner_volume_synapses import _small_config
 
@@ -287,3 +289,100 @@ def test_sigkilled_candidates_restarted_equal_an_uninterrupted_run(
     # labels' relabelling runs whole.
     assert counted.calls == expected_calls + 8
     assert not (tmp_path / "state").exists()
+
+
+# ------------------------------------------------- the own-volume partner pipeline's steps
+
+
+def _partner_config():
+    return ml_collections.ConfigDict(
+        {
+            "candidates": {"tau": TAU, "omega": OMEGA, "max_gap_nm": DEFAULT_MAX_GAP_NM},
+            "predict": {"input": "in.zarr", "segmentation": ""},
+        }
+    )
+
+
+def test_partner_volume_candidates_resume_beside_the_outputs(
+    volumes, reference, tmp_path, monkeypatch
+):
+    expected, expected_sites, _ = reference
+    where, resolution = volumes
+    prox = create_volume(
+        str(tmp_path / "proximity.zarr"),
+        open_volume(str(where / "prox.zarr")).shape,
+        np.float32,
+        resolution=resolution,
+    )
+    prox[...] = open_volume(str(where / "prox.zarr"))[...]
+    prox = open_volume(str(tmp_path / "proximity.zarr"))
+    seg = open_volume(str(where / "seg.zarr"))
+    config = _partner_config()
+    made_from = partner_volume.candidates_provenance(config, tmp_path / "proximity.zarr", prox, seg)
+    overlaps = _Hook(monkeypatch, blockwise_components, "_overlap_block", fail_at=8 + 3)
+    labels = _Hook(monkeypatch, blockwise_components, "_label_block")
+    with pytest.raises(_Interrupted):
+        partner_volume.find_candidates(config, BLOCK, prox, seg, tmp_path, made_from)
+    state = tmp_path / partner_volume.CANDIDATES_STATE
+    assert state.is_dir()
+    overlaps.reset()
+    labels.reset()
+    found = partner_volume.find_candidates(config, BLOCK, prox, seg, tmp_path, made_from)
+    sites = [
+        open_volume(str(tmp_path / name))
+        for name in (partner_volume.PRE_SITES_OUTPUT, partner_volume.POST_SITES_OUTPUT)
+    ]
+    _assert_same(found, expected, sites, expected_sites)
+    # The site volumes were reused, not made afresh: no block labelled again.
+    assert labels.calls == 0 and overlaps.calls == 8 - 2
+    # Kept for the pruner's scoring (a kill there does not redo the candidates).
+    assert state.is_dir()
+    again = partner_volume.find_candidates(config, BLOCK, prox, seg, tmp_path, made_from)
+    assert overlaps.calls == 8 - 2 and len(again) == len(expected)
+    # Another segmentation (its fingerprint differs): nothing of the state is reused.
+    other = np.asarray(seg[...]).copy()
+    other[other == other.max()] = 0
+    other_made_from = partner_volume.candidates_provenance(config, tmp_path, prox, other)
+    assert other_made_from["segmentation"] != made_from["segmentation"]
+    overlaps.reset()
+    partner_volume.find_candidates(config, BLOCK, prox, other, tmp_path, other_made_from)
+    assert overlaps.calls == 2 * 8
+
+
+class _FakePruner:
+    """Stands for `PrunerStage`: a score per candidate from its ids, calls and rows counted."""
+
+    def __init__(self, batch_size: int, fail_at: int | None = None):
+        self.settings = ml_collections.ConfigDict({"train": {"batch_size": batch_size}})
+        self.calls, self.rows, self.fail_at = 0, [], fail_at
+
+    def score(self, trained, raw, proximity, segmentation, candidates, name="raw"):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise _Interrupted("score")
+        self.rows.append(len(candidates))
+        return (candidates.pre_component * 1000 + candidates.post_component) / 7.0
+
+
+def test_pruner_scores_resume_in_parts_of_whole_batches(reference, tmp_path, monkeypatch):
+    expected, _, _ = reference
+    monkeypatch.setattr(partner_volume, "SCORE_BATCHES", 1)
+    n = len(expected)
+    batch = 2
+    assert n > 2 * batch  # at least three parts
+    wanted = (expected.pre_component * 1000 + expected.post_component) / 7.0
+    state = tmp_path / partner_volume.SCORES_STATE
+    args = (None, None, None, None, expected, "in.zarr", state, MADE_FROM)
+    pruner = _FakePruner(batch, fail_at=3)
+    with pytest.raises(_Interrupted):
+        partner_volume.score_candidates(pruner, *args)
+    assert pruner.rows == [batch, batch]  # whole batches, as one call over all would make them
+    pruner = _FakePruner(batch)
+    np.testing.assert_array_equal(partner_volume.score_candidates(pruner, *args), wanted)
+    # The two parts scored before are read back; the others are scored once.
+    assert pruner.calls == -(-n // batch) - 2
+    # Candidates of another run (one row fewer): none of the kept parts is taken.
+    fewer = expected.select(np.arange(n - 1))
+    pruner = _FakePruner(batch)
+    partner_volume.score_candidates(pruner, *args[:4], fewer, *args[5:])
+    assert pruner.calls == -(-(n - 1) // batch)

@@ -177,3 +177,9 @@ def each_block_result(
         state.save_block(name, block_id, **result)
         done.record([block_id])
         yield result
+
+
+def remove_pass_state(path: str | os.PathLike) -> None:
+    """Deletes the pass state at `path`, if any, its header first (as `PassState.remove`)."""
+    (Path(path) / HEADER_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
