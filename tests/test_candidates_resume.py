@@ -381,8 +381,9 @@ def test_pruner_scores_resume_in_parts_of_whole_batches(reference, tmp_path, mon
     np.testing.assert_array_equal(partner_volume.score_candidates(pruner, *args), wanted)
     # The two parts scored before are read back; the others are scored once.
     assert pruner.calls == -(-n // batch) - 2
-    # Candidates of another run (one row fewer): none of the kept parts is taken.
-    fewer = expected.select(np.arange(n - 1))
+    # Candidates of another run (as many, other ids): none of the kept parts is taken.
+    other = dataclasses.replace(expected, post_component=expected.post_component + 1)
     pruner = _FakePruner(batch)
-    partner_volume.score_candidates(pruner, *args[:4], fewer, *args[5:])
-    assert pruner.calls == -(-(n - 1) // batch)
+    scores = partner_volume.score_candidates(pruner, *args[:4], other, *args[5:])
+    assert pruner.calls == -(-n // batch)
+    np.testing.assert_array_equal(scores, (other.pre_component * 1000 + other.post_component) / 7.0)
