@@ -20,6 +20,12 @@ tool), the run goes on as the test volume's prediction does
 - the tables `candidates.csv`, `detections.csv` and `synapses.csv`, in nm in
   the input's frame (its offset plus the roi's start).
 
+Each step resumes after a kill: the proximity by its done-state, the
+candidates by `candidates.state` and the pruner's scores by
+`pruner_scores.state` (parts of whole batches) beside the outputs, keyed by
+what the proximity and the segmentation are and by the parameters; both
+states are removed once the tables are written.
+
 Without a segmentation the run stops at the proximity, and says so: the
 candidates pair sites on segments, and a volume of one's own has no ground
 truth to stand for them (the test path's `config.segmentation.source`).

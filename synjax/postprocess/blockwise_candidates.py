@@ -23,6 +23,16 @@ sum), while memory holds one block plus tables of ids:
 
 Step 4 reads a region up to the size of a site's box, not a block: synaptic
 sites are small, but a site as large as the volume would be read whole here.
+
+Resuming: with a `state` folder (`blockwise_pass_state.PassState`, keyed by
+the block grid, the caller's provenance and every parameter) each pass keeps
+what it has finished: the labelling's blocks (a prefix: ids count on from
+the blocks before), its joins per block, the final id table before the
+label volumes are relabelled in place, and that relabelling per storage
+chunk, so no chunk is relabelled twice; the overlaps' and adjacency's rows
+per block and their tables when the pass ends; the closest points per batch
+of `PAIR_BATCH` site pairs. A run killed part-way, SIGKILL included, and
+started again on the same label volumes finds the same candidates.
 """
 
 from __future__ import annotations

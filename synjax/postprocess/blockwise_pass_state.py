@@ -1,7 +1,9 @@
 """What the passes of a block-wise segmentation have finished, kept on disk so a killed run resumes.
 
 `blockwise_watershed.segment_blockwise` makes a segmentation in passes over
-the volume (range, fragments, stitching, contacts, relabelling). With a
+the volume (range, fragments, stitching, contacts, relabelling), and
+`blockwise_candidates.generate_candidates_blockwise` finds partner candidates
+in passes (components, overlaps, adjacency, site pairs). With a
 state folder, each pass leaves what a restarted run needs in order not to
 compute again what is finished:
 
