@@ -20,6 +20,12 @@ tool), the run goes on as the test volume's prediction does
 - the tables `candidates.csv`, `detections.csv` and `synapses.csv`, in nm in
   the input's frame (its offset plus the roi's start).
 
+Each step resumes after a kill: the proximity by its done-state, the
+candidates by `candidates.state` and the pruner's scores by
+`pruner_scores.state` (parts of whole batches) beside the outputs, keyed by
+what the proximity and the segmentation are and by the parameters; both
+states are removed once the tables are written.
+
 Without a segmentation the run stops at the proximity, and says so: the
 candidates pair sites on segments, and a volume of one's own has no ground
 truth to stand for them (the test path's `config.segmentation.source`).
@@ -27,6 +33,9 @@ truth to stand for them (the test path's `config.segmentation.source`).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import pathlib
 
 import numpy as np
@@ -34,8 +43,10 @@ from absl import logging
 
 from synjax.errors import DataError
 from synjax.geometry import Box
+from synjax.inference import done_blocks
+from synjax.inference.block_grid import BlockGrid
 from synjax.io import SynapseTable, create_volume, layout, open_volume
-from synjax.io.provenance import describe_model
+from synjax.io.provenance import describe_model, input_fingerprint
 from synjax.io.volume_base import DEFAULT_RESOLUTION
 from synjax.pipelines import volume_input
 from synjax.pipelines.partners import (
@@ -46,8 +57,15 @@ from synjax.pipelines.partners import (
     _synapse_table,
 )
 from synjax.postprocess.blockwise_candidates import generate_candidates_blockwise
+from synjax.postprocess.blockwise_pass_state import (
+    HEADER_FILE,
+    PassState,
+    each_block_result,
+    remove_pass_state,
+)
 from synjax.postprocess.candidates import Candidates
-from synjax.stages import proximity
+from synjax.report.progress import progress_bar
+from synjax.stages import proximity, pruner
 from synjax.stages.proximity import ProximityStage
 from synjax.stages.pruner import PrunerStage
 
@@ -58,6 +76,10 @@ SEGMENTATION_KEY = "config.predict.segmentation"
 # Chunks of the site labels within a candidate block: small enough that the
 # closest-point search, which reads a site's neighbourhood, decompresses little.
 _SITE_CHUNKS = (16, 128, 128)
+# What the candidates' and the pruner scores' passes keep to resume, beside the outputs.
+CANDIDATES_STATE, SCORES_STATE = "candidates.state", "pruner_scores.state"
+# Pruner batches scored, and kept, together.
+SCORE_BATCHES = 32
 
 
 def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
@@ -130,20 +152,26 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         )
         return out
     block = unet_stage.prediction.candidate_block
-    candidates = find_candidates(config, block, prox, segmentation, out_dir)
+    made_from = candidates_provenance(config, out, prox, segmentation)
+    candidates = find_candidates(config, block, prox, segmentation, out_dir, made_from)
     scores = candidates.score
     if trained_pruner is not None and len(candidates):
         logging.info("Scoring %d candidates with the pruner", len(candidates))
-        scores = pruner_stage.score(
+        scores = score_candidates(
+            pruner_stage,
             trained_pruner,
             volume_input.RegionVolume(raw, roi),
             prox,
             segmentation,
             candidates,
-            name=config.predict.input,
-            progress=True,
+            config.predict.input,
+            out_dir / SCORES_STATE,
+            {"candidates": made_from, "pruner": _model(workdir, pruner.MODEL_NAME, trained_pruner)},
         )
     write_tables(config, candidates, scores, choice["threshold"], prox, out_dir)
+    # The tables are written: what the steps kept to resume is no longer needed.
+    for state in (SCORES_STATE, CANDIDATES_STATE):
+        remove_pass_state(out_dir / state)
     return out
 
 
@@ -211,22 +239,51 @@ def open_segmentation(config, raw, roi: Box):
     return volume_input.RegionVolume(volume, roi) if shape == input_shape else volume
 
 
-def find_candidates(config, block_shape, prox, segmentation, out_dir: pathlib.Path) -> Candidates:
-    """The candidates of an on-disk proximity and segmentation, block by block.
+def candidates_provenance(config, out: pathlib.Path, prox, segmentation) -> dict:
+    """What the candidates are made from: the proximity and the segmentation (JSON-able).
 
-    Args:
-      config: the run's config (`config.candidates`).
-      block_shape: `(z, y, x)` blocks (`config.predict.candidate_block`), cut
-        to the volume.
-      prox: the proximity output `Volume` (`[z, y, x]`).
-      segmentation: `[z, y, x]` lazy segmentation of the same shape.
-      out_dir: where the site labels are written (afresh on every run).
+    The proximity by what its done-state records (the U-Net and the input)
+    and a fingerprint of its content; the segmentation by its path, the roi
+    and a fingerprint of its content (`io.provenance.input_fingerprint`,
+    sampled boxes for a large volume).
     """
-    shape = tuple(prox.shape)
-    block = tuple(min(int(b), s) for b, s in zip(block_shape, shape, strict=True))
-    # A chunk that divides the block, so that each block writes whole chunks.
-    chunks = tuple(n if b % n == 0 else b for n, b in zip(_SITE_CHUNKS, block, strict=True))
-    sites = [
+    header = layout.blocks_manifest(out) / done_blocks.HEADER_FILE
+    try:
+        predicted = json.loads(header.read_text()).get("provenance")
+    except (FileNotFoundError, json.JSONDecodeError):
+        predicted = None
+    made_from = input_fingerprint(segmentation, path=config.predict.get("segmentation") or None)
+    roi = getattr(segmentation, "roi", None)  # a region cut from a larger segmentation
+    if roi is not None:
+        made_from["roi"] = [list(roi.start), list(roi.stop)]
+    return {
+        "proximity": {"made_from": predicted, "content": input_fingerprint(prox)},
+        "segmentation": made_from,
+    }
+
+
+def _site_volumes(out_dir: pathlib.Path, shape, chunks, prox, state: pathlib.Path) -> list:
+    """The site label volumes: those a killed run left (with its state), else new ones.
+
+    A resumed run must relabel the very volumes the killed one wrote; when
+    they are missing or of another shape or chunking, the state is removed
+    with them and both are made afresh.
+    """
+    if (state / HEADER_FILE).exists():
+        try:
+            found = [
+                open_volume(str(out_dir / name), mode="r+")
+                for name in (PRE_SITES_OUTPUT, POST_SITES_OUTPUT)
+            ]
+        except DataError:
+            found = []
+        if len(found) == 2 and all(
+            tuple(v.shape) == shape and tuple(getattr(v, "chunks", ())) == chunks for v in found
+        ):
+            return found
+        logging.warning("%s: the site volumes it was kept for are gone; starting afresh", state)
+    remove_pass_state(state)
+    return [
         create_volume(
             out_dir / name,
             shape,
@@ -238,6 +295,35 @@ def find_candidates(config, block_shape, prox, segmentation, out_dir: pathlib.Pa
         )
         for name in (PRE_SITES_OUTPUT, POST_SITES_OUTPUT)
     ]
+
+
+def find_candidates(
+    config, block_shape, prox, segmentation, out_dir: pathlib.Path, provenance=None
+) -> Candidates:
+    """The candidates of an on-disk proximity and segmentation, block by block, resumable.
+
+    What the passes finish is kept in `<out_dir>/candidates.state`
+    (`blockwise_candidates.generate_candidates_blockwise`'s state, keyed by
+    `provenance`, the block shape and `config.candidates`), so a run killed
+    part-way goes on from there; `predict_volume` removes it once the tables
+    are written.
+
+    Args:
+      config: the run's config (`config.candidates`).
+      block_shape: `(z, y, x)` blocks (`config.predict.candidate_block`), cut
+        to the volume.
+      prox: the proximity output `Volume` (`[z, y, x]`).
+      segmentation: `[z, y, x]` lazy segmentation of the same shape.
+      out_dir: where the site labels are written (afresh unless a killed
+        run's state is resumed).
+      provenance: what `prox` and `segmentation` are (`candidates_provenance`).
+    """
+    shape = tuple(prox.shape)
+    block = tuple(min(int(b), s) for b, s in zip(block_shape, shape, strict=True))
+    # A chunk that divides the block, so that each block writes whole chunks.
+    chunks = tuple(n if b % n == 0 else b for n, b in zip(_SITE_CHUNKS, block, strict=True))
+    state = out_dir / CANDIDATES_STATE
+    sites = _site_volumes(out_dir, shape, chunks, prox, state)
     logging.info("Candidates of %s in blocks of %s", shape, block)
     found = generate_candidates_blockwise(
         prox,
@@ -250,9 +336,62 @@ def find_candidates(config, block_shape, prox, segmentation, out_dir: pathlib.Pa
         max_gap_nm=config.candidates.max_gap_nm,
         progress=True,
         report=logging.info,
+        state=state,
+        provenance=provenance,
+        remove_state=False,
     )
     logging.info("%s: %d candidates", config.predict.input, len(found))
     return found
+
+
+def _candidates_fingerprint(candidates: Candidates) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for field in dataclasses.fields(candidates):
+        digest.update(np.ascontiguousarray(getattr(candidates, field.name)).tobytes())
+    return digest.hexdigest()
+
+
+def score_candidates(
+    stage: PrunerStage,
+    trained,
+    raw,
+    prox,
+    segmentation,
+    candidates: Candidates,
+    name: str,
+    state: pathlib.Path,
+    provenance: dict,
+) -> np.ndarray:
+    """`stage.score` of the candidates in parts of whole batches, each kept in `state`.
+
+    Each part is `SCORE_BATCHES` of the pruner's batches, so the batches the
+    network sees, and thus the scores, are those of one call over all the
+    candidates; a run killed part-way scores again only the parts not kept.
+
+    Returns:
+      `[n]` float64 scores.
+    """
+    part = stage.settings.train.batch_size * SCORE_BATCHES
+    parts = BlockGrid((1, 1, len(candidates)), (1, 1, part))
+    keyed = {
+        "made_from": provenance,
+        "candidates": _candidates_fingerprint(candidates),
+        "part": part,
+    }
+    passes = PassState(state, parts, keyed)
+    scores = []
+
+    def part_scores(index: int) -> dict[str, np.ndarray]:
+        rows = np.arange(index * part, min((index + 1) * part, len(candidates)))
+        found = stage.score(trained, raw, prox, segmentation, candidates.select(rows), name=name)
+        return {"scores": found}
+
+    def each(ids):
+        return progress_bar(ids, total=len(ids), desc="pruner parts", unit="part")
+
+    for found in each_block_result(passes, "scores", parts.block_ids(), part_scores, each):
+        scores.append(found["scores"])
+    return np.concatenate(scores).astype(np.float64, copy=False)
 
 
 def write_tables(

@@ -1,7 +1,9 @@
 """What the passes of a block-wise segmentation have finished, kept on disk so a killed run resumes.
 
 `blockwise_watershed.segment_blockwise` makes a segmentation in passes over
-the volume (range, fragments, stitching, contacts, relabelling). With a
+the volume (range, fragments, stitching, contacts, relabelling), and
+`blockwise_candidates.generate_candidates_blockwise` finds partner candidates
+in passes (components, overlaps, adjacency, site pairs). With a
 state folder, each pass leaves what a restarted run needs in order not to
 compute again what is finished:
 
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +131,57 @@ class PassState:
         """Deletes the whole state, its header first (a state without one counts as nothing)."""
         (self.path / HEADER_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def each_block_result(
+    state: PassState | None,
+    name: str,
+    block_ids: Sequence[int],
+    compute: Callable[[int], dict[str, Any]],
+    each: Callable[[Sequence[int]], Iterable[int]] = iter,
+    grid: BlockGrid | None = None,
+) -> Iterator[dict[str, Any]]:
+    """`compute(block_id)` of each of `block_ids`, in their order; with `state`, resumable.
+
+    With a state, each block's result (a dict of arrays) is saved and the
+    block recorded as done in pass `name`'s done-array before it is yielded;
+    blocks recorded by an earlier run are read back instead of computed. The
+    results come in the same order either way, so what they are folded into
+    is the same.
+
+    Args:
+      state: the pass state, or None (every block computed).
+      name: the pass (its files in the state).
+      block_ids: the blocks of `grid`, in the order to yield them.
+      compute: one block's result.
+      each: wraps the ids (e.g. in a progress bar).
+      grid: the pass's grid (default: the state's).
+    """
+    if state is None:
+        for block_id in each(block_ids):
+            yield compute(block_id)
+        return
+    done = state.blocks(name, grid)
+    todo = set(done.todo().tolist())
+    if len(todo) < len(block_ids):
+        log.info(
+            "%s, %s: %d of %d blocks done before",
+            state.path,
+            name,
+            len(block_ids) - len(todo),
+            len(block_ids),
+        )
+    for block_id in each(block_ids):
+        if block_id not in todo:
+            yield state.load_block(name, block_id)
+            continue
+        result = compute(block_id)
+        state.save_block(name, block_id, **result)
+        done.record([block_id])
+        yield result
+
+
+def remove_pass_state(path: str | os.PathLike) -> None:
+    """Deletes the pass state at `path`, if any, its header first (as `PassState.remove`)."""
+    (Path(path) / HEADER_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
