@@ -21,9 +21,8 @@ from synjax.errors import ConfigError
 from synjax.models import UNet3D, UNet3DSettings, conv_taps
 from synjax.models.conv import (
     AUTO_TAPS_MAX_CHANNELS,
-    FOLDED_TAPS_MIN_SLICE_VOXELS,
-    NATIVE_MIN_CHANNELS,
     TAPS_MAX_FIRST_LAYER_TAPS,
+    TAPS_MIN_VALID_OUTPUT_FRACTION,
     Conv3D,
     auto_implementation,
     conv3d_folded,
@@ -199,7 +198,7 @@ def test_fastest_on_cpu_picks_by_input_channels():
 def test_fastest_on_cpu_picks_by_shape():
     # The boundary cases below are built on these values.
     assert (AUTO_TAPS_MAX_CHANNELS, TAPS_MAX_FIRST_LAYER_TAPS) == (1, 9)
-    assert (FOLDED_TAPS_MIN_SLICE_VOXELS, NATIVE_MIN_CHANNELS) == (32 * 32, 256)
+    assert TAPS_MIN_VALID_OUTPUT_FRACTION == 0.5
 
     def fastest(shape, kernel, padding="SAME"):
         return resolve_implementation(
@@ -215,15 +214,17 @@ def test_fastest_on_cpu_picks_by_shape():
     assert fastest((2, 8, 128, 128, 1), (3, 3, 3)) == "folded"
     assert fastest((4, 8, 64, 64, 1), (1, 3, 3)) == "taps"
     assert fastest((4, 8, 64, 64, 2), (1, 3, 3)) == "folded"
-    # VALID, at least 32 x 32 output voxels per slice (3x3 takes 2 off y and x).
+    # VALID: taps on 1 channel, folded_taps above, large slices or small.
     assert fastest((1, 10, 156, 156, 1), (3, 3, 3), "VALID") == "taps"
     assert fastest((1, 10, 154, 154, 24), (3, 3, 3), "VALID") == "folded_taps"
-    assert fastest((1, 10, 34, 34, 216), (3, 3, 3), "VALID") == "folded_taps"
-    # VALID, smaller slices: folded, or native from 256 channels.
-    assert fastest((1, 10, 34, 33, 216), (3, 3, 3), "VALID") == "folded"
+    assert fastest((1, 10, 14, 14, 648), (3, 3, 3), "VALID") == "folded_taps"
+    # ... unless the output keeps less than half the input's y-x area:
+    # 3x7x7 on 3x7x7 ROIs keeps 1 of 49; 4 x 4 -> 2 x 2 keeps 1/4; 4 x 4 -> 4 x 2
+    # (kernel 1x1x3) keeps exactly 1/2.
     assert fastest((256, 3, 7, 7, 32), (3, 7, 7), "VALID") == "folded"
-    assert fastest((1, 10, 14, 14, 648), (3, 3, 3), "VALID") == "native"
-    assert fastest((1, 10, 14, 14, 255), (3, 3, 3), "VALID") == "folded"
+    assert fastest((256, 3, 7, 7, 1), (3, 7, 7), "VALID") == "folded"
+    assert fastest((1, 3, 4, 4, 8), (3, 3, 3), "VALID") == "folded"
+    assert fastest((1, 3, 4, 4, 8), (1, 1, 3), "VALID") == "folded_taps"
     # "auto" ignores the shape: still folded on CPU.
     auto = resolve_implementation(
         "auto", 1, input_shape=(1, 4, 9, 9, 1), kernel_size=(1, 1, 1), padding="SAME"
@@ -252,10 +253,10 @@ def test_product_groups_merge_small_slices_hand_computed():
     assert conv_taps._product_groups(5, 10) == 1
 
 
-@pytest.mark.parametrize("min_voxels", (1, 8, 30, 10**6))
+@pytest.mark.parametrize("min_voxels", (1, 30, 10**6))
 @pytest.mark.parametrize("padding", ("SAME", "VALID"))
 def test_taps_kernel_gradient_in_merged_slices_equals_lax(monkeypatch, min_voxels, padding):
-    # 1: one product per z-slice; 8, 30: slices merged in groups; 10**6: one product.
+    # 1: one product per z-slice; 30: slices merged in groups; 10**6: one product.
     monkeypatch.setattr(conv_taps, "MIN_PRODUCT_VOXELS", min_voxels)
     x = _random((2, 6, 5, 4, 3), 11)
     kernel = _random((3, 3, 2, 3, 4), 12)
@@ -273,8 +274,9 @@ def test_taps_kernel_gradient_in_merged_slices_equals_lax(monkeypatch, min_voxel
 
 
 def test_conv_block_fastest_equals_native_forward_and_gradient():
-    # "fastest" runs this small block's convolutions as folded (few voxels per
-    # slice); same output and parameter gradients as XLA's own convolutions.
+    # "fastest" runs the block's first convolution (1 input channel, VALID,
+    # 9x8 -> 7x6) as taps and its second (7x6 -> 5x4, under half the area) as
+    # folded. Same output and parameter gradients as XLA's own convolutions.
     x = _random((1, 6, 9, 8, AUTO_TAPS_MAX_CHANNELS), 10)
     block = ConvBlock(4, (3, 3, 3), padding="VALID", conv_implementation="fastest")
     params = jax.tree.map(lambda p: p + 0.05, jax.jit(block.init)(jax.random.key(0), x)["params"])

@@ -53,22 +53,21 @@ IMPLEMENTATIONS = ("auto", "fastest", "folded", "folded_sum", "folded_taps", "na
 #   U-Net (e.g. 0.19 s against 0.41 s on [2, 8, 128, 128, 8] -> 8); except a
 #   first layer of up to `TAPS_MAX_FIRST_LAYER_TAPS` taps on
 #   `AUTO_TAPS_MAX_CHANNELS` channel ("taps": all taps stacked, one product);
-# - "VALID" with at least `FOLDED_TAPS_MIN_SLICE_VOXELS` output voxels per
-#   z-slice (the paper U-Net): "taps" up to `AUTO_TAPS_MAX_CHANNELS` input
+# - "VALID" (the paper U-Net): "taps" up to `AUTO_TAPS_MAX_CHANNELS` input
 #   channels, "folded_taps" above (XLA's VALID 2D convolution is ~5x slower than
 #   its SAME one, so both run the SAME one cropped; "folded_taps" takes the
-#   kernel gradient from tap products);
-# - smaller "VALID" slices: "native" from `NATIVE_MIN_CHANNELS` input channels
-#   (the paper U-Net's 648-channel bottom), "folded" below (a 3x7x7 box head
-#   on 3x7x7 ROIs: the tap forms compute ~20x the needed products, "native"'s
-#   gradient is 17x slower).
+#   kernel gradient from tap products; e.g. 1.2 s against 3.7 s ("folded") and
+#   2.6 s ("native") for the gradient of [1, 10, 24, 24, 432] -> 216). Unless
+#   the output keeps less than `TAPS_MIN_VALID_OUTPUT_FRACTION` of the input's
+#   y-x area (a 3x7x7 box head on 3x7x7 ROIs): both then compute mostly voxels
+#   cropped away (~20x the needed products), so "folded" (0.09 s against
+#   1.5-2 s and "native"'s 1.2 s).
 # "auto" still maps to "folded" on CPU: every figure of the README was made
 # with it, and the faster paths change results by float rounding, so "auto"
 # moves to "fastest" when those figures are made again with it.
 AUTO_TAPS_MAX_CHANNELS = 1
 TAPS_MAX_FIRST_LAYER_TAPS = 9
-FOLDED_TAPS_MIN_SLICE_VOXELS = 32 * 32
-NATIVE_MIN_CHANNELS = 256
+TAPS_MIN_VALID_OUTPUT_FRACTION = 0.5
 PADDINGS = ("SAME", "VALID")
 # Layouts of lax.conv_general_dilated: channels last, kernel spatial-in-out,
 # as nn.Conv uses.
@@ -94,10 +93,9 @@ def resolve_implementation(
     backend (the measurements: see the constants above): "taps" for a 1x1x1
     kernel; for "SAME" padding "folded" (or "taps" for a first layer of at
     most `TAPS_MAX_FIRST_LAYER_TAPS` taps on `AUTO_TAPS_MAX_CHANNELS`
-    channel); for "VALID" with at least `FOLDED_TAPS_MIN_SLICE_VOXELS` output
-    voxels per z-slice, "taps" up to `AUTO_TAPS_MAX_CHANNELS` input channels
-    and "folded_taps" above; with fewer, "native" from `NATIVE_MIN_CHANNELS`
-    input channels and "folded" below. Without `input_shape` and
+    channel); for "VALID" "taps" up to `AUTO_TAPS_MAX_CHANNELS` input channels
+    and "folded_taps" above, unless the output keeps less than
+    `TAPS_MIN_VALID_OUTPUT_FRACTION` of the input's y-x area ("folded"). Without `input_shape` and
     `kernel_size` only the channel rule measured on the paper U-Net's large
     VALID layers applies ("taps" up to `AUTO_TAPS_MAX_CHANNELS`, else
     "folded_taps"). "auto": "folded" on the CPU
@@ -141,8 +139,8 @@ def _fastest_on_cpu(
         few_taps = taps <= TAPS_MAX_FIRST_LAYER_TAPS
         return "taps" if channels <= AUTO_TAPS_MAX_CHANNELS and few_taps else "folded"
     out_y, out_x = input_shape[2] - kernel_size[1] + 1, input_shape[3] - kernel_size[2] + 1
-    if out_y * out_x < FOLDED_TAPS_MIN_SLICE_VOXELS:
-        return "native" if channels >= NATIVE_MIN_CHANNELS else "folded"
+    if out_y * out_x < TAPS_MIN_VALID_OUTPUT_FRACTION * input_shape[2] * input_shape[3]:
+        return "folded"
     return "taps" if channels <= AUTO_TAPS_MAX_CHANNELS else "folded_taps"
 
 
