@@ -93,6 +93,7 @@ def test_blocks_dropped_remainder_gets_zero_gradient():
 
 
 def test_max_pool3d_implementations_and_errors():
+    assert jax.default_backend() == "cpu"
     assert resolve_pool_implementation("auto") == "blocks"
     assert resolve_pool_implementation("xla") == "xla"
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 4, 4, 3)), jnp.float32)
@@ -108,7 +109,7 @@ def test_max_pool3d_implementations_and_errors():
 
 
 def test_unet_pools_with_blocks():
-    # The U-Net's pooling is the "blocks" pool: its jaxpr has no reduce_window.
+    # On CPU the U-Net's pooling is the "blocks" pool: its jaxpr has no reduce_window.
     cfg = UNet3DSettings(depth=1, base_features=2, pool_factors=((1, 2, 2),), padding="SAME")
     x = jnp.zeros((1, 2, 4, 4, 1))
     params = jax.eval_shape(UNet3D(cfg).init, jax.random.key(0), x)["params"]

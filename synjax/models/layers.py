@@ -24,8 +24,10 @@ UPSAMPLE_MODES = ("transpose", "resize_conv")
 # "xla": `nn.max_pool` (XLA's reduce_window; its gradient is select_and_scatter);
 # "blocks": `max_pool_blocks` (a reshape and a max; gradient by `argmax`).
 # Both give the same output and gradient bit for bit, ties included
-# (tests/test_pooling.py), so "auto" takes "blocks", measured faster on CPU by
-# `benchmarks/bench_conv.py --pooling`, on every backend.
+# (tests/test_pooling.py), so "auto" takes "blocks" on the CPU backend, where
+# its forward + gradient measured 2-10x faster on the networks' pooling inputs
+# (`benchmarks/bench_conv.py --network-layers`, results/bench_conv_layers.json),
+# and "xla" elsewhere (not measured there).
 POOL_IMPLEMENTATIONS = ("auto", "blocks", "xla")
 
 
@@ -154,12 +156,14 @@ max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)
 
 
 def resolve_pool_implementation(implementation: str) -> str:
-    """Maps "auto" to "blocks" (same results as "xla", faster on CPU); checks the name."""
+    """Maps "auto" to "blocks" on CPU (same results as "xla", faster), else "xla"."""
     if implementation not in POOL_IMPLEMENTATIONS:
         raise ConfigError(
             f"pool implementation={implementation!r}; expected one of {POOL_IMPLEMENTATIONS}"
         )
-    return "blocks" if implementation == "auto" else implementation
+    if implementation == "auto":
+        return "blocks" if jax.default_backend() == "cpu" else "xla"
+    return implementation
 
 
 def max_pool3d(x: jnp.ndarray, factors: Sequence[int], implementation: str = "auto") -> jnp.ndarray:
