@@ -43,25 +43,32 @@ from synjax.models.conv_taps import (
 
 IMPLEMENTATIONS = ("auto", "fastest", "folded", "folded_sum", "folded_taps", "native", "taps")
 # "fastest" on CPU, per convolution from its static shape (`resolve_implementation`),
-# measured on the Conv3D layers of every synjax 3D network, forward and gradient:
-#   .venv/bin/python benchmarks/bench_conv.py --network-layers --repeats 3
-# (results/bench_conv_layers.json; 2-core AMD EPYC, jax 0.10.2, float32):
-# - a 1x1x1 kernel: "taps" (one matrix product; "folded" 2-3x slower in grad);
+# measured on the Conv3D layers of every synjax 3D network (Mask R-CNN, instance
+# U-Net, pruning CNN, partner U-Net demo and paper), forward and gradient:
+#   .venv/bin/python benchmarks/bench_conv.py --network-layers --repeats 2
+# (results/bench_conv_layers.json; 2-core AMD EPYC, jax 0.10.2, float32, load 5-9
+# from other jobs; gradient figures below include the forward pass):
+# - a 1x1x1 kernel: "taps" (one matrix product; gradient 2.4 ms against "folded"'s
+#   3.4 ms on [2, 32, 24, 24, 8] -> 32);
 # - "SAME": "folded". XLA:CPU runs a SAME 2D convolution and its own gradient on
-#   its fast path, and that kernel gradient beat the tap products at every
-#   SAME layer of Mask R-CNN, the instance U-Net, the pruning CNN and the demo
-#   U-Net (e.g. 0.19 s against 0.41 s on [2, 8, 128, 128, 8] -> 8); except a
-#   first layer of up to `TAPS_MAX_FIRST_LAYER_TAPS` taps on
-#   `AUTO_TAPS_MAX_CHANNELS` channel ("taps": all taps stacked, one product);
+#   its fast path, and that kernel gradient beat the tap products at nearly
+#   every SAME layer of Mask R-CNN, the instance U-Net, the pruning CNN and the
+#   demo U-Net (e.g. 0.08 s against "folded_taps"' 0.18 s on [2, 8, 128, 128, 8]
+#   -> 8); except a first layer of up to `TAPS_MAX_FIRST_LAYER_TAPS` taps on
+#   `AUTO_TAPS_MAX_CHANNELS` channel ("taps": all taps stacked, one product;
+#   6.7 ms against 8.1 ms on [4, 8, 64, 64, 1] -> 8, 1x3x3);
 # - "VALID" (the paper U-Net): "taps" up to `AUTO_TAPS_MAX_CHANNELS` input
 #   channels, "folded_taps" above (XLA's VALID 2D convolution is ~5x slower than
 #   its SAME one, so both run the SAME one cropped; "folded_taps" takes the
-#   kernel gradient from tap products; e.g. 1.2 s against 3.7 s ("folded") and
-#   2.6 s ("native") for the gradient of [1, 10, 24, 24, 432] -> 216). Unless
-#   the output keeps less than `TAPS_MIN_VALID_OUTPUT_FRACTION` of the input's
-#   y-x area (a 3x7x7 box head on 3x7x7 ROIs): both then compute mostly voxels
-#   cropped away (~20x the needed products), so "folded" (0.09 s against
-#   1.5-2 s and "native"'s 1.2 s).
+#   kernel gradient from tap products: 0.67 s against "folded"'s 2.1 s and
+#   "native"'s 1.5 s on [1, 10, 154, 154, 24] -> 24). Unless the output keeps
+#   less than `TAPS_MIN_VALID_OUTPUT_FRACTION` of the input's y-x area (a 3x7x7
+#   box head on 3x7x7 ROIs): both then compute mostly voxels cropped away
+#   (~20x the needed products), so "folded" (0.05 s against 0.58-0.74 s and
+#   "native"'s 0.65 s on [256, 3, 7, 7, 32] -> 64).
+# Summed over each network's layers (weighted by use), "fastest" is at least as
+# fast as "folded" and "native" forward and in gradient on every network.
+# Thresholds were measured at float32 only (bfloat16 takes the same rule).
 # "auto" still maps to "folded" on CPU: every figure of the README was made
 # with it, and the faster paths change results by float rounding, so "auto"
 # moves to "fastest" when those figures are made again with it.
