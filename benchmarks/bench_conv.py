@@ -25,6 +25,12 @@ Run:
 
   .venv/bin/python benchmarks/bench_conv.py --repeats 3
   .venv/bin/python benchmarks/bench_conv.py --skip-layers --dtypes float32 bfloat16
+  .venv/bin/python benchmarks/bench_conv.py --network-layers --repeats 3
+
+The last times the Conv3D layers of every synjax network (`NETWORK_LAYERS`), in
+turn per layer, with what "fastest" picks for each, and the max pooling
+(`POOL_CASES`), into results/bench_conv_layers.json: the measurements behind
+`conv.resolve_implementation`'s rule and the "blocks" max pool.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import dataclasses
 import functools
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +55,8 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
 
 from synjax.models import UNet3D, UNet3DSettings, weighted_mse
-from synjax.models.conv import Conv3D, auto_implementation
+from synjax.models.conv import Conv3D, auto_implementation, resolve_implementation
+from synjax.models.layers import max_pool3d
 
 IMPLEMENTATIONS = ("native", "folded", "folded_sum", "folded_taps", "taps", "fastest")
 SEED = 0
@@ -79,6 +87,66 @@ SMALL_UNET = UNet3DSettings(
 # configuration: input 32x156x156 -> output 4x68x68 (87 GFLOP forward).
 PAPER_UNET = UNet3DSettings()
 PAPER_MIN_OUTPUT = (4, 64, 64)
+# Conv3D layers (stride 1) of every synjax 3D network, as traced (jax.eval_shape of the train
+# steps of bench_mask_rcnn.py and bench_instance_unet.py, the configs' model settings) in their
+# default configurations: (network, input [batch, z, y, x, c], features, kernel, padding,
+# count in one forward pass). Train-step batches; inference runs the same layers at batch 1.
+NETWORK_LAYERS = (
+    # Mask R-CNN, configs/fluorescence.py "default" (ResNet-18 + FPN, patch 32x96x96, batch 2).
+    ("mask_rcnn", (2, 32, 24, 24, 8), 8, (3, 3, 3), "SAME", 4),
+    ("mask_rcnn", (2, 32, 12, 12, 16), 16, (3, 3, 3), "SAME", 3),
+    ("mask_rcnn", (2, 16, 6, 6, 32), 32, (3, 3, 3), "SAME", 4),
+    ("mask_rcnn", (2, 8, 3, 3, 64), 64, (3, 3, 3), "SAME", 3),
+    ("mask_rcnn", (2, 32, 24, 24, 32), 32, (3, 3, 3), "SAME", 2),
+    ("mask_rcnn", (2, 32, 12, 12, 32), 32, (3, 3, 3), "SAME", 1),
+    ("mask_rcnn", (2, 32, 24, 24, 8), 32, (1, 1, 1), "SAME", 1),
+    ("mask_rcnn", (2, 32, 24, 24, 32), 18, (1, 1, 1), "SAME", 1),
+    ("mask_rcnn", (256, 3, 7, 7, 32), 64, (3, 7, 7), "VALID", 1),
+    ("mask_rcnn", (256, 1, 1, 1, 64), 64, (1, 1, 1), "VALID", 1),
+    ("mask_rcnn", (128, 2, 7, 7, 32), 16, (3, 3, 3), "SAME", 1),
+    ("mask_rcnn", (128, 4, 14, 14, 16), 1, (3, 3, 3), "SAME", 1),
+    # Instance U-Net, configs/vnc.py "default" (8 features, pools (1,2,2)x3 + (2,2,2),
+    # crops 8x128x128, batch 2).
+    ("instance_unet", (2, 8, 128, 128, 1), 8, (3, 3, 3), "SAME", 1),
+    ("instance_unet", (2, 8, 128, 128, 8), 8, (3, 3, 3), "SAME", 2),
+    ("instance_unet", (2, 8, 64, 64, 16), 16, (3, 3, 3), "SAME", 2),
+    ("instance_unet", (2, 8, 32, 32, 32), 32, (3, 3, 3), "SAME", 3),
+    ("instance_unet", (2, 8, 16, 16, 64), 64, (3, 3, 3), "SAME", 2),
+    ("instance_unet", (2, 4, 8, 8, 128), 128, (3, 3, 3), "SAME", 1),
+    ("instance_unet", (2, 8, 128, 128, 16), 8, (3, 3, 3), "SAME", 1),
+    ("instance_unet", (2, 8, 128, 128, 8), 1, (1, 1, 1), "SAME", 1),
+    ("instance_unet", (128, 3, 7, 7, 32), 64, (3, 7, 7), "VALID", 1),
+    ("instance_unet", (64, 4, 28, 28, 16), 1, (3, 3, 3), "SAME", 1),
+    # Pruning CNN, configs/demo.py (window 8x64x64, 4 channels, batch 16).
+    ("pruning", (16, 8, 64, 64, 4), 16, (3, 3, 3), "SAME", 1),
+    ("pruning", (16, 8, 32, 32, 16), 32, (3, 3, 3), "SAME", 1),
+    ("pruning", (16, 8, 16, 16, 32), 64, (3, 3, 3), "SAME", 1),
+    ("pruning", (16, 4, 8, 8, 64), 64, (3, 3, 3), "SAME", 1),
+    ("pruning", (16, 2, 4, 4, 64), 128, (3, 3, 3), "SAME", 1),
+    # Partner U-Net, configs/demo.py (depth 2, 8 features, kernels 1x3x3 then
+    # 3x3x3, SAME, 8x64x64, batch 4).
+    ("unet_demo", (4, 8, 64, 64, 1), 8, (1, 3, 3), "SAME", 1),
+    ("unet_demo", (4, 8, 64, 64, 8), 8, (1, 3, 3), "SAME", 2),
+    ("unet_demo", (4, 8, 32, 32, 16), 16, (3, 3, 3), "SAME", 3),
+    ("unet_demo", (4, 8, 16, 16, 32), 32, (3, 3, 3), "SAME", 2),
+    # Partner U-Net, paper (VALID 3x3x3; z cut to 10 to keep the benchmark short).
+    ("unet_paper", (1, 10, 156, 156, 1), 24, (3, 3, 3), "VALID", 1),
+    ("unet_paper", (1, 10, 154, 154, 24), 24, (3, 3, 3), "VALID", 1),
+    ("unet_paper", (1, 10, 74, 74, 72), 72, (3, 3, 3), "VALID", 1),
+    ("unet_paper", (1, 10, 34, 34, 216), 216, (3, 3, 3), "VALID", 1),
+    ("unet_paper", (1, 10, 14, 14, 648), 648, (3, 3, 3), "VALID", 1),
+)
+# "fastest" is not timed apart: per layer it is the implementation it resolves to.
+NETWORK_IMPLEMENTATIONS = ("native", "folded", "folded_taps", "taps")
+# Max-pool inputs (window = stride) of the networks: paper U-Net, instance U-Net,
+# pruning CNN.
+POOL_CASES = (
+    ((1, 28, 152, 152, 24), (1, 2, 2)),
+    ((1, 24, 72, 72, 72), (1, 2, 2)),
+    ((2, 8, 128, 128, 8), (1, 2, 2)),
+    ((2, 8, 16, 16, 64), (2, 2, 2)),
+    ((16, 8, 64, 64, 16), (1, 2, 2)),
+)
 LAYER_COLUMNS = ("case", "impl", "fwd_s", "grad_s", "grad_compile_s", "fwd_speedup", "grad_speedup")
 UNET_COLUMNS = (
     "case",
@@ -107,6 +175,109 @@ def bench_layer(shape, features, kernel, padding, impl, repeats):
         "grad_s": common.time_calls(lambda: compiled(params, x), repeats).median,
         "grad_compile_s": compile_s,
     }
+
+
+def _interleaved(calls: dict, repeats: int) -> dict:
+    """Fastest of `repeats` timed calls of each callable, taken in turn (A, B, A, B, ...).
+
+    On a shared machine the load changes from second to second; taking the
+    candidates in turn exposes them to the same load, and the minimum is the
+    least disturbed call.
+    """
+    times = {name: [] for name in calls}
+    for call in calls.values():
+        jax.block_until_ready(call())  # warm-up
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
+def bench_network_layers(impls, repeats, networks=None):
+    """Forward and grad (w.r.t. params and input) of every network's Conv3D layers.
+
+    Returns:
+      One row per layer: its shape, the implementation "fastest" resolves to,
+      and `{impl}_fwd_s` / `{impl}_grad_s`, the implementations timed in turn.
+    """
+    rows = []
+    for network, shape, features, kernel, padding, count in NETWORK_LAYERS:
+        if networks and network not in networks:
+            continue
+        x = jnp.asarray(np.random.default_rng(SEED).random(shape, np.float32))
+        calls = {}
+        for impl in impls:
+            module = Conv3D(features, kernel, padding=padding, implementation=impl)
+            params = jax.jit(module.init)(jax.random.key(SEED), x)
+            forward = jax.jit(module.apply).lower(params, x).compile()
+            loss = functools.partial(lambda m, p, v: jnp.sum(m.apply(p, v) ** 2), module)
+            grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+            calls[f"{impl}_fwd_s"] = functools.partial(forward, params, x)
+            calls[f"{impl}_grad_s"] = functools.partial(grad, params, x)
+        row = {
+            "network": network,
+            "input": list(shape),
+            "features": features,
+            "kernel": list(kernel),
+            "padding": padding,
+            "count": count,
+            "fastest_is": resolve_implementation(
+                "fastest", shape[-1], input_shape=shape, kernel_size=kernel, padding=padding
+            ),
+            **_interleaved(calls, repeats),
+        }
+        rows.append(row)
+        print(
+            f"{network} {shape}->{features} {kernel} {padding}: "
+            + ", ".join(f"{i} {row[i + '_fwd_s']:.4f}/{row[i + '_grad_s']:.4f}" for i in impls)
+            + f" s (fwd/grad); fastest = {row['fastest_is']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
+def network_totals(rows, impls):
+    """Per network and implementation: the layers' times weighted by their counts.
+
+    The "fastest" row sums, per layer, the time of the implementation it
+    resolves to ("n/a" when that one was not timed).
+    """
+    totals = []
+    for network in dict.fromkeys(r["network"] for r in rows):
+        mine = [r for r in rows if r["network"] == network]
+        for impl in (*impls, "fastest"):
+            row = {"network": network, "impl": impl}
+            for what in ("fwd_s", "grad_s"):
+                keys = [f"{r['fastest_is'] if impl == 'fastest' else impl}_{what}" for r in mine]
+                known = all(k in r for k, r in zip(keys, mine, strict=True))
+                row[what] = (
+                    sum(r["count"] * r[k] for k, r in zip(keys, mine, strict=True))
+                    if known
+                    else None
+                )
+            totals.append(row)
+    return totals
+
+
+def bench_pooling(repeats):
+    """Max pooling forward and grad of sum(pool(x)^2): nn.max_pool against max_pool_blocks."""
+    rows = []
+    for shape, factors in POOL_CASES:
+        x = jnp.asarray(np.random.default_rng(SEED).random(shape, np.float32))
+        calls = {}
+        for impl in ("xla", "blocks"):
+            pool = functools.partial(max_pool3d, factors=factors, implementation=impl)
+            forward = jax.jit(pool).lower(x).compile()
+            grad = jax.jit(jax.grad(lambda v, f=pool: jnp.sum(f(v) ** 2))).lower(x).compile()
+            calls[f"{impl}_fwd_s"] = functools.partial(forward, x)
+            calls[f"{impl}_grad_s"] = functools.partial(grad, x)
+        row = {"input": list(shape), "factors": list(factors), **_interleaved(calls, repeats)}
+        rows.append(row)
+        print(f"pool {shape} {factors}: {row}", file=sys.stderr, flush=True)
+    return rows
 
 
 def _flops(compiled) -> float | None:
@@ -215,7 +386,16 @@ def main(argv=None):
         "--out",
         default=os.path.join(os.path.dirname(__file__), "results", "bench_conv.json"),
     )
+    parser.add_argument(
+        "--network-layers",
+        action="store_true",
+        help="time every network's Conv3D layers (NETWORK_LAYERS) and the max pooling only",
+    )
+    parser.add_argument("--networks", nargs="+", help="with --network-layers: only these")
     args = parser.parse_args(argv)
+    if args.network_layers:
+        _main_network_layers(args)
+        return
 
     layer_rows = []
     for shape, features, kernel, padding in () if args.skip_layers else LAYER_CASES:
@@ -288,6 +468,36 @@ def main(argv=None):
             "repeats": args.repeats,
             "layers": layer_rows,
             "unet": unet_rows,
+        },
+    )
+    print(f"\nwrote {path}")
+
+
+def _main_network_layers(args):
+    """--network-layers: per-layer times of every network, their weighted sums, pooling."""
+    impls = [i for i in args.impls if i in NETWORK_IMPLEMENTATIONS] or NETWORK_IMPLEMENTATIONS
+    rows = bench_network_layers(impls, args.repeats, args.networks)
+    totals = network_totals(rows, impls)
+    pool_rows = bench_pooling(args.repeats)
+    print("Conv3D layers of each network, weighted by their counts (float32, seconds):")
+    print(common.format_table(totals, ("network", "impl", "fwd_s", "grad_s")))
+    print("\nMax pooling, window = stride (float32, seconds):")
+    pool_columns = ("xla_fwd_s", "blocks_fwd_s", "xla_grad_s", "blocks_grad_s")
+    print(common.format_table(pool_rows, ("input", "factors", *pool_columns)))
+    out = args.out
+    if out.endswith("bench_conv.json"):
+        out = out.replace("bench_conv.json", "bench_conv_layers.json")
+    path = common.write_json(
+        out,
+        {
+            "benchmark": "bench_conv --network-layers",
+            "environment": common.environment(),
+            "load_average": os.getloadavg(),
+            "command": " ".join(sys.argv),
+            "repeats": args.repeats,
+            "layers": rows,
+            "network_totals": totals,
+            "pooling": pool_rows,
         },
     )
     print(f"\nwrote {path}")

@@ -18,9 +18,11 @@ import pytest
 from jax import lax
 
 from synjax.errors import ConfigError
-from synjax.models import UNet3D, UNet3DSettings
+from synjax.models import UNet3D, UNet3DSettings, conv_taps
 from synjax.models.conv import (
     AUTO_TAPS_MAX_CHANNELS,
+    TAPS_MAX_FIRST_LAYER_TAPS,
+    TAPS_MIN_VALID_OUTPUT_FRACTION,
     Conv3D,
     auto_implementation,
     conv3d_folded,
@@ -193,10 +195,88 @@ def test_fastest_on_cpu_picks_by_input_channels():
         assert resolve_implementation("auto", 64) == "native"
 
 
+def test_fastest_on_cpu_picks_by_shape():
+    # The boundary cases below are built on these values.
+    assert (AUTO_TAPS_MAX_CHANNELS, TAPS_MAX_FIRST_LAYER_TAPS) == (1, 9)
+    assert TAPS_MIN_VALID_OUTPUT_FRACTION == 0.5
+
+    def fastest(shape, kernel, padding="SAME"):
+        return resolve_implementation(
+            "fastest", shape[-1], input_shape=shape, kernel_size=kernel, padding=padding
+        )
+
+    # A 1x1x1 kernel is one matrix product, whatever the size or padding.
+    assert fastest((2, 32, 24, 24, 8), (1, 1, 1)) == "taps"
+    assert fastest((256, 1, 1, 1, 64), (1, 1, 1), "VALID") == "taps"
+    # SAME: folded, large or small, except a first layer of <= 9 taps on 1 channel.
+    assert fastest((2, 32, 24, 24, 8), (3, 3, 3)) == "folded"
+    assert fastest((2, 8, 128, 128, 8), (3, 3, 3)) == "folded"
+    assert fastest((2, 8, 128, 128, 1), (3, 3, 3)) == "folded"
+    assert fastest((4, 8, 64, 64, 1), (1, 3, 3)) == "taps"
+    assert fastest((4, 8, 64, 64, 2), (1, 3, 3)) == "folded"
+    # VALID: taps on 1 channel, folded_taps above, large slices or small.
+    assert fastest((1, 10, 156, 156, 1), (3, 3, 3), "VALID") == "taps"
+    assert fastest((1, 10, 154, 154, 24), (3, 3, 3), "VALID") == "folded_taps"
+    assert fastest((1, 10, 14, 14, 648), (3, 3, 3), "VALID") == "folded_taps"
+    # ... unless the output keeps less than half the input's y-x area:
+    # 3x7x7 on 3x7x7 ROIs keeps 1 of 49; 4 x 4 -> 2 x 2 keeps 1/4; 4 x 4 -> 4 x 2
+    # (kernel 1x1x3) keeps exactly 1/2.
+    assert fastest((256, 3, 7, 7, 32), (3, 7, 7), "VALID") == "folded"
+    assert fastest((256, 3, 7, 7, 1), (3, 7, 7), "VALID") == "folded"
+    assert fastest((1, 3, 4, 4, 8), (3, 3, 3), "VALID") == "folded"
+    assert fastest((1, 3, 4, 4, 8), (1, 1, 3), "VALID") == "folded_taps"
+    # "auto" ignores the shape: still folded on CPU.
+    auto = resolve_implementation(
+        "auto", 1, input_shape=(1, 4, 9, 9, 1), kernel_size=(1, 1, 1), padding="SAME"
+    )
+    assert auto == "folded"
+
+
+def test_conv3d_module_resolves_fastest_from_its_input_shape():
+    def primitives(shape, kernel):
+        module = Conv3D(3, kernel, implementation="fastest")
+        x = jnp.zeros(shape)
+        params = jax.eval_shape(module.init, jax.random.key(0), x)
+        return str(jax.make_jaxpr(module.apply)(params, x))
+
+    small = primitives((1, 3, 8, 8, 2), (3, 3, 3))  # folded: one 2D conv, no tap products
+    assert "conv_general_dilated" in small and "dot_general" not in small
+    pointwise = primitives((1, 3, 8, 8, 2), (1, 1, 1))  # taps: a product, no conv
+    assert "conv_general_dilated" not in pointwise and "dot_general" in pointwise
+
+
+def test_product_groups_merge_small_slices_hand_computed():
+    assert conv_taps.MIN_PRODUCT_VOXELS == 1024
+    assert conv_taps._product_groups(12, 2000) == 12  # slices large enough: one each
+    assert conv_taps._product_groups(12, 300) == 3  # 3600 voxels: at most 3 groups of >= 1024
+    assert conv_taps._product_groups(7, 300) == 1  # 7 is prime: one product
+    assert conv_taps._product_groups(5, 10) == 1
+
+
+@pytest.mark.parametrize("min_voxels", (1, 30, 10**6))
+@pytest.mark.parametrize("padding", ("SAME", "VALID"))
+def test_taps_kernel_gradient_in_merged_slices_equals_lax(monkeypatch, min_voxels, padding):
+    # 1: one product per z-slice; 30: slices merged in groups; 10**6: one product.
+    monkeypatch.setattr(conv_taps, "MIN_PRODUCT_VOXELS", min_voxels)
+    x = _random((2, 6, 5, 4, 3), 11)
+    kernel = _random((3, 3, 2, 3, 4), 12)
+    want = reference(x, kernel, padding)
+    weights = _random(want.shape, 13)
+    for impl in ("taps", "folded_taps"):
+
+        def ours(v, k, impl=impl):
+            return IMPLS[impl](v, k, padding, precision=lax.Precision.HIGHEST)
+
+        want_grads = _weighted_grads(lambda v, k: reference(v, k, padding), x, kernel, weights)
+        got_grads = _weighted_grads(ours, x, kernel, weights)
+        for got, expected in zip(got_grads, want_grads, strict=True):
+            np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL * 10)
+
+
 def test_conv_block_fastest_equals_native_forward_and_gradient():
-    # "fastest" runs the block's first convolution (1 input channel) as taps and
-    # its second (4) as folded_taps. Same output and parameter gradients as XLA's
-    # own convolutions.
+    # "fastest" runs the block's first convolution (1 input channel, VALID,
+    # 9x8 -> 7x6) as taps and its second (7x6 -> 5x4, under half the area) as
+    # folded. Same output and parameter gradients as XLA's own convolutions.
     x = _random((1, 6, 9, 8, AUTO_TAPS_MAX_CHANNELS), 10)
     block = ConvBlock(4, (3, 3, 3), padding="VALID", conv_implementation="fastest")
     params = jax.tree.map(lambda p: p + 0.05, jax.jit(block.init)(jax.random.key(0), x)["params"])

@@ -13,8 +13,8 @@ native 3D convolution (cuDNN's are fast). A third way, "taps"
 products over the kernel's taps, with a hand-written backward pass;
 "folded_taps" keeps the folded forward pass and input gradient and takes the
 kernel gradient (XLA's slowest part on CPU) from the tap products. "fastest"
-picks per backend and input channel count, as measured by
-benchmarks/bench_conv.py; "auto" keeps "folded" on CPU until the README's
+picks per backend and per convolution from its static shape, as measured by
+benchmarks/bench_conv.py on every network's layers; "auto" keeps "folded" on CPU until the README's
 figures are made again with the faster paths. Every implementation gives the same result up to
 float rounding (tests/test_conv_impl.py).
 """
@@ -42,15 +42,40 @@ from synjax.models.conv_taps import (
 )
 
 IMPLEMENTATIONS = ("auto", "fastest", "folded", "folded_sum", "folded_taps", "native", "taps")
-# "fastest" on CPU: "taps" up to this many input channels (a network's first
-# layer: all 27 taps of one channel stacked, one product), "folded_taps" above
-# (XLA's fast 2D convolutions forward and for the input gradient, tap products
-# for the kernel gradient, where XLA's own is slowest). Measured on the paper
-# U-Net's layers with benchmarks/bench_conv.py (2-core AMD EPYC, jax 0.10.2).
+# "fastest" on CPU, per convolution from its static shape (`resolve_implementation`),
+# measured on the Conv3D layers of every synjax 3D network (Mask R-CNN, instance
+# U-Net, pruning CNN, partner U-Net demo and paper), forward and gradient:
+#   .venv/bin/python benchmarks/bench_conv.py --network-layers --repeats 2
+# (results/bench_conv_layers.json; 2-core AMD EPYC, jax 0.10.2, float32, load 5-9
+# from other jobs; gradient figures below include the forward pass):
+# - a 1x1x1 kernel: "taps" (one matrix product; gradient 2.4 ms against "folded"'s
+#   3.4 ms on [2, 32, 24, 24, 8] -> 32);
+# - "SAME": "folded". XLA:CPU runs a SAME 2D convolution and its own gradient on
+#   its fast path, and that kernel gradient beat the tap products at nearly
+#   every SAME layer of Mask R-CNN, the instance U-Net, the pruning CNN and the
+#   demo U-Net (e.g. 0.08 s against "folded_taps"' 0.18 s on [2, 8, 128, 128, 8]
+#   -> 8); except a first layer of up to `TAPS_MAX_FIRST_LAYER_TAPS` taps on
+#   `AUTO_TAPS_MAX_CHANNELS` channel ("taps": all taps stacked, one product;
+#   6.7 ms against 8.1 ms on [4, 8, 64, 64, 1] -> 8, 1x3x3);
+# - "VALID" (the paper U-Net): "taps" up to `AUTO_TAPS_MAX_CHANNELS` input
+#   channels, "folded_taps" above (XLA's VALID 2D convolution is ~5x slower than
+#   its SAME one, so both run the SAME one cropped; "folded_taps" takes the
+#   kernel gradient from tap products: 0.67 s against "folded"'s 2.1 s and
+#   "native"'s 1.5 s on [1, 10, 154, 154, 24] -> 24). Unless the output keeps
+#   less than `TAPS_MIN_VALID_OUTPUT_FRACTION` of the input's y-x area (a 3x7x7
+#   box head on 3x7x7 ROIs): both then compute mostly voxels cropped away
+#   (~20x the needed products), so "folded" (0.05 s against 0.58-0.74 s and
+#   "native"'s 0.65 s on [256, 3, 7, 7, 32] -> 64).
+# Summed over each network's layers (weighted by use), "fastest" is as fast as
+# "folded" (within 0.2%) or faster, and faster than "native", forward and in
+# gradient, on every network.
+# Thresholds were measured at float32 only (bfloat16 takes the same rule).
 # "auto" still maps to "folded" on CPU: every figure of the README was made
 # with it, and the faster paths change results by float rounding, so "auto"
 # moves to "fastest" when those figures are made again with it.
 AUTO_TAPS_MAX_CHANNELS = 1
+TAPS_MAX_FIRST_LAYER_TAPS = 9
+TAPS_MIN_VALID_OUTPUT_FRACTION = 0.5
 PADDINGS = ("SAME", "VALID")
 # Layouts of lax.conv_general_dilated: channels last, kernel spatial-in-out,
 # as nn.Conv uses.
@@ -62,18 +87,36 @@ _DIMENSION_NUMBERS_3D = ("NDHWC", "DHWIO", "NDHWC")
 _auto_override: str | None = None
 
 
-def resolve_implementation(implementation: str, in_features: int | None = None) -> str:
-    """Maps "auto" and "fastest" to an implementation for the backend.
+def resolve_implementation(
+    implementation: str,
+    in_features: int | None = None,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    kernel_size: tuple[int, int, int] | None = None,
+    padding: str = "SAME",
+) -> str:
+    """Maps "auto" and "fastest" to an implementation for the backend and shape.
 
-    "fastest", the measured fastest: on the CPU backend "taps" for up to
-    `AUTO_TAPS_MAX_CHANNELS` input channels, "folded_taps" for more (or
-    unknown). "auto": "folded" on the CPU backend (what the README's figures
-    were made with). Both are "native" elsewhere (cuDNN's 3D convolutions are
-    fast). Inside `auto_implementation(name)`, "auto" maps to `name` instead.
+    The one home of the rule. "fastest", the measured fastest on the CPU
+    backend (the measurements: see the constants above): "taps" for a 1x1x1
+    kernel; for "SAME" padding "folded" (or "taps" for a first layer of at
+    most `TAPS_MAX_FIRST_LAYER_TAPS` taps on `AUTO_TAPS_MAX_CHANNELS`
+    channel); for "VALID" "taps" up to `AUTO_TAPS_MAX_CHANNELS` input channels
+    and "folded_taps" above, unless the output keeps less than
+    `TAPS_MIN_VALID_OUTPUT_FRACTION` of the input's y-x area ("folded"). Without `input_shape` and
+    `kernel_size` only the channel rule measured on the paper U-Net's large
+    VALID layers applies ("taps" up to `AUTO_TAPS_MAX_CHANNELS`, else
+    "folded_taps"). "auto": "folded" on the CPU
+    backend (what the README's figures were made with). Both are "native"
+    elsewhere (cuDNN's 3D convolutions are fast). Inside
+    `auto_implementation(name)`, "auto" maps to `name` instead.
 
     Args:
       implementation: one of `IMPLEMENTATIONS`.
       in_features: input channels of the convolution, None if not known.
+      input_shape: [batch, z, y, x, c] of the input, None if not known.
+      kernel_size: (kz, ky, kx), None if not known.
+      padding: "SAME" or "VALID".
     """
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
@@ -85,9 +128,28 @@ def resolve_implementation(implementation: str, in_features: int | None = None) 
         return "native"
     if implementation == "auto":
         return "folded"
+    if input_shape is not None and kernel_size is not None:
+        return _fastest_on_cpu(tuple(input_shape), tuple(kernel_size), padding)
     if in_features is not None and in_features <= AUTO_TAPS_MAX_CHANNELS:
         return "taps"
     return "folded_taps"
+
+
+def _fastest_on_cpu(
+    input_shape: tuple[int, ...], kernel_size: tuple[int, int, int], padding: str
+) -> str:
+    """The rule of "fastest" on CPU for a known shape (measurements: see the constants)."""
+    channels = input_shape[-1]
+    if kernel_size == (1, 1, 1):
+        return "taps"
+    if padding == "SAME":
+        taps = kernel_size[0] * kernel_size[1] * kernel_size[2]
+        few_taps = taps <= TAPS_MAX_FIRST_LAYER_TAPS
+        return "taps" if channels <= AUTO_TAPS_MAX_CHANNELS and few_taps else "folded"
+    out_y, out_x = input_shape[2] - kernel_size[1] + 1, input_shape[3] - kernel_size[2] + 1
+    if out_y * out_x < TAPS_MIN_VALID_OUTPUT_FRACTION * input_shape[2] * input_shape[3]:
+        return "folded"
+    return "taps" if channels <= AUTO_TAPS_MAX_CHANNELS else "folded_taps"
 
 
 @contextlib.contextmanager
@@ -275,9 +337,9 @@ class Conv3D(nn.Module):
       kernel_init: kernel initialiser (nn.Conv's default, LeCun normal).
       bias_init: bias initialiser (zeros, as nn.Conv).
       implementation: "auto" ("folded" on the CPU backend, "native"
-        elsewhere), "fastest" (on the CPU backend "taps" up to
-        `AUTO_TAPS_MAX_CHANNELS` input channels and "folded_taps" above;
-        "native" elsewhere), "folded" (one 2D conv on z-shifted copies stacked
+        elsewhere), "fastest" (on the CPU backend the measured fastest for
+        this convolution's shape, `resolve_implementation`; "native"
+        elsewhere), "folded" (one 2D conv on z-shifted copies stacked
         along channels), "folded_sum" (sum of kz 2D convs), "folded_taps"
         ("folded" with the kernel gradient as tap matrix products), "native"
         (XLA 3D conv) or "taps" (matrix products over the kernel taps, forward and
@@ -311,7 +373,15 @@ class Conv3D(nn.Module):
                     raise ConfigError(
                         f"input {name} {size} is smaller than kernel {name} {k} (VALID)"
                     )
-        conv = _CONV_FNS[resolve_implementation(self.implementation, x.shape[-1])]
+        conv = _CONV_FNS[
+            resolve_implementation(
+                self.implementation,
+                x.shape[-1],
+                input_shape=x.shape,
+                kernel_size=kernel_size,
+                padding=padding,
+            )
+        ]
 
         kernel = self.param(
             "kernel",

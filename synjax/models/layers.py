@@ -1,14 +1,16 @@
-"""Building blocks of the 3D U-Nets: PReLU, conv blocks, up-sampling, crops.
+"""Building blocks of the 3D U-Nets: PReLU, conv blocks, max pooling, up-sampling, crops.
 
 All modules take channels-last volumes `[batch, z, y, x, channels]`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from synjax.errors import ConfigError
@@ -18,6 +20,15 @@ from synjax.models.conv import Conv3D, ConvTranspose3D
 PRELU_INIT_SLOPE = 0.25
 
 UPSAMPLE_MODES = ("transpose", "resize_conv")
+
+# "xla": `nn.max_pool` (XLA's reduce_window; its gradient is select_and_scatter);
+# "blocks": `max_pool_blocks` (a reshape and a max; gradient by `argmax`).
+# Both give the same output and gradient bit for bit, ties included
+# (tests/test_pooling.py), so "auto" takes "blocks" on the CPU backend, where
+# its forward + gradient measured 2-10x faster on the networks' pooling inputs
+# (`benchmarks/bench_conv.py --network-layers`, results/bench_conv_layers.json),
+# and "xla" elsewhere (not measured there).
+POOL_IMPLEMENTATIONS = ("auto", "blocks", "xla")
 
 
 class PReLU(nn.Module):
@@ -83,6 +94,98 @@ class ConvBlock(nn.Module):
             )(x)
             x = PReLU()(x)
         return x
+
+
+_WINDOW_AXES = (2, 4, 6)
+
+
+def _window_blocks(x: jnp.ndarray, factors: tuple[int, int, int]) -> jnp.ndarray:
+    """x cropped to whole windows, as [batch, z', pz, y', py, x', px, c] (a free reshape)."""
+    batch, channels = x.shape[0], x.shape[4]
+    out = [n // p for n, p in zip(x.shape[1:4], factors, strict=True)]
+    x = x[:, : out[0] * factors[0], : out[1] * factors[1], : out[2] * factors[2]]
+    return x.reshape(batch, out[0], factors[0], out[1], factors[1], out[2], factors[2], channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool_blocks(x: jnp.ndarray, factors: tuple[int, int, int]) -> jnp.ndarray:
+    """`nn.max_pool(x, factors, strides=factors, padding="VALID")` by reshaping.
+
+    Non-overlapping windows are a reshape away from axes to take the max
+    over. The gradient goes, as XLA's select_and_scatter (select `>=`) sends
+    it, to the first maximal element of each window in row-major (dz, dy, dx)
+    order: every voxel equal to its window's max holds its position in the
+    window, the others the window size, and the window's minimum of those is
+    the first maximum; all elementwise and reductions in the reshaped layout,
+    which XLA fuses (XLA:CPU's select_and_scatter was ~15% of the paper
+    U-Net's train step).
+
+    Args:
+      x: [batch, z, y, x, c]; voxels past the last whole window are dropped.
+      factors: (pz, py, px) window = stride.
+
+    Returns:
+      [batch, z // pz, y // py, x // px, c], x's dtype.
+    """
+    return jnp.max(_window_blocks(x, factors), axis=_WINDOW_AXES)
+
+
+def _max_pool_blocks_fwd(x, factors):
+    out = max_pool_blocks(x, factors)
+    return out, (x, out)
+
+
+def _max_pool_blocks_bwd(factors, residuals, grad_out):
+    x, out = residuals
+    blocks = _window_blocks(x, factors)
+    pz, py, px = factors
+    # Row-major position of each voxel in its window, broadcast as blocks.
+    position = jnp.arange(pz * py * px, dtype=jnp.int32).reshape(1, 1, pz, 1, py, 1, px, 1)
+    is_max = blocks == jnp.expand_dims(out, _WINDOW_AXES)
+    code = jnp.where(is_max, position, pz * py * px)
+    first = position == jnp.min(code, axis=_WINDOW_AXES, keepdims=True)
+    grad = jnp.where(first, jnp.expand_dims(grad_out, _WINDOW_AXES), jnp.zeros((), grad_out.dtype))
+    batch, out_z, out_y, out_x, channels = grad_out.shape
+    grad = grad.reshape(batch, out_z * pz, out_y * py, out_x * px, channels)
+    # Voxels past the last whole window (dropped by VALID) get no gradient.
+    pads = [(0, n - g) for n, g in zip(x.shape[1:4], grad.shape[1:4], strict=True)]
+    return (jnp.pad(grad, [(0, 0), *pads, (0, 0)]).astype(x.dtype),)
+
+
+max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)
+
+
+def resolve_pool_implementation(implementation: str) -> str:
+    """Maps "auto" to "blocks" on CPU (same results as "xla", faster), else "xla"."""
+    if implementation not in POOL_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"pool implementation={implementation!r}; expected one of {POOL_IMPLEMENTATIONS}"
+        )
+    if implementation == "auto":
+        return "blocks" if jax.default_backend() == "cpu" else "xla"
+    return implementation
+
+
+def max_pool3d(x: jnp.ndarray, factors: Sequence[int], implementation: str = "auto") -> jnp.ndarray:
+    """Max pooling with window = stride = `factors`, "VALID" (remainders dropped).
+
+    Args:
+      x: [batch, z, y, x, c].
+      factors: (pz, py, px).
+      implementation: one of `POOL_IMPLEMENTATIONS`.
+
+    Returns:
+      [batch, z // pz, y // py, x // px, c], equal bit for bit (output and
+      gradient) whichever the implementation.
+    """
+    factors = tuple(int(f) for f in factors)
+    if len(factors) != 3 or min(factors) < 1:
+        raise ConfigError(f"pool factors {factors}; expected three positive integers")
+    if x.ndim != 5:
+        raise ConfigError(f"max_pool3d input shape {x.shape}; expected [batch, z, y, x, c]")
+    if resolve_pool_implementation(implementation) == "xla":
+        return nn.max_pool(x, factors, strides=factors, padding="VALID")
+    return max_pool_blocks(x, factors)
 
 
 class Upsample(nn.Module):

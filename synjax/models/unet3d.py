@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from synjax.errors import ConfigError
 from synjax.geometry import SPATIAL_DIMS, Box, spatial_triple
 from synjax.models.conv import IMPLEMENTATIONS as CONV_IMPLEMENTATIONS
-from synjax.models.layers import UPSAMPLE_MODES, ConvBlock, Upsample, center_crop
+from synjax.models.layers import UPSAMPLE_MODES, ConvBlock, Upsample, center_crop, max_pool3d
 
 PADDINGS = ("VALID", "SAME")
 # Upper bound of the search in `valid_input_shape`: far beyond any volume.
@@ -267,7 +267,7 @@ class UNet3D(nn.Module):
             )(x)
             skips.append(x)
             pool = cfg.pool_factors[level]
-            x = nn.max_pool(x, pool, strides=pool, padding="VALID")
+            x = max_pool3d(x, pool)
         x = conv_block(
             cfg.features(cfg.depth), cfg.conv_kernels[cfg.depth], cfg.padding, cfg.dtype, impl
         )(x)

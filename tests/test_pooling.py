@@ -1,0 +1,117 @@
+"""Tests of `max_pool3d`: "blocks" equals `nn.max_pool` bit for bit, ties included.
+
+XLA's max-pool gradient (select_and_scatter with a `>=` select) sends each
+window's gradient to its first maximal element in (dz, dy, dx) order; the
+"blocks" pool must do exactly the same, so integer-valued inputs with many
+equal values per window are the cases that matter.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from synjax.errors import ConfigError
+from synjax.models import UNet3D, UNet3DSettings
+from synjax.models.layers import max_pool3d, max_pool_blocks, resolve_pool_implementation
+
+CASES = [
+    # (input [b, z, y, x, c], factors, dtype)
+    ((2, 4, 8, 8, 3), (1, 2, 2), jnp.float32),
+    ((1, 6, 6, 6, 2), (2, 2, 2), jnp.float32),
+    ((3, 6, 6, 6, 1), (2, 3, 1), jnp.float32),
+    ((1, 5, 7, 9, 2), (2, 2, 2), jnp.float32),  # remainders dropped, as "VALID"
+    ((1, 4, 4, 4, 5), (1, 1, 1), jnp.float32),
+    ((1, 3, 4, 6, 1), (3, 4, 6), jnp.float32),  # one window
+    ((2, 4, 8, 8, 3), (1, 2, 2), jnp.bfloat16),
+    ((1, 5, 7, 9, 2), (2, 2, 2), jnp.bfloat16),
+    ((1, 6, 6, 6, 2), (2, 2, 2), jnp.float16),
+]
+
+
+def _pool_and_grad(pool, x, cotangent):
+    out, vjp = jax.vjp(pool, x)
+    return out, vjp(cotangent)[0]
+
+
+def _xla(factors):
+    return lambda v: nn.max_pool(v, factors, strides=factors, padding="VALID")
+
+
+def _bits(x):
+    return np.asarray(x).view(np.uint8)
+
+
+@pytest.mark.parametrize(("shape", "factors", "dtype"), CASES)
+def test_blocks_equal_xla_bit_for_bit_on_tied_inputs(shape, factors, dtype):
+    rng = np.random.default_rng(sum(shape) + sum(factors))
+    # Values in {-1, 0, 1} in the first half of the batch and {0, 1} in the
+    # second: most windows hold several equal maxima.
+    values = rng.integers(-1, 2, (2 * shape[0], *shape[1:]))
+    values[shape[0] :] = np.abs(values[shape[0] :])
+    x = jnp.asarray(values, dtype)
+    out_shape = (2 * shape[0], *(n // p for n, p in zip(shape[1:4], factors, strict=True)))
+    cotangent = jnp.asarray(rng.integers(1, 100, (*out_shape, shape[4])), dtype)
+
+    def both(v, c):
+        want = _pool_and_grad(_xla(factors), v, c)
+        got = _pool_and_grad(lambda u: max_pool_blocks(u, factors), v, c)
+        return want, got
+
+    (want_y, want_g), (got_y, got_g) = jax.jit(both)(x, cotangent)
+    assert got_y.dtype == want_y.dtype == dtype and got_g.dtype == want_g.dtype == dtype
+    assert got_y.shape == want_y.shape and got_g.shape == x.shape
+    # Ties really occur: some window's gradient is not at every maximal voxel.
+    assert int((x == jnp.max(x)).sum()) > got_y.size or factors == (1, 1, 1)
+    np.testing.assert_array_equal(_bits(got_y), _bits(want_y))
+    np.testing.assert_array_equal(_bits(got_g), _bits(want_g))
+
+
+def test_blocks_gradient_goes_to_first_maximum_hand_computed():
+    # One 1x2x2 window [[5, 7], [7, 2]]: the max 7 is at window positions 1
+    # and 2; the gradient goes to position 1 (row-major first), as XLA's.
+    x = jnp.array([[5.0, 7.0], [7.0, 2.0]]).reshape(1, 1, 2, 2, 1)
+    out, grad = _pool_and_grad(
+        lambda v: max_pool3d(v, (1, 2, 2)), x, jnp.full((1, 1, 1, 1, 1), 3.0)
+    )
+    assert float(out.ravel()[0]) == 7.0
+    np.testing.assert_array_equal(grad.reshape(2, 2), [[0.0, 3.0], [0.0, 0.0]])
+    # A 2x1x1 window: z comes first in the order.
+    x = jnp.array([4.0, 4.0]).reshape(1, 2, 1, 1, 1)
+    _, grad = _pool_and_grad(lambda v: max_pool3d(v, (2, 1, 1)), x, jnp.ones((1, 1, 1, 1, 1)))
+    np.testing.assert_array_equal(grad.ravel(), [1.0, 0.0])
+
+
+def test_blocks_dropped_remainder_gets_zero_gradient():
+    x = jnp.arange(5.0).reshape(1, 1, 1, 5, 1)
+    out, grad = _pool_and_grad(lambda v: max_pool3d(v, (1, 1, 2)), x, jnp.ones((1, 1, 1, 2, 1)))
+    np.testing.assert_array_equal(out.ravel(), [1.0, 3.0])
+    np.testing.assert_array_equal(grad.ravel(), [0.0, 1.0, 0.0, 1.0, 0.0])
+
+
+def test_max_pool3d_implementations_and_errors():
+    assert jax.default_backend() == "cpu"
+    assert resolve_pool_implementation("auto") == "blocks"
+    assert resolve_pool_implementation("xla") == "xla"
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 4, 4, 3)), jnp.float32)
+    np.testing.assert_array_equal(
+        max_pool3d(x, (1, 2, 2), "xla"), max_pool3d(x, (1, 2, 2), "blocks")
+    )
+    with pytest.raises(ConfigError, match="pool implementation"):
+        max_pool3d(x, (1, 2, 2), "fast")
+    with pytest.raises(ConfigError, match="pool factors"):
+        max_pool3d(x, (1, 2))
+    with pytest.raises(ConfigError, match="max_pool3d input shape"):
+        max_pool3d(x[0], (1, 2, 2))
+
+
+def test_unet_pools_with_blocks():
+    # On CPU the U-Net's pooling is the "blocks" pool: its jaxpr has no reduce_window.
+    cfg = UNet3DSettings(depth=1, base_features=2, pool_factors=((1, 2, 2),), padding="SAME")
+    x = jnp.zeros((1, 2, 4, 4, 1))
+    params = jax.eval_shape(UNet3D(cfg).init, jax.random.key(0), x)["params"]
+    jaxpr = str(jax.make_jaxpr(lambda p: UNet3D(cfg).apply({"params": p}, x))(params))
+    assert "reduce_window" not in jaxpr and "reduce_max" in jaxpr
