@@ -78,7 +78,7 @@ from synjax.detection.two_stage import TwoStageSettings
 from synjax.errors import ConfigError, DataError
 from synjax.geometry import Triple, spatial_triple
 from synjax.models.conv import Conv3D
-from synjax.models.layers import ConvBlock, Upsample
+from synjax.models.layers import ConvBlock, Upsample, max_pool3d
 from synjax.models.losses import positive_weighted_sigmoid_cross_entropy
 
 
@@ -163,7 +163,7 @@ class UNetBackbone(nn.Module):
             x = ConvBlock(s.features(level), s.conv_kernel, "SAME", s.dtype, name=f"down{level}")(x)
             skips.append(x)
             pool = s.pool_factors[level]
-            x = nn.max_pool(x, pool, strides=pool, padding="VALID")
+            x = max_pool3d(x, pool)
         x = ConvBlock(s.features(s.depth), s.conv_kernel, "SAME", s.dtype, name="bottom")(x)
         maps = {}
         for level in reversed(range(s.depth)):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from synjax.errors import ConfigError
 from synjax.models.conv import Conv3D
+from synjax.models.layers import max_pool3d
 
 NUM_CONVS = 5
 KERNEL = (3, 3, 3)
@@ -66,7 +67,7 @@ class PruningCNN(nn.Module):
             x = nn.relu(x)
             if i < len(self.pools):
                 window = tuple(int(w) for w in self.pools[i])
-                x = nn.max_pool(x, window, strides=window, padding="VALID")
+                x = max_pool3d(x, window)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.dense_features, name="dense0")(x))
         return nn.Dense(1, name="dense1")(x)[:, 0]
