@@ -1,11 +1,14 @@
 """The instance pipelines' own-volume prediction on the Dask executor (`pipelines.volume_blocks`).
 
 A 2-worker `LocalCluster` of worker processes: each worker loads the trained
-network from the workdir's checkpoint, detects its blocks and stores them
-itself; the main process records them and fuses. Its output must equal the
-local executor's exactly, and a block whose input cannot be read on a worker
-must stop the run with one line naming that block; once the workers read
-again, the rerun finishes with the local executor's output.
+network (the EM instance network of `configs/vnc.py`, the Mask R-CNN of
+`configs/fluorescence.py`, smoke-trained by the fixtures of their own test
+modules) from the workdir's checkpoint, detects its blocks and stores them
+itself; the main process records them and fuses or merges. Its output must
+equal the local executor's exactly, and a block whose input cannot be read on
+a worker must stop the run with one line naming that block; once the workers
+read again, the rerun finishes with the local executor's output. The shared
+loop's retry, store and record order is checked on hand-made blocks.
 """
 
 import re
@@ -18,6 +21,9 @@ from synjax.errors import ConfigError, DataError
 from synjax.io import create_volume, open_volume
 from synjax.pipelines import config_checks
 from synjax.pipelines.volume_blocks import BlockWork, predict_pending
+from tests.test_fluorescence_volume import _config as _fluorescence_config
+from tests.test_fluorescence_volume import trained as fluorescence_trained  # noqa: F401
+from tests.test_fluorescence_volume import user_volume as fluorescence_volume  # noqa: F401
 from tests.test_instance_volume import RESOLUTION, _config, _fast_compile, trained  # noqa: F401
 
 distributed = pytest.importorskip("distributed")
@@ -66,8 +72,7 @@ def test_dask_equals_local_and_names_a_failing_block(trained, cluster, tmp_path)
     np.testing.assert_array_equal(got, local)
     assert table == local_table
     # The blocks were detected on the workers: each loaded the network at most once.
-    with distributed.Client(cluster) as client:
-        loads = client.run(_lazy_models)
+    loads = _models_built(cluster)
     assert len(loads) == 2 and sum(loads.values()) >= 1
     assert max(loads.values()) == 1
 
@@ -122,6 +127,12 @@ def _repair_reads():
     )
 
 
+def _models_built(cluster) -> dict[str, int]:
+    """Worker address -> models its process has built so far (`_lazy_models`)."""
+    with distributed.Client(cluster) as client:
+        return client.run(_lazy_models)
+
+
 def _lazy_models():
     """Models built in this worker process (`synjax.inference.lazy_model`)."""
     from synjax.inference import lazy_model
@@ -129,15 +140,34 @@ def _lazy_models():
     return len(lazy_model._LAZY_CACHE)
 
 
-def _fluorescence_config():
-    import importlib.util
-
-    from tests.conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("fluo", REPO_ROOT / "configs" / "fluorescence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("smoke")
+def test_fluorescence_on_dask_equals_local(
+    fluorescence_trained,  # noqa: F811
+    fluorescence_volume,  # noqa: F811
+    cluster,
+    tmp_path,
+):
+    path, _ = fluorescence_volume
+    before = _models_built(cluster)
+    outputs = []
+    for executor, scheduler in (("local", ""), ("dask", cluster.scheduler_address)):
+        config = _fluorescence_config()
+        config.mode = "predict"
+        out = tmp_path / executor
+        # A 1 x 2 x 2 grid of cells: four tasks for the two workers.
+        config.predict.update(
+            input=path, output=str(out), block=(16, 64, 48), executor=executor, scheduler=scheduler
+        )
+        pipelines.run(config, fluorescence_trained)
+        outputs.append(
+            (open_volume(str(out / "instances.zarr")).read(), (out / "instances.csv").read_text())
+        )
+    (local, local_table), (got, table) = outputs
+    # The cells were detected on the workers, each loading the Mask R-CNN at most once.
+    loaded = [n - before[worker] for worker, n in _models_built(cluster).items()]
+    assert len(loaded) == 2 and sum(loaded) >= 1 and max(loaded) == 1
+    assert local.max() > 0
+    np.testing.assert_array_equal(got, local)
+    assert table == local_table
 
 
 def test_config_checks_name_an_unknown_executor():
