@@ -157,13 +157,15 @@ def get_config(arg: str | None = None):
                 # voxels whose patches one block detects (memory: the raw voxels the
                 # patches of one cell cover, and their masks), the output folder,
                 # region, reuse of blocks and retries (see
-                # synjax.configlib.volume_predict_fields; no Dask executor here).
+                # synjax.configlib.volume_predict_fields; executor: "local" or "dask").
                 "block": (16, 64, 64) if smoke else (32, 512, 512),
                 "input": "",
                 "output": "",
                 "roi": "",
                 "resume": "auto",
                 "retries": 2,
+                "executor": "local",
+                "scheduler": "",
             },
             "baseline": {
                 # Ilastik-like pixel forest.

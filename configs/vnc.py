@@ -177,12 +177,14 @@ def get_config(arg: str | None = None):
                 "fusion_iou": 0.5,
                 # A volume of your own (with --config.mode=predict), its output folder,
                 # region, reuse of blocks and retries: see
-                # synjax.configlib.volume_predict_fields (no Dask executor here).
+                # synjax.configlib.volume_predict_fields (executor: "local" or "dask").
                 "input": "",
                 "output": "",
                 "roi": "",
                 "resume": "auto",
                 "retries": 2,
+                "executor": "local",
+                "scheduler": "",
             },
             "evaluation": {
                 # Example slices drawn; detections given a Grad-CAM attention PNG.

@@ -36,14 +36,19 @@ Outputs, in `config.predict.output`: `instances.zarr` (uint32 ids 1..n, the
 input's voxel size, offset: the region's corner in nm) and `instances.csv`
 (one row per instance: id, centroid in nm in the input's frame, voxels,
 volume in um^3, mean raw intensity, score). Detection runs on this machine's
-default device; the Dask executor of other pipelines is not offered here.
+default device (`config.predict.executor="local"`) or on Dask workers
+(`"dask"`, on `config.predict.scheduler` or a LocalCluster), each loading the
+Mask R-CNN once and writing its block files itself; the merge and painting
+run here (`synjax.pipelines.volume_blocks`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse
@@ -55,6 +60,7 @@ from synjax.geometry import Box
 from synjax.inference.block_grid import BlockGrid
 from synjax.inference.done_blocks import done_state_differences, open_done_state
 from synjax.inference.instances import paste_detections, patch_starts
+from synjax.inference.lazy_model import LazyPredictor
 from synjax.inference.merge import keep_one_per_group, mask_overlaps
 from synjax.io import create_volume, layout
 from synjax.io.atomic import atomic_open
@@ -62,7 +68,7 @@ from synjax.io.instance_table import InstanceSums, write_instance_table
 from synjax.io.provenance import input_fingerprint
 from synjax.pipelines import volume_input
 from synjax.pipelines.fluorescence import OURS, TABLE_COLUMNS, warn_tied_scores
-from synjax.pipelines.volume_blocks import predict_pending
+from synjax.pipelines.volume_blocks import BlockWork, check_executor, predict_pending
 from synjax.report import files
 from synjax.report.progress import progress_bar
 from synjax.stages import mask_rcnn
@@ -384,41 +390,84 @@ def _detect_blocks(config, workdir, source, plan, threshold, provenance, out_dir
             "All %d blocks of %s were detected before: reused", plan.grid.num_blocks, folder
         )
         return folder
-    trained = mask_rcnn.load_mask_rcnn(config, workdir)
-    detector = mask_rcnn.patch_detector(
+    executor = str(predict.executor)
+    check_executor(executor)
+    if executor == "dask":
+        # Each worker loads the Mask R-CNN from the workdir's checkpoint once.
+        detector = LazyPredictor(load_patch_detector, config, str(workdir))
+    else:
+        detector = load_patch_detector(config, str(workdir))
+    intensity = load_normalization(checkpoint.checkpoint_dir(workdir, mask_rcnn.MODEL_NAME))
+    work = BlockWork(
+        predict=DetectCells(detector, source, intensity, plan, threshold, int(predict.batch_size)),
+        store=SaveCells(folder),
+        describe=DescribeCell(plan),
+        batch_size=1,
+        retries=int(predict.retries),
+    )
+    predict_pending(
+        done,
+        plan.grid.num_blocks,
+        work,
+        desc="Mask R-CNN",
+        output=str(folder),
+        executor=executor,
+        client=predict.scheduler or None,
+    )
+    return folder
+
+
+def load_patch_detector(config, workdir: str):
+    """The patch detector of the Mask R-CNN trained in `workdir` (`mask_rcnn.patch_detector`)."""
+    trained = mask_rcnn.load_mask_rcnn(config, pathlib.Path(workdir))
+    return mask_rcnn.patch_detector(
         mask_rcnn.mask_rcnn_settings(config.model, config.seed), trained.params
     )
-    batch = int(predict.batch_size)
 
-    def detect(chunk: list[int]) -> list[dict]:
+
+@dataclasses.dataclass(frozen=True)
+class DetectCells:
+    """Cell ids -> their detections (`detect_block` each); picklable with its detector."""
+
+    detector: Callable
+    source: Any
+    intensity: Any
+    plan: PatchPlan
+    threshold: float
+    batch: int
+
+    def __call__(self, chunk: list[int]) -> list[dict]:
         return [
-            detect_block(detector, source, trained.intensity, plan, b, threshold, batch)
+            detect_block(
+                self.detector, self.source, self.intensity, self.plan, b, self.threshold, self.batch
+            )
             for b in chunk
         ]
 
-    def store(chunk: list[int], results: list[dict]) -> None:
-        for b, found in zip(chunk, results, strict=True):
-            _save(_block_file(folder, b), found)
 
-    def describe(chunk: Sequence[int]) -> str:
-        box = plan.cell(chunk[0])
+@dataclasses.dataclass(frozen=True)
+class SaveCells:
+    """Writes each cell's detections to its own file (atomic, so durable when it returns)."""
+
+    folder: pathlib.Path
+
+    def __call__(self, chunk: list[int], results: list[dict]) -> None:
+        for b, found in zip(chunk, results, strict=True):
+            _save(_block_file(self.folder, b), found)
+
+
+@dataclasses.dataclass(frozen=True)
+class DescribeCell:
+    """Cell ids -> words naming the first and the voxels its patches start in (picklable)."""
+
+    plan: PatchPlan
+
+    def __call__(self, chunk: Sequence[int]) -> str:
+        box = self.plan.cell(chunk[0])
         return (
             f"Mask R-CNN block {chunk[0]} (patches starting in voxels "
             f"{box.start}..{box.stop} of the region)"
         )
-
-    predict_pending(
-        done,
-        plan.grid.num_blocks,
-        1,
-        int(predict.retries),
-        detect,
-        store,
-        describe,
-        desc="Mask R-CNN",
-        output=str(folder),
-    )
-    return folder
 
 
 def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:

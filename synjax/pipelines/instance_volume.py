@@ -25,13 +25,18 @@ size dropped. Outputs, in
   (`"strict"`).
 
 Memory holds one block, its detections and tables of ids: never the volume.
-Detection runs on this machine's default device; the Dask executor of the
-other pipelines is not offered here.
+Detection runs on this machine's default device (`config.predict.executor=
+"local"`) or on Dask workers (`"dask"`, on `config.predict.scheduler` or a
+LocalCluster), each loading the network once and storing its blocks itself;
+the fusion runs here (`synjax.pipelines.volume_blocks`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -50,13 +55,14 @@ from synjax.inference.instance_blocks import (
     block_detections,
     paint_block,
 )
+from synjax.inference.lazy_model import LazyPredictor
 from synjax.io import create_volume, layout, open_volume
 from synjax.io.instance_table import InstanceSums, write_instance_table
 from synjax.io.provenance import input_fingerprint
 from synjax.pipelines import volume_input
 from synjax.pipelines.instance_data import downsample_image
 from synjax.pipelines.instances import OURS, TABLE_COLUMNS, chosen_painting
-from synjax.pipelines.volume_blocks import predict_pending
+from synjax.pipelines.volume_blocks import BlockWork, check_executor, predict_pending
 from synjax.postprocess.components import keep_large_instances
 from synjax.report import files
 from synjax.settings import from_config
@@ -101,7 +107,9 @@ def _scores_store(path: pathlib.Path, num_blocks: int, detections: int, reuse: b
     )
 
 
-def _paint_blocks(config, predict, workdir, source, boxes, factors, painting, provenance, out_dir):
+def _paint_blocks(
+    config, predict, workdir, source, boxes, factors, intensity, painting, provenance, out_dir
+):
     """Detects and paints every block not yet done; returns the two stores."""
     model = instance_unet.network_block(config)
     block = instance_unet.check_shape(
@@ -120,58 +128,112 @@ def _paint_blocks(config, predict, workdir, source, boxes, factors, painting, pr
         out_dir / layout.VOLUME_INSTANCE_SCORES, len(boxes), detections, reuse=done_path.exists()
     )
     done = open_done_state(done_path, grid, provenance, predict.resume)
-    todo = [int(b) for b in done.todo()]
-    if not todo:
+    if not done.todo().size:
         logging.info("All %d blocks of %s were painted before: reused", len(boxes), labels_path)
         return labels_store, scores_store, block
-    trained = instance_unet.load_instance_unet(config, workdir)
-    detector = instance_unet.block_detector(config, trained.params)
-
-    def paint_chunk(chunk: list[int]):
-        chunk_boxes = [boxes[b] for b in chunk]
-        return _paint(detector, source, chunk_boxes, block, factors, trained, painting)
-
-    def store(chunk: list[int], painted) -> None:
-        for b, (labels, scores) in zip(chunk, painted, strict=True):
-            full = np.zeros(block, np.uint32)
-            full[tuple(slice(0, n) for n in labels.shape)] = labels
-            labels_store[b * block[0] : (b + 1) * block[0]] = full
-            row = np.zeros((1, 1, detections), np.float32)
-            row[0, 0, : scores.size] = scores
-            scores_store[b : b + 1] = row
-
-    def describe(chunk) -> str:
-        b = chunk[0]
-        return (
-            f"instance blocks {list(chunk)} (first: read-grid voxels "
-            f"{boxes[b].start}..{boxes[b].stop})"
-        )
-
+    executor = str(predict.executor)
+    check_executor(executor)
+    if executor == "dask":
+        # Each worker loads the network from the workdir's checkpoint once.
+        detector = LazyPredictor(load_block_detector, config, str(workdir))
+    else:
+        detector = load_block_detector(config, str(workdir))
+    work = BlockWork(
+        predict=PaintBlocks(detector, source, tuple(boxes), block, factors, intensity, painting),
+        store=StorePainted(labels_store, scores_store, block, detections),
+        describe=DescribeBlocks(tuple(boxes)),
+        batch_size=int(predict.batch_size),
+        retries=int(predict.retries),
+    )
     predict_pending(
         done,
         len(boxes),
-        int(predict.batch_size),
-        int(predict.retries),
-        paint_chunk,
-        store,
-        describe,
+        work,
         desc="instances",
         output=str(labels_path),
+        executor=executor,
+        client=predict.scheduler or None,
     )
     return labels_store, scores_store, block
 
 
-def _paint(detector, source, boxes, block, factors, trained, painting: Painting):
-    """Painted (labels [box.shape], scores [k]) of a batch of read-grid boxes."""
-    images = np.zeros((len(boxes), *block), np.float32)
-    for i, box in enumerate(boxes):
-        data = read_block_image(source, box, factors, trained.intensity)
-        images[(i, *(slice(0, n) for n in data.shape))] = data
-    out = detector(images)
-    return [
-        paint_block(block_detections(out, i, box), box.shape, painting)
-        for i, box in enumerate(boxes)
-    ]
+def load_block_detector(config, workdir: str):
+    """The detector of the instance network trained in `workdir` (`block_detector`)."""
+    trained = instance_unet.load_instance_unet(config, pathlib.Path(workdir))
+    return instance_unet.block_detector(config, trained.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaintBlocks:
+    """Block ids -> their painted (labels [box.shape], scores [k]); picklable with its detector.
+
+    Attributes:
+      detector: `[n, *block]` normalised images -> detections (`block_detector`).
+      source: the native `[z, y, x]` region.
+      boxes: every block's box on the read grid.
+      block: (z, y, x) of the network's blocks.
+      factors: (z, y, x) down-sampling of the read grid.
+      intensity: the training run's `IntensityNormalization`.
+      painting: the painting chosen on the validation slab.
+    """
+
+    detector: Callable
+    source: Any
+    boxes: tuple[Box, ...]
+    block: tuple[int, int, int]
+    factors: tuple[int, int, int]
+    intensity: Any
+    painting: Painting
+
+    def __call__(self, chunk: list[int]):
+        boxes = [self.boxes[b] for b in chunk]
+        images = np.zeros((len(boxes), *self.block), np.float32)
+        for i, box in enumerate(boxes):
+            data = read_block_image(self.source, box, self.factors, self.intensity)
+            images[(i, *(slice(0, n) for n in data.shape))] = data
+        out = self.detector(images)
+        return [
+            paint_block(block_detections(out, i, box), box.shape, self.painting)
+            for i, box in enumerate(boxes)
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class StorePainted:
+    """Writes painted blocks into their chunks of the two stores, durably (picklable)."""
+
+    labels_store: Any
+    scores_store: Any
+    block: tuple[int, int, int]
+    detections: int
+
+    def __call__(self, chunk: list[int], painted) -> None:
+        block = self.block
+        for b, (labels, scores) in zip(chunk, painted, strict=True):
+            full = np.zeros(block, np.uint32)
+            full[tuple(slice(0, n) for n in labels.shape)] = labels
+            self.labels_store[b * block[0] : (b + 1) * block[0]] = full
+            row = np.zeros((1, 1, self.detections), np.float32)
+            row[0, 0, : scores.size] = scores
+            self.scores_store[b : b + 1] = row
+        # The blocks are recorded as done next: their data must be durable first.
+        for store in (self.labels_store, self.scores_store):
+            if hasattr(store, "flush"):
+                store.flush()
+
+
+@dataclasses.dataclass(frozen=True)
+class DescribeBlocks:
+    """Block ids -> words naming them and the first one's read-grid box (picklable)."""
+
+    boxes: tuple[Box, ...]
+
+    def __call__(self, chunk) -> str:
+        b = chunk[0]
+        return (
+            f"instance blocks {list(chunk)} (first: read-grid voxels "
+            f"{self.boxes[b].start}..{self.boxes[b].stop})"
+        )
 
 
 def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
@@ -224,7 +286,7 @@ def predict_volume(config, workdir: pathlib.Path) -> pathlib.Path:
         out_dir,
     )
     labels_store, scores_store, block = _paint_blocks(
-        config, predict, workdir, source, boxes, factors, painting, provenance, out_dir
+        config, predict, workdir, source, boxes, factors, intensity, painting, provenance, out_dir
     )
 
     resolution = tuple(float(r) * f for r, f in zip(raw.resolution, factors, strict=True))

@@ -134,9 +134,10 @@ class InstancePredictSettings:
       min_free_fraction: a detection whose mask has fewer than this share of
         free voxels left when it is painted is dropped (`Painting`).
       fusion_iou: instances matched across a seam above this IoU become one.
-      input, output, roi, resume, retries: predicting a volume of your own
-        (`synjax.pipelines.instance_volume`; the keys of
-        `synjax.configlib.volume_predict_fields`, on this machine only).
+      input, output, roi, resume, retries, executor, scheduler: predicting a
+        volume of your own (`synjax.pipelines.instance_volume`; the keys of
+        `synjax.configlib.volume_predict_fields`: "local", or "dask" workers
+        on `scheduler` or, for "", a LocalCluster).
     """
 
     block: Triple
@@ -155,3 +156,5 @@ class InstancePredictSettings:
     roi: str = ""
     resume: str = "auto"
     retries: int = 2
+    executor: str = "local"
+    scheduler: str = ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from synjax.errors import ConfigError
 from synjax.pipelines.config_checks.common import (
+    EXECUTORS,
     INTENSITY,
     PREDICT_VOLUME_RULES,
     TOP,
@@ -24,6 +25,7 @@ from synjax.pipelines.config_checks.rules import (
     number,
     positive,
     sequence,
+    text,
 )
 
 FLUORESCENCE_DEPTHS = (18, 34, 50, 101)  # synjax.models.resnet3d.ARCHITECTURES
@@ -119,6 +121,8 @@ SCHEMA = {
             "min_overlap": integer(1),
             "block": integers(3, 1),
             **PREDICT_VOLUME_RULES,
+            "executor": choice(EXECUTORS),
+            "scheduler": text(),
         }
     ),
     "baseline": Block(

@@ -16,6 +16,7 @@ from synjax.errors import ConfigError
 from synjax.io import open_volume
 from synjax.io.checks import require_file
 from synjax.pipelines.config_checks.common import (
+    EXECUTORS,
     INTENSITY,
     PREDICT_VOLUME_RULES,
     TOP,
@@ -180,6 +181,8 @@ SCHEMA = {
             "min_sizes": sequence(integer(0)),
             "min_free_fraction": number(0, 1),
             **PREDICT_VOLUME_RULES,
+            "executor": choice(EXECUTORS),
+            "scheduler": text(),
             "fusion_iou": number(0, 1, open_high=True),
         },
     ),
