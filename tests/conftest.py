@@ -48,3 +48,40 @@ def run_main(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def smoke_config(name: str):
+    """`configs/<name>.py:smoke` on one device."""
+    config = load_config(REPO_ROOT / "configs" / f"{name}.py", "smoke")
+    config.train.num_devices = 1
+    return config
+
+
+def _train_smoke(tmp_path_factory, name: str) -> pathlib.Path:
+    """A workdir with `smoke_config(name)` trained (with XLA's optimisations off: faster here)."""
+    import jax
+
+    from synjax import pipelines
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        workdir = tmp_path_factory.mktemp(f"{name}_smoke_run")
+        config = smoke_config(name)
+        config.mode = "train"
+        pipelines.run(config, workdir)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def vnc_smoke_workdir(tmp_path_factory) -> pathlib.Path:
+    """`configs/vnc.py:smoke` trained once for every test module that predicts with it."""
+    return _train_smoke(tmp_path_factory, "vnc")
+
+
+@pytest.fixture(scope="session")
+def fluorescence_smoke_workdir(tmp_path_factory) -> pathlib.Path:
+    """`configs/fluorescence.py:smoke` trained once for every test module that predicts with it."""
+    return _train_smoke(tmp_path_factory, "fluorescence")

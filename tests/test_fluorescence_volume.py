@@ -11,7 +11,6 @@ stopped part-way.
 """
 
 import csv
-import importlib.util
 
 import jax
 import numpy as np
@@ -24,9 +23,8 @@ from synjax.io import create_volume, open_volume
 from synjax.io.instance_table import instance_rows
 from synjax.pipelines import config_checks, fluorescence, fluorescence_volume
 from synjax.stages import mask_rcnn
-from tests.conftest import REPO_ROOT
+from tests.conftest import smoke_config
 
-CONFIG = REPO_ROOT / "configs" / "fluorescence.py"
 # The user's volume: 12 patches of the smoke's (16, 64, 64) at overlap (8, 34, 34):
 # starts 0, 30, 60, 64 in y and 0, 30, 32 in x.
 SHAPE = (16, 128, 96)
@@ -34,12 +32,7 @@ OFFSET = (3000.0, 960.0, 0.0)
 
 
 def _config():
-    spec = importlib.util.spec_from_file_location("fluorescence_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
-    config.train.num_devices = 1
-    return config
+    return smoke_config("fluorescence")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,13 +44,9 @@ def _fast_compile():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(fluorescence_smoke_workdir):
     """A workdir with the smoke Mask R-CNN (and baseline) trained and the threshold chosen."""
-    workdir = tmp_path_factory.mktemp("fluo_run")
-    config = _config()
-    config.mode = "train"
-    pipelines.run(config, workdir)
-    return workdir
+    return fluorescence_smoke_workdir
 
 
 @pytest.fixture(scope="module")

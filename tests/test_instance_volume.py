@@ -8,7 +8,6 @@ the labels and scores of the in-memory path (`detect_blocks` +
 `instance_rows` on them.
 """
 
-import importlib.util
 import json
 import shutil
 
@@ -26,19 +25,13 @@ from synjax.io.instance_table import instance_rows
 from synjax.pipelines.instance_data import downsample
 from synjax.pipelines.instances import chosen_painting, drop_small
 from synjax.stages import instance_unet
-from tests.conftest import REPO_ROOT
+from tests.conftest import smoke_config
 
-CONFIG = REPO_ROOT / "configs" / "vnc.py"
 RESOLUTION = (40.0, 8.0, 8.0)
 
 
 def _config():
-    spec = importlib.util.spec_from_file_location("vnc_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
-    config.train.num_devices = 1
-    return config
+    return smoke_config("vnc")
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +40,9 @@ def _fast_compile():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(vnc_smoke_workdir):
     """A workdir with the smoke network and baseline trained and their settings chosen."""
-    workdir = tmp_path_factory.mktemp("vnc_run")
-    config = _config()
-    config.mode = "train"
-    pipelines.run(config, workdir)
-    return workdir
+    return vnc_smoke_workdir
 
 
 def _user_volume(path, shape, seed=7):

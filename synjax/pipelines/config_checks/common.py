@@ -45,8 +45,9 @@ TRAIN_RULES = {
     "checkpoint_every": integer(1),
     "keep_checkpoints": integer(1),
     "num_devices": optional(integer(1)),
-    "prefetch": integer(0),
-    "prng_impl": choice(PRNG_IMPLS),
+    # Newer fields: a config without them gets `TrainSettings`' defaults.
+    "prefetch": integer(0, required=False),
+    "prng_impl": choice(PRNG_IMPLS, required=False),
 }
 
 
