@@ -109,14 +109,6 @@ def bench_layer(shape, features, kernel, padding, impl, repeats):
     }
 
 
-def _flops(compiled) -> float | None:
-    """Floating-point operations of a compiled executable (XLA's cost analysis)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0] if analysis else None
-    return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
-
 def bench_unet(cfg, in_shape, impl, repeats):
     """Times inference and one Adam train step of UNet3D with every Conv3D set to `impl`.
 
@@ -160,7 +152,7 @@ def bench_unet(cfg, in_shape, impl, repeats):
         "infer": common.time_calls(lambda: infer(params, x), repeats),
         "train_compile_s": train_compile_s,
         "train": common.time_calls(run_step, repeats),
-        "flops": _flops(infer),
+        "flops": common.flops(infer),
         "params": params,
         "x": x,
         "output_shape": out_shape,

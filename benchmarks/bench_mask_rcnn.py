@@ -17,7 +17,6 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import os
@@ -95,9 +94,9 @@ def bench(variant: str, repeats: int) -> list[dict]:
     compiled_apply, apply_compile = common.compile_jax(apply, params, one)
     infer_timing = common.time_calls(functools.partial(compiled_apply, params, one), repeats)
     rows = []
-    for what, size, compile_s, timing in (
-        ("train step", train_settings.batch_size, step_compile, train_timing),
-        ("inference", 1, apply_compile, infer_timing),
+    for what, size, compile_s, timing, compiled in (
+        ("train step", train_settings.batch_size, step_compile, train_timing, compiled_step),
+        ("inference", 1, apply_compile, infer_timing, compiled_apply),
     ):
         rows.append(
             {
@@ -108,6 +107,8 @@ def bench(variant: str, repeats: int) -> list[dict]:
                 "step_s": timing.median,
                 "min_s": timing.min,
                 "patches_per_s": size / timing.median,
+                "flops": common.flops(compiled),
+                "input_shape": list(one.shape if what == "inference" else batch["input"].shape),
                 "timing": timing.as_dict(),
             }
         )
@@ -115,32 +116,15 @@ def bench(variant: str, repeats: int) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="default", choices=("default", "paper", "smoke"))
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per case")
-    parser.add_argument(
-        "--out",
-        default=os.path.join(os.path.dirname(__file__), "results", "bench_mask_rcnn.json"),
+    common.variant_main(
+        argv,
+        __doc__.splitlines()[0],
+        ("default", "paper", "smoke"),
+        bench,
+        "3D Mask R-CNN, configs/fluorescence.py:{variant}, patch of the config:",
+        COLUMNS,
+        os.path.join(os.path.dirname(__file__), "results", "bench_mask_rcnn.json"),
     )
-    args = parser.parse_args(argv)
-    load_before = os.getloadavg()
-    rows = bench(args.variant, args.repeats)
-    print(f"3D Mask R-CNN, configs/fluorescence.py:{args.variant}, patch of the config:")
-    print(common.format_table(rows, COLUMNS))
-    path = common.write_json(
-        args.out,
-        {
-            "environment": common.environment(),
-            "note": (
-                "shared machine: absolute times are noisy; compile time is the ahead-of-time "
-                "lower().compile() of the same jit function that is then timed"
-            ),
-            "load_average_before_after": [load_before, os.getloadavg()],
-            "variant": args.variant,
-            "rows": rows,
-        },
-    )
-    print(f"\nwritten to {path}")
 
 
 if __name__ == "__main__":
