@@ -902,8 +902,6 @@ SECTIONS: dict[str, Callable[[Context], list[dict]]] = {
     "unet": section_unet,
     "pruning": section_pruning,
     "deepem3d": section_deepem3d,
-    "mask_rcnn": section_mask_rcnn,
-    "instance_unet": section_instance_unet,
     "nms": section_nms,
     "roi_align": section_roi_align,
     "merge": section_merge,
@@ -911,6 +909,9 @@ SECTIONS: dict[str, Callable[[Context], list[dict]]] = {
     "candidates": section_candidates,
     "pipelines": section_pipelines,
     "cold_start": section_cold_start,
+    # Last: their compilations are the longest (minutes on a 2-core CPU).
+    "instance_unet": section_instance_unet,
+    "mask_rcnn": section_mask_rcnn,
 }
 
 
@@ -972,6 +973,8 @@ def markdown(payload: dict[str, Any]) -> str:
     if payload["errors"]:
         lines += ["", "Sections that failed:", ""]
         lines += [f"- {name}: {message}" for name, message in payload["errors"].items()]
+    if payload["not_run"]:
+        lines += ["", f"Sections not run (yet): {', '.join(payload['not_run'])}"]
     return "\n".join(lines) + "\n"
 
 
@@ -987,14 +990,35 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def run(sections, sizes: Sizes, use_torch: bool, threads: int, keep_going: bool) -> dict:
-    """Runs `sections` in order; returns rows, peaks and per-section errors."""
+def run(
+    sections,
+    sizes: Sizes,
+    use_torch: bool,
+    threads: int,
+    keep_going: bool,
+    save: Callable[[dict], None] = lambda result: None,
+) -> dict:
+    """Runs `sections` in order; returns rows, peaks and per-section errors.
+
+    `save(result)` is called after each section with the result so far, so
+    that a run stopped part way still leaves the sections it finished.
+    """
     ctx = Context(sizes, use_torch, threads)
     rows, errors = [], {}
+
+    def result(pending):
+        return {
+            "rows": rows,
+            "errors": errors,
+            "not_run": pending,
+            "peaks_gflop_per_s": {k: v / 1e9 for k, v in ctx.peaks.items() if v},
+            "torch": ctx.torch_reason,
+        }
+
     if "peak" not in sections:
         # Every rate is a fraction of the peak: measure it even when not asked for.
         sections = ["peak", *sections]
-    for name in sections:
+    for i, name in enumerate(sections):
         start = time.perf_counter()
         print(f"[run_all] {name} ...", file=sys.stderr, flush=True)
         try:
@@ -1003,20 +1027,16 @@ def run(sections, sizes: Sizes, use_torch: bool, threads: int, keep_going: bool)
             if not keep_going:
                 raise
             traceback.print_exc()
-            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            continue
-        rows += new
-        print(
-            f"[run_all] {name}: {len(new)} rows in {time.perf_counter() - start:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-    return {
-        "rows": rows,
-        "errors": errors,
-        "peaks_gflop_per_s": {k: v / 1e9 for k, v in ctx.peaks.items() if v},
-        "torch": ctx.torch_reason,
-    }
+            errors[name] = f"{type(error).__name__}: {(str(error) or '-').splitlines()[0][:200]}"
+        else:
+            rows += new
+            print(
+                f"[run_all] {name}: {len(new)} rows in {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        save(result(list(sections[i + 1 :])))
+    return result([])
 
 
 def main(argv=None) -> int:
@@ -1042,20 +1062,36 @@ def main(argv=None) -> int:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
     load_before = common.load_average()
     start = time.perf_counter()
-    result = run(list(args.sections), sizes, not args.no_torch, args.threads, not args.fail_fast)
-    payload = {
-        "benchmark": "run_all",
-        "command": " ".join(["python benchmarks/run_all.py", *(argv or sys.argv[1:])]),
-        "out": args.out,
-        "quick": args.quick,
-        "commit": common.git_commit(),
-        "environment": common.environment(),
-        "versions": _versions(),
-        "load_average": {"before": load_before, "after": common.load_average()},
-        "sizes": dataclasses.asdict(sizes),
-        "wall_s": time.perf_counter() - start,
-        **result,
-    }
+    commit = common.git_commit()
+    readme = None if args.no_readme else args.readme or (None if args.quick else DEFAULT_README)
+
+    def payload_of(result: dict) -> dict:
+        return {
+            "benchmark": "run_all",
+            "command": " ".join(["python benchmarks/run_all.py", *(argv or sys.argv[1:])]),
+            "out": args.out,
+            "quick": args.quick,
+            "commit": commit,
+            "environment": common.environment(),
+            "versions": _versions(),
+            "load_average": {"before": load_before, "after": common.load_average()},
+            "sizes": dataclasses.asdict(sizes),
+            "wall_s": time.perf_counter() - start,
+            **result,
+        }
+
+    def save(result: dict) -> None:
+        payload = payload_of(result)
+        common.write_json(args.out, payload)
+        if readme:
+            path = pathlib.Path(readme)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(markdown(payload))
+
+    result = run(
+        list(args.sections), sizes, not args.no_torch, args.threads, not args.fail_fast, save
+    )
+    payload = payload_of(result)
     print(common.format_table(payload["rows"], [k for k, _ in TABLE]))
     for r in payload["rows"]:
         if "jax_speedup_vs_torch" in r:
@@ -1063,13 +1099,8 @@ def main(argv=None) -> int:
                 f"{r['name']} {r['mode']} {r['dtype']}: JAX {r['median_s']:.4g} s, best PyTorch "
                 f"{r['best_torch_s']:.4g} s -> JAX speed-up {r['jax_speedup_vs_torch']:.2f}x"
             )
-    print(f"wrote {common.write_json(args.out, payload)}")
-    readme = args.readme or (None if args.quick else DEFAULT_README)
-    if readme and not args.no_readme:
-        path = pathlib.Path(readme)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(markdown(payload))
-        print(f"wrote {path}")
+    save(result)
+    print(f"wrote {args.out}" + (f" and {readme}" if readme else ""))
     return 1 if result["errors"] else 0
 
 
