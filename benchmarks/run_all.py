@@ -553,8 +553,13 @@ def section_mask_rcnn(ctx: Context) -> list[dict]:
 
     variant = ctx.sizes.variant
     rows = bench_mask_rcnn.bench(variant, ctx.sizes.repeats)
-    modes = {"train step": "train", "inference": "infer"}
-    return _variant_rows("mask_rcnn", f"3D Mask R-CNN ({variant})", rows, modes)
+    modes = {"train step": "train", "inference": "infer", "prediction end to end": "pipeline"}
+    out = _variant_rows("mask_rcnn", f"3D Mask R-CNN ({variant})", rows, modes)
+    for r in out:
+        if r["mode"] == "pipeline":
+            r["section"] = "pipeline"
+            r["name"] = f"fluorescence: patches + sparse merge ({variant} network, untrained)"
+    return out
 
 
 def section_instance_unet(ctx: Context) -> list[dict]:
