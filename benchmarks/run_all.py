@@ -525,7 +525,6 @@ def _variant_rows(section, name, bench_rows, modes) -> list[dict]:
         mode = modes.get(r["what"])
         if mode is None:
             continue
-        timing = common.Timing(r["timing"]["times"]) if "times" in r["timing"] else None
         out = row(
             section,
             f"{name}: {r['what']}",
@@ -537,7 +536,7 @@ def _variant_rows(section, name, bench_rows, modes) -> list[dict]:
             median_s=r["step_s"],
             min_s=r["min_s"],
             repeats=r["timing"]["repeats"],
-            timing=timing,
+            timing_summary=r["timing"],
         )
         if r.get("voxels_per_s"):
             out["voxels_per_s"] = r["voxels_per_s"]

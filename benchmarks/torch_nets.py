@@ -334,7 +334,7 @@ def time_torch(
     if threads:
         torch.set_num_threads(threads)
     model = model.to(device)
-    x = torch.from_numpy(np.ascontiguousarray(x_numpy, np.float32)).to(device)
+    x = torch.from_numpy(np.array(x_numpy, np.float32, order="C", copy=True)).to(device)
     if channels_last:
         model, x = to_channels_last(model, x)
 

@@ -148,3 +148,25 @@ def test_torch_twins_have_the_flax_parameter_counts():
     with torch.inference_mode():
         y = twin.eval()(torch.zeros(1, 1, 5, 32, 32))
     assert tuple(y.shape) == (1, settings.num_classes, 32, 32)
+
+
+def test_network_timing_counts_the_forward_and_a_larger_train_step():
+    """`time_jax_network` on a one-matmul "network": its forward FLOPs by hand."""
+    batch, k, n = 4, 16, 8
+    x = jnp.ones((batch, k))
+    params = {"w": jnp.full((k, n), 0.5)}
+
+    def infer(p, v):
+        return v @ p["w"]
+
+    def loss(p, v):
+        return jnp.mean(infer(p, v) ** 2)
+
+    res = common.time_jax_network(infer, loss, params, x, repeats=1)
+    assert res["infer_flops"] == 2 * batch * k * n
+    # Forward again, the weight gradient (another 2 * batch * k * n), loss and Adam on top.
+    assert res["train_flops"] > 2 * res["infer_flops"]
+    assert len(res["infer"].times) == len(res["train"].times) == 1
+    np.testing.assert_allclose(np.asarray(res["output"]), np.full((batch, n), 0.5 * k))
+    # The caller's parameters survive the donated train steps.
+    np.testing.assert_array_equal(np.asarray(params["w"]), 0.5)
