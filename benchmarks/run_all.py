@@ -86,7 +86,8 @@ class Sizes:
     """Problem sizes of one run: the full run's, or `--quick`'s tiny ones."""
 
     repeats: int
-    matmul: int
+    matmul: int  # square matmul side on a CPU
+    matmul_accelerator: int  # on a GPU/TPU, whose peak a small matmul does not reach
     conv: tuple[tuple[int, ...], int]  # input [b, z, y, x, c], output channels
     unet_output: tuple[int, int, int] | None  # None: the tiny U-Net below
     pruning_window: tuple[int, int, int]
@@ -109,6 +110,7 @@ class Sizes:
 FULL = Sizes(
     repeats=2,
     matmul=2048,
+    matmul_accelerator=8192,
     conv=((1, 10, 74, 74, 72), 72),
     unet_output=(4, 64, 64),
     pruning_window=(16, 160, 160),
@@ -130,6 +132,7 @@ FULL = Sizes(
 QUICK = Sizes(
     repeats=2,
     matmul=128,
+    matmul_accelerator=128,
     conv=((1, 4, 8, 8, 2), 3),
     unet_output=None,
     pruning_window=(4, 16, 16),
@@ -214,8 +217,10 @@ def with_rates(rows: list[dict], ctx: Context) -> list[dict]:
 
 def section_peak(ctx: Context) -> list[dict]:
     rows = []
+    cpu = jax.default_backend() == "cpu"
+    size = ctx.sizes.matmul if cpu else ctx.sizes.matmul_accelerator
     for dtype in ("float32", "bfloat16"):
-        res = common.matmul_peak(dtype, ctx.sizes.matmul, max(ctx.sizes.repeats, 3))
+        res = common.matmul_peak(dtype, size, max(ctx.sizes.repeats, 3))
         ctx.peaks[dtype] = res["flop_per_s"]
         n = res["size"]
         rows.append(
