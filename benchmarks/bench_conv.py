@@ -331,7 +331,7 @@ def bench_unet(cfg, in_shape, impl, repeats):
         "infer": common.time_calls(lambda: infer(params, x), repeats),
         "train_compile_s": train_compile_s,
         "train": common.time_calls(run_step, repeats),
-        "flops": _flops(infer),
+        "flops": common.flops(infer),
         "params": params,
         "x": x,
         "output_shape": out_shape,

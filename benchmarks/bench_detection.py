@@ -115,10 +115,10 @@ def _time_numpy(call, repeats: int) -> tuple[list[int], common.Timing]:
     return result, common.Timing(times)
 
 
-def bench_nms(repeats: int, numpy_repeats: int) -> list[dict]:
+def bench_nms(repeats: int, numpy_repeats: int, sizes=SIZES) -> list[dict]:
     rng = np.random.default_rng(SEED)
     rows = []
-    for n in SIZES:
+    for n in sizes:
         boxes, scores = proposal_like_boxes(n, rng)
         for setting, threshold, cap in NMS_SETTINGS:
             max_outputs = cap or n
@@ -145,6 +145,7 @@ def bench_nms(repeats: int, numpy_repeats: int) -> list[dict]:
                     )
                 rows.append(
                     {
+                        "flops": common.flops(compiled) if impl == "jax_nms" else None,
                         "setting": f"{setting} iou>{threshold} max {max_outputs}",
                         "boxes": n,
                         "kept": len(kept),
@@ -161,10 +162,10 @@ def bench_nms(repeats: int, numpy_repeats: int) -> list[dict]:
     return rows
 
 
-def bench_roi_align(repeats: int) -> list[dict]:
+def bench_roi_align(repeats: int, cases=ROI_CASES) -> list[dict]:
     rng = np.random.default_rng(SEED)
     rows = []
-    for case, shape, count, output, scale in ROI_CASES:
+    for case, shape, count, output, scale in cases:
         features = rng.normal(size=shape).astype(np.float32)
         input_size = np.array(shape[:3]) / np.array(scale)
         lo = rng.uniform(0, 0.8, (count, 3)) * input_size
@@ -180,6 +181,7 @@ def bench_roi_align(repeats: int) -> list[dict]:
             timing = common.time_calls(functools.partial(compiled, features, boxes), repeats)
             rows.append(
                 {
+                    "flops": common.flops(compiled),
                     "case": f"{case} {count} boxes {'x'.join(map(str, output))} from "
                     f"{'x'.join(map(str, shape))}",
                     "impl": impl,

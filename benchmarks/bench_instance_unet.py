@@ -22,7 +22,6 @@ steady-state time. Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import os
@@ -60,7 +59,7 @@ def _config(variant: str):
 
 
 def _time_step(model, loss_fn, batch, train_settings, repeats):
-    """(compile seconds, Timing, final params) of the loop's train step on a fixed batch."""
+    """(compile seconds, Timing, final params, FLOPs) of the loop's train step on a fixed batch."""
     mesh = make_mesh(1)
     state = jax.jit(lambda key: create_train_state(model, batch["input"], train_settings, key))(
         jax.random.key(0)
@@ -75,11 +74,14 @@ def _time_step(model, loss_fn, batch, train_settings, repeats):
         state, metrics = compiled(state, device_batch)
         return metrics
 
-    return compile_s, common.time_calls(call, repeats), state.params
+    flops = common.flops(compiled)
+    return compile_s, common.time_calls(call, repeats), state.params, flops
 
 
-def _row(variant, what, batch, compile_s, timing) -> dict:
+def _row(variant, what, batch, compile_s, timing, flops=None, shape=None) -> dict:
     return {
+        "flops": flops,
+        "input_shape": None if shape is None else list(shape),
         "variant": variant,
         "what": what,
         "batch": batch,
@@ -105,28 +107,32 @@ def bench(variant: str, repeats: int) -> list[dict]:
 
     settings = instance_unet.network_settings(instance_unet.network_block(config))
     model = build_instance_unet(settings, training=True)
-    compile_s, timing, params = _time_step(
+    batch = crops.instance_batch(0, size)
+    compile_s, timing, params, flops = _time_step(
         model,
         lambda out, _: (out["loss"], {}),
-        crops.instance_batch(0, size),
+        batch,
         train_settings,
         repeats,
     )
-    rows.append(_row(variant, "train step", size, compile_s, timing))
+    rows.append(_row(variant, "train step", size, compile_s, timing, flops, batch["input"].shape))
 
     segmenter = cleft_segmenter.build_segmenter(config)
     weight = float(cleft_segmenter.baseline_block(config).positive_weight)
-    compile_s, timing, _ = _time_step(
+    batch = crops.segmenter_batch(0, size)
+    compile_s, timing, _, flops = _time_step(
         segmenter,
         lambda logits, batch: (
             positive_weighted_sigmoid_cross_entropy(logits, batch["target"], weight),
             {},
         ),
-        crops.segmenter_batch(0, size),
+        batch,
         train_settings,
         repeats,
     )
-    rows.append(_row(variant, "baseline step", size, compile_s, timing))
+    rows.append(
+        _row(variant, "baseline step", size, compile_s, timing, flops, batch["input"].shape)
+    )
 
     predict = config.predict
     detector = build_instance_unet(settings)
@@ -134,15 +140,19 @@ def bench(variant: str, repeats: int) -> list[dict]:
     block = jnp.zeros((1, *predict.block, 1), jnp.float32)
     compiled, compile_s = common.compile_jax(apply, params, block)
     timing = common.time_calls(functools.partial(compiled, params, block), repeats)
-    rows.append(_row(variant, "block inference", 1, compile_s, timing))
+    flops = common.flops(compiled)
+    rows.append(_row(variant, "block inference", 1, compile_s, timing, flops, block.shape))
 
     y0, y1 = split_rows(config, volume, "test")
     region = normalize_intensity(
         volume.image[:, y0 // factor : y1 // factor], intensity, "benchmark region"
     )
-    found = detect_blocks(
-        instance_unet.block_detector(config, params), region, predict.block, predict.overlap
-    )
+    detector_fn = instance_unet.block_detector(config, params)
+    # Compile the block function first: the end-to-end row is steady state.
+    detector_fn(np.zeros((1, *predict.block), np.float32))
+    start = time.perf_counter()
+    found = detect_blocks(detector_fn, region, predict.block, predict.overlap)
+    detect_s = time.perf_counter() - start
     blocks = len(found.boxes)
     times = []
     for _ in range(repeats):
@@ -154,36 +164,25 @@ def bench(variant: str, repeats: int) -> list[dict]:
     row["detections_per_block"] = float(np.mean([len(d["scores"]) for d in found.detections]))
     row["fused_instances"] = int(labels.max())
     rows.append(row)
+    # The pipeline's prediction of the test region: block detections, then fusion.
+    seconds = detect_s + row["step_s"] * blocks
+    end_to_end = _row(variant, "prediction end to end", 1, 0.0, common.Timing([seconds]))
+    end_to_end["region_shape"] = list(region.shape)
+    end_to_end["voxels_per_s"] = float(region.size / seconds)
+    rows.append(end_to_end)
     return rows
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="default", choices=("default", "smoke"))
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per case")
-    parser.add_argument(
-        "--out",
-        default=os.path.join(os.path.dirname(__file__), "results", "bench_instance_unet.json"),
+    common.variant_main(
+        argv,
+        __doc__.splitlines()[0],
+        ("default", "smoke"),
+        bench,
+        "EM instance network, configs/vnc.py:{variant}:",
+        COLUMNS,
+        os.path.join(os.path.dirname(__file__), "results", "bench_instance_unet.json"),
     )
-    args = parser.parse_args(argv)
-    load_before = os.getloadavg()
-    rows = bench(args.variant, args.repeats)
-    print(f"EM instance network, configs/vnc.py:{args.variant}:")
-    print(common.format_table(rows, COLUMNS))
-    path = common.write_json(
-        args.out,
-        {
-            "environment": common.environment(),
-            "note": (
-                "shared machine: absolute times are noisy; compile time is the ahead-of-time "
-                "lower().compile() of the same jit function that is then timed"
-            ),
-            "load_average_before_after": [load_before, os.getloadavg()],
-            "variant": args.variant,
-            "rows": rows,
-        },
-    )
-    print(f"\nwritten to {path}")
 
 
 if __name__ == "__main__":

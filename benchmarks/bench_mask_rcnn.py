@@ -17,24 +17,26 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import os
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 try:
     from benchmarks import common
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
 
-from synjax.data.intensity import IntensityNormalization
+from synjax.data.intensity import IntensityNormalization, normalize_intensity
 from synjax.data.synthetic_fluorescence import make_fluorescence_volume
 from synjax.detection.mask_rcnn3d import build_mask_rcnn
-from synjax.stages.mask_rcnn import TrainingPatches, mask_rcnn_settings
+from synjax.inference.instances import detect_patches, merge_detections
+from synjax.stages.mask_rcnn import TrainingPatches, mask_rcnn_settings, patch_detector
 from synjax.train.loop import TrainSettings, make_train_step
 from synjax.train.parallel import make_mesh
 from synjax.train.state import create_train_state
@@ -54,16 +56,20 @@ def bench(variant: str, repeats: int) -> list[dict]:
     config = _config(variant)
     d = config.data
     patch = tuple(config.train.patch)
-    image, labels = make_fluorescence_volume(
-        shape=patch,
-        resolution=tuple(d.resolution),
-        seed=0,
-        density=float(d.density),
-        punctum_diameter_nm=tuple(d.punctum_diameter_nm),
-        punctum_z_stretch=tuple(d.punctum_z_stretch),
-        min_separation=float(d.min_separation),
-        psf_fwhm_nm=tuple(d.psf_fwhm_nm),
-    )
+
+    def volume(shape, seed):
+        return make_fluorescence_volume(
+            shape=shape,
+            resolution=tuple(d.resolution),
+            seed=seed,
+            density=float(d.density),
+            punctum_diameter_nm=tuple(d.punctum_diameter_nm),
+            punctum_z_stretch=tuple(d.punctum_z_stretch),
+            min_separation=float(d.min_separation),
+            psf_fwhm_nm=tuple(d.psf_fwhm_nm),
+        )
+
+    image, labels = volume(patch, 0)
     intensity = IntensityNormalization.from_config(d.intensity).fit([image], "benchmark image")
     settings = mask_rcnn_settings(config.model)
     patches = TrainingPatches(
@@ -94,10 +100,10 @@ def bench(variant: str, repeats: int) -> list[dict]:
     one = device_batch["input"][:1, ..., :1]
     compiled_apply, apply_compile = common.compile_jax(apply, params, one)
     infer_timing = common.time_calls(functools.partial(compiled_apply, params, one), repeats)
-    rows = []
-    for what, size, compile_s, timing in (
-        ("train step", train_settings.batch_size, step_compile, train_timing),
-        ("inference", 1, apply_compile, infer_timing),
+    rows = [_end_to_end(config, settings, params, intensity, volume, variant)]
+    for what, size, compile_s, timing, compiled in (
+        ("train step", train_settings.batch_size, step_compile, train_timing, compiled_step),
+        ("inference", 1, apply_compile, infer_timing, compiled_apply),
     ):
         rows.append(
             {
@@ -108,39 +114,57 @@ def bench(variant: str, repeats: int) -> list[dict]:
                 "step_s": timing.median,
                 "min_s": timing.min,
                 "patches_per_s": size / timing.median,
+                "flops": common.flops(compiled),
+                "input_shape": list(one.shape if what == "inference" else batch["input"].shape),
                 "timing": timing.as_dict(),
             }
         )
-    return rows
+    return rows[1:] + rows[:1]
+
+
+def _end_to_end(config, settings, params, intensity, volume, variant) -> dict:
+    """The pipeline's prediction of a volume of 2 x 2 overlapping patches: detect, merge.
+
+    The patch function is compiled first, so the row is steady state. The
+    untrained network's detections above score 0.5 are merged.
+    """
+    patch = tuple(int(p) for p in config.train.patch)
+    overlap = tuple(int(o) for o in config.predict.overlap)
+    shape = (patch[0], 2 * patch[1] - overlap[1], 2 * patch[2] - overlap[2])
+    image, _ = volume(shape, 1)
+    normalised = normalize_intensity(image, intensity, "benchmark volume")
+    batch_size = int(config.predict.batch_size)
+    detector = patch_detector(settings, params)
+    detector(np.zeros((batch_size, *patch), np.float32))
+    start = time.perf_counter()
+    found = detect_patches(detector, normalised, patch, overlap, 0.0, batch_size)
+    merged = merge_detections(found, 0.5, int(config.predict.min_overlap))
+    seconds = time.perf_counter() - start
+    return {
+        "variant": variant,
+        "what": "prediction end to end",
+        "batch": batch_size,
+        "compile_s": 0.0,
+        "step_s": seconds,
+        "min_s": seconds,
+        "region_shape": list(shape),
+        "voxels_per_s": float(np.prod(shape) / seconds),
+        "patches": found.num_patches,
+        "instances": int(merged.labels.max()),
+        "timing": common.Timing([seconds]).as_dict(),
+    }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="default", choices=("default", "paper", "smoke"))
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per case")
-    parser.add_argument(
-        "--out",
-        default=os.path.join(os.path.dirname(__file__), "results", "bench_mask_rcnn.json"),
+    common.variant_main(
+        argv,
+        __doc__.splitlines()[0],
+        ("default", "paper", "smoke"),
+        bench,
+        "3D Mask R-CNN, configs/fluorescence.py:{variant}, patch of the config:",
+        COLUMNS,
+        os.path.join(os.path.dirname(__file__), "results", "bench_mask_rcnn.json"),
     )
-    args = parser.parse_args(argv)
-    load_before = os.getloadavg()
-    rows = bench(args.variant, args.repeats)
-    print(f"3D Mask R-CNN, configs/fluorescence.py:{args.variant}, patch of the config:")
-    print(common.format_table(rows, COLUMNS))
-    path = common.write_json(
-        args.out,
-        {
-            "environment": common.environment(),
-            "note": (
-                "shared machine: absolute times are noisy; compile time is the ahead-of-time "
-                "lower().compile() of the same jit function that is then timed"
-            ),
-            "load_average_before_after": [load_before, os.getloadavg()],
-            "variant": args.variant,
-            "rows": rows,
-        },
-    )
-    print(f"\nwritten to {path}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ import optax
 
 try:
     from benchmarks import common
+    from benchmarks.torch_nets import build_torch_unet, load_flax_params, time_torch
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     import common
+    from torch_nets import build_torch_unet, load_flax_params, time_torch
 
 from synjax.models import UNet3D, UNet3DSettings, weighted_mse
 
@@ -102,115 +104,13 @@ def bench_jax(cfg, in_shape, batch, repeats, dtype):
         "output_shape": out_shape,
         "infer_compile_s": infer_compile,
         "infer": infer_timing,
+        "infer_flops": common.flops(infer),
         "train_compile_s": train_compile,
         "train": train_timing,
+        "train_flops": common.flops(step),
         "n_params": count_params(params),
         "y": np.asarray(infer(params, x), np.float32),
     }
-
-
-def build_torch_unet(cfg):
-    """The same U-Net in PyTorch (NCDHW), modules created in Flax's order.
-
-    torch is imported here so that the benchmark runs without it.
-    """
-    import torch
-    from torch import nn
-
-    def conv_block(c_in, c_out, kernel):
-        pad = 0 if cfg.padding == "VALID" else tuple(k // 2 for k in kernel)
-        return nn.Sequential(
-            nn.Conv3d(c_in, c_out, kernel, padding=pad),
-            nn.PReLU(c_out, init=0.25),
-            nn.Conv3d(c_out, c_out, kernel, padding=pad),
-            nn.PReLU(c_out, init=0.25),
-        )
-
-    def upsample(c_in, c_out, factors):
-        if cfg.upsample == "transpose":
-            conv = nn.ConvTranspose3d(c_in, c_out, factors, stride=factors)
-            return nn.Sequential(conv, nn.PReLU(c_out, init=0.25))
-        return nn.Sequential(
-            nn.Upsample(scale_factor=factors, mode="nearest"),
-            nn.Conv3d(c_in, c_out, factors, padding="same"),
-            nn.PReLU(c_out, init=0.25),
-        )
-
-    def crop(x, shape):
-        starts = [(h - w) // 2 for h, w in zip(x.shape[2:], shape, strict=True)]
-        return x[
-            :,
-            :,
-            starts[0] : starts[0] + shape[0],
-            starts[1] : starts[1] + shape[1],
-            starts[2] : starts[2] + shape[2],
-        ]
-
-    class TorchUNet3D(nn.Module):
-        def __init__(self):
-            super().__init__()
-            depth, feats = cfg.depth, cfg.features
-            blocks = [
-                conv_block(1 if lv == 0 else feats(lv - 1), feats(lv), cfg.conv_kernels[lv])
-                for lv in range(depth + 1)
-            ]
-            ups = []
-            for lv in reversed(range(depth)):
-                ups.append(upsample(feats(lv + 1), feats(lv), cfg.pool_factors[lv]))
-                blocks.append(conv_block(2 * feats(lv), feats(lv), cfg.conv_kernels[lv]))
-            self.blocks = nn.ModuleList(blocks)
-            self.ups = nn.ModuleList(ups)
-            self.pools = nn.ModuleList(nn.MaxPool3d(p, stride=p) for p in cfg.pool_factors)
-            self.output = nn.Conv3d(feats(0), cfg.out_channels, 1)
-
-        def forward(self, x):
-            skips = []
-            for lv in range(cfg.depth):
-                x = self.blocks[lv](x)
-                skips.append(x)
-                x = self.pools[lv](x)
-            x = self.blocks[cfg.depth](x)
-            for i, lv in enumerate(reversed(range(cfg.depth))):
-                x = self.ups[i](x)
-                x = torch.cat([x, crop(skips[lv], x.shape[2:])], dim=1)
-                x = self.blocks[cfg.depth + 1 + i](x)
-            return self.output(x)
-
-    return TorchUNet3D()
-
-
-def load_flax_params(model, params, cfg):
-    """Copies Flax parameters into `build_torch_unet`'s model (in place)."""
-    import torch
-
-    def conv_weight(kernel, transpose=False):
-        kernel = np.asarray(kernel, np.float32)
-        if transpose:
-            # Flax's ConvTranspose does not flip the kernel, PyTorch's does.
-            return kernel[::-1, ::-1, ::-1].transpose(3, 4, 0, 1, 2)
-        return kernel.transpose(4, 3, 0, 1, 2)
-
-    def put(module, tensor):
-        module.data.copy_(torch.from_numpy(np.array(tensor, np.float32, copy=True)))
-
-    def put_conv(module, flax_conv, transpose=False):
-        put(module.weight, conv_weight(flax_conv["kernel"], transpose))
-        put(module.bias, np.asarray(flax_conv["bias"], np.float32))
-
-    with torch.no_grad():
-        for i, block in enumerate(model.blocks):
-            flax_block = params[f"ConvBlock_{i}"]
-            for j in range(2):
-                put_conv(block[2 * j], flax_block[f"Conv_{j}"])
-                put(block[2 * j + 1].weight, np.asarray(flax_block[f"PReLU_{j}"]["slope"]))
-        for i, up in enumerate(model.ups):
-            flax_up = params[f"Upsample_{i}"]
-            if cfg.upsample == "transpose":
-                put_conv(up[0], flax_up["ConvTranspose_0"], transpose=True)
-            else:
-                put_conv(up[1], flax_up["Conv_0"])
-            put(up[-1].weight, np.asarray(flax_up["PReLU_0"]["slope"]))
-        put_conv(model.output, params["output"])
 
 
 def torch_device() -> str:
@@ -220,8 +120,14 @@ def torch_device() -> str:
     return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
-def bench_torch(cfg, jax_result, repeats, threads):
-    """Times the PyTorch twin with the Flax weights copied in (same device kind as JAX)."""
+def bench_torch(cfg, jax_result, repeats, threads, channels_last=False, bf16=False):
+    """Times the PyTorch twin with the Flax weights copied in (same device kind as JAX).
+
+    Args:
+      channels_last: run in channels_last_3d memory format (PyTorch's fastest
+        3D layout on CPU) rather than NCDHW.
+      bf16: bfloat16 autocast (float32 weights and accumulation).
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -230,47 +136,31 @@ def bench_torch(cfg, jax_result, repeats, threads):
     load_flax_params(model, jax_result["params"], cfg)
     model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    x = torch.from_numpy(np.asarray(jax_result["x"], np.float32).transpose(0, 4, 1, 2, 3).copy())
-    x = x.to(device)
-
-    def sync(result):
-        # CUDA kernels run asynchronously: a timing ends when the device is done.
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return result
-
+    x_numpy = np.asarray(jax_result["x"], np.float32).transpose(0, 4, 1, 2, 3)
     with torch.inference_mode():
-        y = model(x).cpu().numpy().transpose(0, 2, 3, 4, 1)
+        y = model(torch.from_numpy(x_numpy.copy()).to(device)).cpu().numpy()
     y_jax = jax_result["y"]
+    y = y.transpose(0, 2, 3, 4, 1)
     rel_diff = float(np.abs(y - y_jax).max() / max(np.abs(y_jax).max(), 1e-12))
-
-    def infer():
-        with torch.inference_mode():
-            return model(x)
-
-    infer_timing = common.time_calls(infer, repeats, sync=sync)
     out_shape = jax_result["output_shape"]
     target = torch.rand(out_shape[0], 1, *out_shape[1:4], device=device) * 2 - 1
     weights = torch.ones_like(target)
-    opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
 
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        loss = (weights * (model(x) - target) ** 2).sum() / weights.sum()
-        loss.backward()
-        opt.step()
-        return loss
+    def loss(output):
+        return (weights * (output - target) ** 2).sum() / weights.sum()
 
-    train_timing = common.time_calls(train_step, repeats, sync=lambda r: r.item())
-    return {
-        "n_params": n_params,
-        "max_rel_diff": rel_diff,
-        "infer": infer_timing,
-        "train": train_timing,
-        "version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-    }
+    timed = time_torch(
+        model,
+        x_numpy,
+        loss,
+        repeats,
+        channels_last=channels_last,
+        bf16=bf16,
+        device=device,
+        threads=threads,
+        learning_rate=LEARNING_RATE,
+    )
+    return {**timed, "n_params": n_params, "max_rel_diff": rel_diff}
 
 
 def main(argv=None):

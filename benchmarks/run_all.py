@@ -1,0 +1,1118 @@
+"""One command for every benchmark: networks, detection ops, host stages, pipelines, cold start.
+
+Runs in one process (the cold-start rows in fresh subprocesses, since they
+time an import) and writes one JSON plus a markdown table:
+
+- `peak`: a square matmul at float32 and at bfloat16 inputs with float32
+  accumulation, the device's practical peak in this run; every network row's
+  FLOP/s is given as a fraction of the peak of its compute dtype;
+- `conv`: one 3x3x3 convolution (XLA's own), the arithmetic the networks are
+  made of;
+- networks, inference and one Adam training step each, compile time apart
+  from steady state (after `block_until_ready`), FLOPs from XLA's cost
+  analysis of the compiled program: the partner U-Net regressor at the
+  paper's size (float32 and bfloat16 compute), the pruning CNN, DeepEM3D-Net,
+  the 3D Mask R-CNN and the EM instance U-Net; PyTorch twins of the U-Net, the
+  pruning CNN and DeepEM3D-Net in the same process when torch is importable
+  (channels first and channels_last_3d at float32, channels_last_3d with
+  bfloat16 autocast), with JAX's speed-up over the best PyTorch row printed;
+- ops and host stages: NMS, ROIAlign, the sparse mask merge, the watershed,
+  partner candidate generation;
+- pipelines: prediction throughput in voxels per second (partners: the block
+  runner on a synthetic zarr volume; neurons: slice-wise DeepEM3D; instances:
+  block detection and fusion);
+- `cold_start`: import -> first U-Net prediction in a fresh process, JAX
+  against PyTorch.
+
+Run from the repository root (about 15 minutes on a 2-core CPU; `--quick`
+runs tiny sizes in a minute or two and writes no README unless asked):
+
+  .venv/bin/python benchmarks/run_all.py [--quick] [--out benchmarks/results/all.json]
+  .venv/bin/python benchmarks/run_all.py --sections peak unet --no-readme
+
+Nothing here assumes a CPU: on a GPU the same command times the GPU (PyTorch
+on CUDA when it has it), and the table names the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    from benchmarks import bench_detection, bench_merge, bench_unet, common, torch_nets
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    import bench_detection
+    import bench_merge
+    import bench_unet
+    import common
+    import torch_nets
+
+SEED = 0
+DEFAULT_OUT = "benchmarks/results/all.json"
+DEFAULT_README = "benchmarks/README.md"
+# Row fields of the markdown table, in order, with their headers.
+TABLE = (
+    ("section", "section"),
+    ("name", "what"),
+    ("framework", "framework"),
+    ("mode", "mode"),
+    ("dtype", "dtype"),
+    ("shape", "shape"),
+    ("compile_s", "compile s"),
+    ("median_s", "median s"),
+    ("gflop_per_s", "GFLOP/s"),
+    ("peak_fraction", "of peak"),
+    ("voxels_per_s", "voxels/s"),
+    ("jax_speedup_vs_torch", "JAX speed-up vs best torch"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Problem sizes of one run: the full run's, or `--quick`'s tiny ones."""
+
+    repeats: int
+    matmul: int  # square matmul side on a CPU
+    matmul_accelerator: int  # on a GPU/TPU, whose peak a small matmul does not reach
+    conv: tuple[tuple[int, ...], int]  # input [b, z, y, x, c], output channels
+    unet_output: tuple[int, int, int] | None  # None: the tiny U-Net below
+    pruning_window: tuple[int, int, int]
+    pruning_batch: int
+    pruning_features: tuple[int, ...]
+    deepem3d_size: int
+    deepem3d_width: float
+    variant: str  # of configs/fluorescence.py and configs/vnc.py
+    nms_boxes: tuple[int, ...]
+    roi_cases: tuple
+    merge_masks: int
+    watershed_shape: tuple[int, int, int] | None  # None: the real FIB-SEM volume
+    candidates_shape: tuple[int, int, int]
+    partners_volume: tuple[int, int, int]
+    partners_block: tuple[int, int, int]
+    neurons_volume: tuple[int, int, int]
+    cold_start_output: tuple[int, int, int] | None
+
+
+FULL = Sizes(
+    repeats=2,
+    matmul=2048,
+    matmul_accelerator=8192,
+    conv=((1, 10, 74, 74, 72), 72),
+    unet_output=(4, 64, 64),
+    pruning_window=(16, 160, 160),
+    pruning_batch=4,
+    pruning_features=(16, 32, 64, 64, 128),
+    deepem3d_size=256,
+    deepem3d_width=1.0,
+    variant="default",
+    nms_boxes=(1000, 10000),
+    roi_cases=bench_detection.ROI_CASES,
+    merge_masks=20000,
+    watershed_shape=None,
+    candidates_shape=(32, 256, 256),
+    partners_volume=(32, 192, 192),
+    partners_block=(16, 96, 96),
+    neurons_volume=(8, 256, 256),
+    cold_start_output=(4, 64, 64),
+)
+QUICK = Sizes(
+    repeats=2,
+    matmul=128,
+    matmul_accelerator=128,
+    conv=((1, 4, 8, 8, 2), 3),
+    unet_output=None,
+    pruning_window=(4, 16, 16),
+    pruning_batch=2,
+    pruning_features=(2, 2, 2, 2, 2),
+    deepem3d_size=32,
+    deepem3d_width=1 / 32,
+    variant="smoke",
+    nms_boxes=(300,),
+    roi_cases=(("box head", (4, 8, 8, 4), 8, (3, 3, 3), (0.5, 0.25, 0.25)),),
+    merge_masks=500,
+    watershed_shape=(8, 48, 48),
+    candidates_shape=(8, 64, 64),
+    partners_volume=(8, 32, 32),
+    partners_block=(8, 16, 16),
+    neurons_volume=(3, 32, 32),
+    cold_start_output=None,
+)
+# The quick U-Net: same layers as the paper's, two levels, few features.
+TINY_UNET = dict(
+    depth=1,
+    base_features=2,
+    feature_growth=2,
+    pool_factors=((1, 2, 2),),
+    conv_kernels=((1, 3, 3), (1, 3, 3)),
+)
+
+
+class Context:
+    """What every section shares: sizes, the measured peaks, torch's availability."""
+
+    def __init__(self, sizes: Sizes, use_torch: bool, threads: int):
+        self.sizes = sizes
+        self.peaks: dict[str, float] = {}
+        self.threads = threads
+        self.torch_reason = None
+        if use_torch:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                self.torch_reason = "torch is not installed (pip install -e .[bench])"
+        else:
+            self.torch_reason = "--no-torch"
+        if self.torch_reason is None and jax.default_backend() != "cpu":
+            if bench_unet.torch_device() == "cpu":
+                self.torch_reason = "JAX runs on an accelerator, PyTorch has none"
+        if self.torch_reason:
+            print(f"PyTorch rows skipped: {self.torch_reason}", file=sys.stderr)
+
+    @property
+    def torch(self) -> bool:
+        return self.torch_reason is None
+
+
+def shape_text(shape) -> str:
+    return "x".join(str(int(v)) for v in shape) if shape is not None else None
+
+
+def row(section: str, name: str, **fields) -> dict[str, Any]:
+    """One result row; `timing` (common.Timing) fills median, min and repeats."""
+    timing = fields.pop("timing", None)
+    out = {"section": section, "name": name, "framework": "jax", **fields}
+    if timing is not None:
+        out.update(median_s=timing.median, min_s=timing.min, repeats=len(timing.times))
+        out["timing"] = timing.as_dict()
+    return out
+
+
+def with_rates(rows: list[dict], ctx: Context) -> list[dict]:
+    """Adds GFLOP/s (from FLOPs and the median) and the fraction of the dtype's matmul peak."""
+    for r in rows:
+        flops, seconds = r.get("flops"), r.get("median_s")
+        if flops and seconds:
+            r["gflop_per_s"] = flops / seconds / 1e9
+            peak = ctx.peaks.get("bfloat16" if r.get("dtype") == "bfloat16" else "float32")
+            r["peak_fraction"] = flops / seconds / peak if peak else None
+    return rows
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def section_peak(ctx: Context) -> list[dict]:
+    rows = []
+    cpu = jax.default_backend() == "cpu"
+    size = ctx.sizes.matmul if cpu else ctx.sizes.matmul_accelerator
+    for dtype in ("float32", "bfloat16"):
+        # The best of many calls: on a shared machine a few calls may all be slowed down.
+        res = common.matmul_peak(dtype, size, max(ctx.sizes.repeats, 10))
+        ctx.peaks[dtype] = res["flop_per_s"]
+        n = res["size"]
+        rows.append(
+            row(
+                "peak",
+                f"matmul {n}x{n}x{n}" + (" (f32 accumulation)" if dtype == "bfloat16" else ""),
+                mode="op",
+                dtype=dtype,
+                shape=f"{n}x{n}",
+                compile_s=res["compile_s"],
+                timing=res["timing"],
+                flops=res["flops"],
+                # The peak is the best call: the fraction of a row is against this.
+                peak_flop_per_s=res["flop_per_s"],
+            )
+        )
+    return rows
+
+
+def section_conv(ctx: Context) -> list[dict]:
+    """One VALID 3x3x3 convolution, no bias: 2 * output voxels * 27 * c_in * c_out FLOPs."""
+    shape, features = ctx.sizes.conv
+    rng = np.random.default_rng(SEED)
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        x = jnp.asarray(rng.random(shape, np.float32), dtype)
+        kernel = jnp.asarray(rng.normal(size=(3, 3, 3, shape[-1], features)), dtype)
+
+        def conv(v, k):
+            return jax.lax.conv_general_dilated(
+                v,
+                k,
+                (1, 1, 1),
+                "VALID",
+                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                preferred_element_type=jnp.float32,
+            )
+
+        compiled, compile_s = common.compile_jax(jax.jit(conv), x, kernel)
+        timing = common.time_calls(lambda c=compiled, v=x, k=kernel: c(v, k), ctx.sizes.repeats)
+        rows.append(
+            row(
+                "conv",
+                f"conv 3x3x3 VALID {shape[-1]}->{features}",
+                mode="infer",
+                dtype=dtype,
+                shape=shape_text(shape),
+                compile_s=compile_s,
+                timing=timing,
+                flops=common.flops(compiled),
+                output_shape=list(compiled(x, kernel).shape),
+            )
+        )
+    return rows
+
+
+def _torch_rows(section, name, ctx, build, x_numpy, loss, jax_rows, shape) -> list[dict]:
+    """PyTorch rows of one network (three layouts/precisions) and JAX's speed-up over the best.
+
+    `build()` makes a fresh model for each variant (the train steps change its
+    weights). The speed-up (best PyTorch median / JAX median, > 1: JAX faster)
+    is written on the JAX rows of the same mode and precision: float32 against
+    the best float32 PyTorch layout, bfloat16 against bfloat16 autocast.
+    """
+    if not ctx.torch:
+        return []
+    device = bench_unet.torch_device()
+    rows = []
+    for channels_last, bf16 in ((False, False), (True, False), (True, True)):
+        res = torch_nets.time_torch(
+            build(),
+            x_numpy,
+            loss,
+            ctx.sizes.repeats,
+            channels_last=channels_last,
+            bf16=bf16,
+            device=device,
+            threads=ctx.threads if device == "cpu" else None,
+        )
+        for mode in ("infer", "train"):
+            rows.append(
+                row(
+                    section,
+                    name,
+                    framework=f"torch-{res['version']}",
+                    mode=mode,
+                    dtype="bfloat16" if bf16 else "float32",
+                    layout=res["layout"],
+                    shape=shape,
+                    timing=res[mode],
+                    threads=res["threads"],
+                    device=res["device"],
+                )
+            )
+    for jrow in jax_rows:
+        same = [
+            r["median_s"] for r in rows if r["mode"] == jrow["mode"] and r["dtype"] == jrow["dtype"]
+        ]
+        if same:
+            jrow["best_torch_s"] = min(same)
+            jrow["jax_speedup_vs_torch"] = min(same) / jrow["median_s"]
+    # The PyTorch rows' FLOP/s: the same arithmetic as JAX's row of the mode.
+    flops = {r["mode"]: r.get("flops") for r in jax_rows if r["dtype"] == "float32"}
+    for r in rows:
+        r["flops"] = flops.get(r["mode"])
+    return rows
+
+
+def _network_rows(section, name, res, dtype, shape, output_voxels=None) -> list[dict]:
+    rows = []
+    for mode in ("infer", "train"):
+        rows.append(
+            row(
+                section,
+                name,
+                mode=mode,
+                dtype=dtype,
+                shape=shape,
+                compile_s=res[f"{mode}_compile_s"],
+                timing=res[mode],
+                flops=res[f"{mode}_flops"],
+            )
+        )
+    if output_voxels:
+        rows[0]["voxels_per_s"] = output_voxels / rows[0]["median_s"]
+    return rows
+
+
+def section_unet(ctx: Context) -> list[dict]:
+    from synjax.models import UNet3DSettings
+
+    if ctx.sizes.unet_output is None:
+        cfg = UNet3DSettings(**TINY_UNET)
+        in_shape = cfg.valid_input_shape((2, 8, 8))
+        name = "partner U-Net (tiny)"
+    else:
+        cfg = UNet3DSettings()
+        in_shape = cfg.valid_input_shape(ctx.sizes.unet_output)
+        name = "partner U-Net (paper)"
+    rows, jax_rows, f32 = [], [], None
+    for dtype, jdtype in (("float32", None), ("bfloat16", jnp.bfloat16)):
+        res = bench_unet.bench_jax(
+            dataclasses.replace(cfg, dtype=jdtype), in_shape, 1, ctx.sizes.repeats, jnp.float32
+        )
+        f32 = f32 or res
+        out = res["output_shape"]
+        jax_rows += _network_rows(
+            "unet", name, res, dtype, shape_text((1, *in_shape, 1)), int(np.prod(out[:4]))
+        )
+    rows += jax_rows
+    if ctx.torch:
+        torch_rows = []
+        device = bench_unet.torch_device()
+        for channels_last, bf16 in ((False, False), (True, False), (True, True)):
+            tres = bench_unet.bench_torch(
+                cfg, f32, ctx.sizes.repeats, ctx.threads, channels_last, bf16
+            )
+            if tres["n_params"] != int(
+                sum(np.prod(p.shape) for p in jax.tree.leaves(f32["params"]))
+            ):
+                raise RuntimeError(f"U-Net parameter counts differ: torch {tres['n_params']}")
+            tolerance = (
+                bench_unet.MAX_RELATIVE_DIFF
+                if device == "cpu"
+                else bench_unet.MAX_RELATIVE_DIFF_TF32
+            )
+            if tres["max_rel_diff"] > tolerance:
+                raise RuntimeError(
+                    f"U-Net outputs differ: max relative diff {tres['max_rel_diff']}"
+                )
+            for mode in ("infer", "train"):
+                torch_rows.append(
+                    row(
+                        "unet",
+                        name,
+                        framework=f"torch-{tres['version']}",
+                        mode=mode,
+                        dtype="bfloat16" if bf16 else "float32",
+                        layout=tres["layout"],
+                        shape=shape_text((1, *in_shape, 1)),
+                        timing=tres[mode],
+                        threads=tres["threads"],
+                        device=tres["device"],
+                        max_rel_diff_vs_jax=tres["max_rel_diff"],
+                    )
+                )
+        out_voxels = int(np.prod(f32["output_shape"][:4]))
+        for r in torch_rows:
+            r["flops"] = f32[f"{r['mode']}_flops"]
+            if r["mode"] == "infer":
+                r["voxels_per_s"] = out_voxels / r["median_s"]
+        for jrow in jax_rows:
+            same = [
+                r["median_s"]
+                for r in torch_rows
+                if r["mode"] == jrow["mode"] and r["dtype"] == jrow["dtype"]
+            ]
+            jrow["best_torch_s"] = min(same)
+            jrow["jax_speedup_vs_torch"] = min(same) / jrow["median_s"]
+        rows += torch_rows
+    return rows
+
+
+def section_pruning(ctx: Context) -> list[dict]:
+    from synjax.models.pruning import DEFAULT_DENSE, DEFAULT_POOLS, PruningCNN, sigmoid_bce
+
+    s = ctx.sizes
+    channels = 4
+    model = PruningCNN(features=s.pruning_features)
+    rng = np.random.default_rng(SEED)
+    x = jnp.asarray(rng.random((s.pruning_batch, *s.pruning_window, channels), np.float32))
+    labels = jnp.asarray(rng.integers(0, 2, s.pruning_batch), jnp.float32)
+    params = jax.jit(model.init)(jax.random.key(SEED), x)["params"]
+    res = common.time_jax_network(
+        lambda p, v: model.apply({"params": p}, v),
+        lambda p, v: sigmoid_bce(model.apply({"params": p}, v), labels),
+        params,
+        x,
+        s.repeats,
+    )
+    shape = shape_text(x.shape)
+    rows = _network_rows("pruning", "pruning CNN", res, "float32", shape)
+    for r in rows:
+        r["windows_per_s"] = s.pruning_batch / r["median_s"]
+
+    def build():
+        return torch_nets.build_torch_pruning(
+            s.pruning_window, channels, s.pruning_features, DEFAULT_POOLS, DEFAULT_DENSE
+        )
+
+    if ctx.torch:
+        jax_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+        if torch_nets.count_parameters(build()) != jax_params:
+            raise RuntimeError("pruning CNN: PyTorch and Flax parameter counts differ")
+        import torch
+
+        target = torch.from_numpy(np.asarray(labels))
+
+        def loss(logits):
+            return torch.nn.functional.binary_cross_entropy_with_logits(
+                logits[:, 0], target.to(logits.device)
+            )
+
+        x_numpy = np.asarray(x).transpose(0, 4, 1, 2, 3)
+        rows += _torch_rows("pruning", "pruning CNN", ctx, build, x_numpy, loss, rows, shape)
+    return rows
+
+
+def section_deepem3d(ctx: Context) -> list[dict]:
+    from synjax.models.deepem3d import DeepEM3DNet, DeepEM3DSettings
+
+    s = ctx.sizes
+    settings = DeepEM3DSettings(slices=5, width=s.deepem3d_width)
+    model = DeepEM3DNet(settings)
+    rng = np.random.default_rng(SEED)
+    x = jnp.asarray(rng.random((1, 5, s.deepem3d_size, s.deepem3d_size, 1), np.float32))
+    labels = jnp.asarray(rng.integers(0, 2, (1, s.deepem3d_size, s.deepem3d_size)))
+    variables = jax.jit(model.init)(jax.random.key(SEED), x)
+    stats = variables["batch_stats"]
+
+    def loss(p, v):
+        logits, _ = model.apply(
+            {"params": p, "batch_stats": stats}, v, train=True, mutable=["batch_stats"]
+        )
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
+
+    res = common.time_jax_network(
+        lambda p, v: model.apply({"params": p, "batch_stats": stats}, v),
+        loss,
+        variables["params"],
+        x,
+        s.repeats,
+    )
+    shape = shape_text(x.shape)
+    name = f"DeepEM3D-Net s5 width {s.deepem3d_width:g}"
+    rows = _network_rows("deepem3d", name, res, "float32", shape, s.deepem3d_size**2)
+
+    def build():
+        return torch_nets.build_torch_deepem3d(settings)
+
+    if ctx.torch:
+        jax_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(variables["params"])))
+        if torch_nets.count_parameters(build()) != jax_params:
+            raise RuntimeError(
+                f"DeepEM3D: PyTorch {torch_nets.count_parameters(build())} and Flax "
+                f"{jax_params} parameter counts differ"
+            )
+        import torch
+
+        target = torch.from_numpy(np.asarray(labels, np.int64))
+
+        def torch_loss(logits):
+            return torch.nn.functional.cross_entropy(logits, target.to(logits.device))
+
+        x_numpy = np.asarray(x).transpose(0, 4, 1, 2, 3)
+        rows += _torch_rows("deepem3d", name, ctx, build, x_numpy, torch_loss, rows, shape)
+        for r in rows:
+            if r["framework"] != "jax" and r["mode"] == "infer":
+                r["voxels_per_s"] = s.deepem3d_size**2 / r["median_s"]
+    return rows
+
+
+def _variant_rows(section, name, bench_rows, modes) -> list[dict]:
+    rows = []
+    for r in bench_rows:
+        mode = modes.get(r["what"])
+        if mode is None:
+            continue
+        out = row(
+            section,
+            f"{name}: {r['what']}",
+            mode=mode,
+            dtype="float32",
+            shape=shape_text(r.get("input_shape") or r.get("region_shape")),
+            compile_s=r.get("compile_s"),
+            flops=r.get("flops"),
+            median_s=r["step_s"],
+            min_s=r["min_s"],
+            repeats=r["timing"]["repeats"],
+            timing_summary=r["timing"],
+        )
+        if r.get("voxels_per_s"):
+            out["voxels_per_s"] = r["voxels_per_s"]
+        rows.append(out)
+    return rows
+
+
+def section_mask_rcnn(ctx: Context) -> list[dict]:
+    try:
+        from benchmarks import bench_mask_rcnn
+    except ImportError:
+        import bench_mask_rcnn
+
+    variant = ctx.sizes.variant
+    rows = bench_mask_rcnn.bench(variant, ctx.sizes.repeats)
+    modes = {"train step": "train", "inference": "infer", "prediction end to end": "pipeline"}
+    out = _variant_rows("mask_rcnn", f"3D Mask R-CNN ({variant})", rows, modes)
+    for r in out:
+        if r["mode"] == "pipeline":
+            r["section"] = "pipeline"
+            r["name"] = f"fluorescence: patches + sparse merge ({variant} network, untrained)"
+    return out
+
+
+def section_instance_unet(ctx: Context) -> list[dict]:
+    try:
+        from benchmarks import bench_instance_unet
+    except ImportError:
+        import bench_instance_unet
+
+    variant = ctx.sizes.variant
+    rows = bench_instance_unet.bench(variant, ctx.sizes.repeats)
+    modes = {
+        "train step": "train",
+        "baseline step": "train",
+        "block inference": "infer",
+        "prediction end to end": "pipeline",
+    }
+    out = _variant_rows("instance_unet", f"EM instance U-Net ({variant})", rows, modes)
+    for r in out:
+        if r["mode"] == "pipeline":
+            r["section"] = "pipeline"
+            r["name"] = f"instances: blocks + fusion ({variant} network)"
+    return out
+
+
+def section_nms(ctx: Context) -> list[dict]:
+    rows = []
+    for r in bench_detection.bench_nms(ctx.sizes.repeats, 1, ctx.sizes.nms_boxes):
+        rows.append(
+            row(
+                "ops",
+                f"NMS {r['setting']}",
+                framework="jax" if r["impl"] == "jax_nms" else r["impl"],
+                mode="op",
+                dtype="float32",
+                shape=f"{r['boxes']} boxes",
+                compile_s=r["compile_s"],
+                median_s=r["step_s"],
+                min_s=r["min_s"],
+                repeats=r["repeats"],
+                flops=r.get("flops"),
+                kept=r["kept"],
+                speedup_vs_best_numpy=r["speedup"],
+            )
+        )
+    return rows
+
+
+def section_roi_align(ctx: Context) -> list[dict]:
+    rows = []
+    for r in bench_detection.bench_roi_align(ctx.sizes.repeats, ctx.sizes.roi_cases):
+        rows.append(
+            row(
+                "ops",
+                f"ROIAlign {r['case']} ({r['impl']})",
+                mode="op",
+                dtype="float32",
+                shape=r["case"].split(" from ")[-1],
+                compile_s=r["compile_s"],
+                median_s=r["step_s"],
+                min_s=r["min_s"],
+                repeats=r["repeats"],
+                flops=r.get("flops"),
+                boxes_per_s=r["boxes_per_s"],
+            )
+        )
+    return rows
+
+
+def section_merge(ctx: Context) -> list[dict]:
+    r = bench_merge.bench_size(ctx.sizes.merge_masks, ctx.sizes.repeats, None)
+    if not r["loop_equal"] or not r["overlaps_scipy_equal"]:
+        raise RuntimeError("sparse merge: the reference implementations disagree")
+    base = dict(mode="op", shape=f"{r['masks']} masks in {r['volume']}")
+    return [
+        row(
+            "ops",
+            "sparse mask merge (merge_masks)",
+            framework="numpy/scipy",
+            median_s=r["merge_s"],
+            min_s=r["merge_min_s"],
+            repeats=ctx.sizes.repeats,
+            cpu_s=r["merge_cpu_s"],
+            kept=r["kept"],
+            speedup_vs_python_loop=r["speedup"],
+            **base,
+        ),
+        row(
+            "ops",
+            "sparse mask merge, Python-loop reference",
+            framework="python",
+            median_s=r["loop_s"],
+            repeats=1,
+            **base,
+        ),
+    ]
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, common.Timing]:
+    """(last result, Timing of `repeats` calls): host code needs no warm-up or sync."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, common.Timing(times)
+
+
+def _synthetic_em(shape, seed=SEED):
+    from synjax.data.synthetic import make_em_volume
+
+    return make_em_volume(shape=shape, resolution=(40.0, 4.0, 4.0), seed=seed)
+
+
+def section_watershed(ctx: Context) -> list[dict]:
+    from synjax.postprocess.watershed import segment
+
+    try:
+        from benchmarks import bench_segmentation
+    except ImportError:
+        import bench_segmentation
+
+    if ctx.sizes.watershed_shape is None:
+        image, _, _ = bench_segmentation._load(bench_segmentation.DEFAULT_DATA)
+        source = bench_segmentation.DEFAULT_DATA.name
+    else:
+        raw = _synthetic_em(ctx.sizes.watershed_shape).raw
+        image = (255.0 - raw.astype(np.float64)) / 255.0  # membranes dark: invert
+        source = "synthetic EM"
+    labels, timing = _timed(
+        lambda: segment(image, bench_segmentation.SIGMA, bench_segmentation.H), ctx.sizes.repeats
+    )
+    return [
+        row(
+            "host",
+            f"watershed segment() on {source}",
+            framework="numpy/scipy/skimage",
+            mode="op",
+            shape=shape_text(image.shape),
+            timing=timing,
+            voxels_per_s=image.size / timing.median,
+            regions=int(labels.max()),
+        )
+    ]
+
+
+def section_candidates(ctx: Context) -> list[dict]:
+    from synjax.data.synthetic_em import smooth_noise
+    from synjax.postprocess.candidates import generate_candidates
+
+    volume = _synthetic_em(ctx.sizes.candidates_shape)
+    resolution = (40.0, 4.0, 4.0)
+    # A proximity-like map: smooth blobs, a few percent of voxels beyond +-0.3.
+    noise = smooth_noise(np.random.default_rng(SEED), volume.raw.shape, np.array(resolution), 80.0)
+    proximity = np.tanh(noise / 2.0).astype(np.float32)
+    found, timing = _timed(
+        lambda: generate_candidates(proximity, volume.neuron_ids, resolution), ctx.sizes.repeats
+    )
+    return [
+        row(
+            "host",
+            "partner candidates (generate_candidates)",
+            framework="numpy/scipy/cc3d",
+            mode="op",
+            shape=shape_text(proximity.shape),
+            timing=timing,
+            voxels_per_s=proximity.size / timing.median,
+            candidates=int(len(found.pre_segment)),
+        )
+    ]
+
+
+def section_pipelines(ctx: Context) -> list[dict]:
+    """Prediction throughput of the partner and neuron pipelines on synthetic volumes."""
+    try:
+        from benchmarks import bench_blockwise_predict
+    except ImportError:
+        import bench_blockwise_predict
+
+    from synjax.inference.slicewise import predict_slices
+    from synjax.models.deepem3d import TOTAL_STRIDE, DeepEM3DNet, DeepEM3DSettings, make_apply_fn
+
+    s = ctx.sizes
+    rows = []
+    r = bench_blockwise_predict.run_one(s.partners_volume, s.partners_block)
+    rows.append(
+        row(
+            "pipeline",
+            "partners: proximity U-Net, block runner (demo network, zarr in/out)",
+            mode="pipeline",
+            dtype="float32",
+            shape=shape_text(r["shape"]),
+            compile_s=r["compile_seconds"],
+            median_s=r["seconds"] - r["compile_seconds"],
+            repeats=1,
+            voxels_per_s=float(np.prod(r["shape"])) / (r["seconds"] - r["compile_seconds"]),
+            blocks=r["blocks"],
+            runner_overhead=r["overhead"],
+        )
+    )
+    settings = DeepEM3DSettings(slices=5, width=s.deepem3d_width)
+    model = DeepEM3DNet(settings)
+    init_x = jnp.zeros((1, 5, 32, 32, 1))
+    apply_fn = make_apply_fn(model, jax.jit(model.init)(jax.random.key(SEED), init_x))
+    raw = _synthetic_em(s.neurons_volume).raw
+
+    def predict():
+        return predict_slices(
+            apply_fn, raw, slices=5, batch_size=2, tta=False, progress=False, stride=TOTAL_STRIDE
+        )
+
+    _, first = _timed(predict, 1)  # compiles the slice function
+    _, timing = _timed(predict, 1)
+    rows.append(
+        row(
+            "pipeline",
+            f"neurons: DeepEM3D width {s.deepem3d_width:g} slice-wise, no TTA",
+            mode="pipeline",
+            dtype="float32",
+            shape=shape_text(raw.shape),
+            compile_s=first.median - timing.median,
+            timing=timing,
+            voxels_per_s=raw.size / timing.median,
+        )
+    )
+    return rows
+
+
+COLD_START_JAX = """
+import time, json, sys
+start = time.perf_counter()
+import jax, jax.numpy as jnp, numpy as np
+from synjax.models import UNet3D, UNet3DSettings
+cfg = UNet3DSettings(**json.loads(sys.argv[1]))
+x = jnp.asarray(np.random.default_rng(0).random((1, *json.loads(sys.argv[2]), 1), np.float32))
+model = UNet3D(cfg)
+params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+y = jax.block_until_ready(jax.jit(model.apply)({"params": params}, x))
+print(json.dumps({"seconds": time.perf_counter() - start, "output": list(y.shape)}))
+"""
+COLD_START_TORCH = """
+import time, json, sys
+start = time.perf_counter()
+import numpy as np, torch
+sys.path.insert(0, sys.argv[3])
+from torch_nets import build_torch_unet
+fields = json.loads(sys.argv[1])
+class Settings:
+    depth = fields["depth"]; conv_kernels = fields["conv_kernels"]
+    pool_factors = fields["pool_factors"]; padding = fields["padding"]
+    upsample = fields["upsample"]; out_channels = fields["out_channels"]
+    def features(self, level):
+        return fields["features"][level]
+model = build_torch_unet(Settings())
+device = "cuda" if fields["cuda"] and torch.cuda.is_available() else "cpu"
+model = model.to(device)
+x = torch.from_numpy(np.random.default_rng(0).random((1, 1, *json.loads(sys.argv[2])), np.float32))
+with torch.inference_mode():
+    y = model(x.to(device)).cpu()
+print(json.dumps({"seconds": time.perf_counter() - start, "output": list(y.shape)}))
+"""
+
+
+def section_cold_start(ctx: Context) -> list[dict]:
+    """Import -> first U-Net prediction, each in a fresh Python process, JAX against PyTorch."""
+    from synjax.models import UNet3DSettings
+
+    if ctx.sizes.cold_start_output is None:
+        fields = TINY_UNET
+        cfg = UNet3DSettings(**fields)
+        in_shape = cfg.valid_input_shape((2, 8, 8))
+    else:
+        fields = {}
+        cfg = UNet3DSettings()
+        in_shape = cfg.valid_input_shape(ctx.sizes.cold_start_output)
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
+
+    def run(script, *args):
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", script, *args],
+            cwd=common.REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        wall = time.perf_counter() - start
+        if done.returncode:
+            raise RuntimeError(f"cold start child failed: {done.stderr.strip()[-500:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1]), wall
+
+    rows = []
+    res, wall = run(COLD_START_JAX, json.dumps(fields), json.dumps(list(in_shape)))
+    shape = shape_text((1, *in_shape, 1))
+    rows.append(
+        row(
+            "cold_start",
+            "import -> first U-Net prediction",
+            mode="cold_start",
+            dtype="float32",
+            shape=shape,
+            median_s=res["seconds"],
+            repeats=1,
+            process_wall_s=wall,
+        )
+    )
+    if ctx.torch:
+        torch_fields = {
+            "depth": cfg.depth,
+            "conv_kernels": [list(k) for k in cfg.conv_kernels],
+            "pool_factors": [list(p) for p in cfg.pool_factors],
+            "padding": cfg.padding,
+            "upsample": cfg.upsample,
+            "out_channels": cfg.out_channels,
+            "features": [cfg.features(lv) for lv in range(cfg.depth + 1)],
+            "cuda": jax.default_backend() == "gpu",
+        }
+        script_dir = str(pathlib.Path(__file__).resolve().parent)
+        tres, twall = run(
+            COLD_START_TORCH, json.dumps(torch_fields), json.dumps(list(in_shape)), script_dir
+        )
+        import torch
+
+        rows.append(
+            row(
+                "cold_start",
+                "import -> first U-Net prediction",
+                framework=f"torch-{torch.__version__}",
+                mode="cold_start",
+                dtype="float32",
+                shape=shape,
+                median_s=tres["seconds"],
+                repeats=1,
+                process_wall_s=twall,
+            )
+        )
+        rows[0]["best_torch_s"] = tres["seconds"]
+        rows[0]["jax_speedup_vs_torch"] = tres["seconds"] / res["seconds"]
+    return rows
+
+
+SECTIONS: dict[str, Callable[[Context], list[dict]]] = {
+    "peak": section_peak,
+    "conv": section_conv,
+    "unet": section_unet,
+    "pruning": section_pruning,
+    "deepem3d": section_deepem3d,
+    "nms": section_nms,
+    "roi_align": section_roi_align,
+    "merge": section_merge,
+    "watershed": section_watershed,
+    "candidates": section_candidates,
+    "pipelines": section_pipelines,
+    "cold_start": section_cold_start,
+    # Last: their compilations are the longest (minutes on a 2-core CPU).
+    "instance_unet": section_instance_unet,
+    "mask_rcnn": section_mask_rcnn,
+}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _cell(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if key == "peak_fraction":
+        return f"{100 * value:.0f}%"
+    if key == "jax_speedup_vs_torch":
+        return f"{value:.2f}x"
+    if key == "voxels_per_s":
+        return f"{value:.3g}"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value).replace("|", "/")
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The README: how the numbers were taken, then one table row per result row."""
+    env = payload["environment"]
+    peaks = payload["peaks_gflop_per_s"]
+    lines = [
+        "# synjax benchmarks",
+        "",
+        "Written by `benchmarks/run_all.py` (do not edit by hand); JSON: "
+        f"`{payload['out']}`. Every network row: compile time apart from the steady "
+        "state (median of the timed calls after a warm-up, after `block_until_ready`); "
+        'FLOPs from XLA\'s cost analysis of the compiled program; "of peak" = achieved '
+        "FLOP/s over this run's matmul peak of the row's dtype (bfloat16 rows: bfloat16 "
+        "inputs, float32 accumulation). JAX speed-up vs best torch = the fastest PyTorch "
+        "layout's median / JAX's median at the same mode and precision (> 1: JAX faster).",
+        "",
+        f"- command: `{payload['command']}`",
+        f"- commit: {payload['commit']}",
+        f"- date: {env['date']}",
+        f"- device: {env['device_kind']} ({env['backend']}, {len(env['devices'])} device(s), "
+        f"{env['cpu_count']} CPUs on the host)",
+        f"- versions: python {env['python']}, jax {env['jax']}, "
+        + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()),
+        f"- load average (1, 5, 15 min) before: {payload['load_average']['before']}, "
+        f"after: {payload['load_average']['after']} (a shared machine: times are upper "
+        "bounds)",
+        f"- matmul peak: float32 {_cell(peaks.get('float32'), '')} GFLOP/s, bfloat16 "
+        f"{_cell(peaks.get('bfloat16'), '')} GFLOP/s",
+        f"- PyTorch: {payload['torch'] or 'timed in the same process'}",
+        f"- wall time of the run: {payload['wall_s']:.0f} s",
+        "",
+        "| " + " | ".join(h for _, h in TABLE) + " |",
+        "|" + "---|" * len(TABLE),
+    ]
+    for r in payload["rows"]:
+        cells = [_cell(r.get(k), k) for k, _ in TABLE]
+        if r.get("layout"):
+            cells[2] += f" ({r['layout'].replace('_', ' ')})"
+        lines.append("| " + " | ".join(cells) + " |")
+    if payload["errors"]:
+        lines += ["", "Sections that failed:", ""]
+        lines += [f"- {name}: {message}" for name, message in payload["errors"].items()]
+    if payload["not_run"]:
+        lines += ["", f"Sections not run (yet): {', '.join(payload['not_run'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    versions = {}
+    for name in ("jaxlib", "flax", "optax", "numpy", "scipy", "torch"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run(
+    sections,
+    sizes: Sizes,
+    use_torch: bool,
+    threads: int,
+    keep_going: bool,
+    save: Callable[[dict], None] = lambda result: None,
+) -> dict:
+    """Runs `sections` in order; returns rows, peaks and per-section errors.
+
+    `save(result)` is called after each section with the result so far, so
+    that a run stopped part way still leaves the sections it finished.
+    """
+    ctx = Context(sizes, use_torch, threads)
+    rows, errors = [], {}
+
+    def result(pending):
+        return {
+            "rows": rows,
+            "errors": errors,
+            "not_run": pending,
+            "peaks_gflop_per_s": {k: v / 1e9 for k, v in ctx.peaks.items() if v},
+            "torch": ctx.torch_reason,
+        }
+
+    if "peak" not in sections:
+        # Every rate is a fraction of the peak: measure it even when not asked for.
+        sections = ["peak", *sections]
+    for i, name in enumerate(sections):
+        start = time.perf_counter()
+        print(f"[run_all] {name} ...", file=sys.stderr, flush=True)
+        try:
+            new = with_rates(SECTIONS[name](ctx), ctx)
+        except Exception as error:  # noqa: BLE001 - one broken section must not lose the rest
+            if not keep_going:
+                raise
+            traceback.print_exc()
+            errors[name] = f"{type(error).__name__}: {(str(error) or '-').splitlines()[0][:200]}"
+        else:
+            rows += new
+            print(
+                f"[run_all] {name}: {len(new)} rows in {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        save(result(list(sections[i + 1 :])))
+    return result([])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
+    parser.add_argument(
+        "--readme",
+        default=None,
+        help=f"markdown table path (default {DEFAULT_README} for a full run, none for --quick)",
+    )
+    parser.add_argument("--no-readme", action="store_true", help="write no markdown table")
+    parser.add_argument("--repeats", type=int, help="timed calls per case (default by size)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    parser.add_argument(
+        "--fail-fast", action="store_true", help="stop at the first failing section"
+    )
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.repeats:
+        sizes = dataclasses.replace(sizes, repeats=args.repeats)
+    load_before = common.load_average()
+    start = time.perf_counter()
+    commit = common.git_commit()
+    readme = None if args.no_readme else args.readme or (None if args.quick else DEFAULT_README)
+
+    def payload_of(result: dict) -> dict:
+        return {
+            "benchmark": "run_all",
+            "command": " ".join(["python benchmarks/run_all.py", *(argv or sys.argv[1:])]),
+            "out": args.out,
+            "quick": args.quick,
+            "commit": commit,
+            "environment": common.environment(),
+            "versions": _versions(),
+            "load_average": {"before": load_before, "after": common.load_average()},
+            "sizes": dataclasses.asdict(sizes),
+            "wall_s": time.perf_counter() - start,
+            **result,
+        }
+
+    def save(result: dict) -> None:
+        payload = payload_of(result)
+        common.write_json(args.out, payload)
+        if readme:
+            path = pathlib.Path(readme)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(markdown(payload))
+
+    result = run(
+        list(args.sections), sizes, not args.no_torch, args.threads, not args.fail_fast, save
+    )
+    payload = payload_of(result)
+    print(common.format_table(payload["rows"], [k for k, _ in TABLE]))
+    for r in payload["rows"]:
+        if "jax_speedup_vs_torch" in r:
+            print(
+                f"{r['name']} {r['mode']} {r['dtype']}: JAX {r['median_s']:.4g} s, best PyTorch "
+                f"{r['best_torch_s']:.4g} s -> JAX speed-up {r['jax_speedup_vs_torch']:.2f}x"
+            )
+    save(result)
+    print(f"wrote {args.out}" + (f" and {readme}" if readme else ""))
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
