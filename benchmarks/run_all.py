@@ -37,6 +37,7 @@ on CUDA when it has it), and the table names the device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -51,6 +52,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from synjax.models.conv import IMPLEMENTATIONS, auto_implementation
 
 try:
     from benchmarks import bench_detection, bench_merge, bench_unet, common, torch_nets
@@ -959,6 +962,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"- command: `{payload['command']}`",
         f"- commit: {payload['commit']}",
+        f"- Conv3D implementation (`--conv`): {payload.get('conv_implementation', 'auto')} "
+        "(cold-start rows: the configs' own)",
         f"- date: {env['date']}",
         f"- device: {env['device_kind']} ({env['backend']}, {len(env['devices'])} device(s), "
         f"{env['cpu_count']} CPUs on the host)",
@@ -1066,6 +1071,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--fail-fast", action="store_true", help="stop at the first failing section"
     )
+    parser.add_argument(
+        "--conv",
+        default="auto",
+        choices=IMPLEMENTATIONS,
+        help='Conv3D implementation of every network whose convolutions say "auto" '
+        '(synjax.models.conv; "auto" is the default of the configs)',
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.repeats:
@@ -1081,6 +1093,7 @@ def main(argv=None) -> int:
             "command": " ".join(["python benchmarks/run_all.py", *(argv or sys.argv[1:])]),
             "out": args.out,
             "quick": args.quick,
+            "conv_implementation": args.conv,
             "commit": commit,
             "environment": common.environment(),
             "versions": _versions(),
@@ -1098,9 +1111,14 @@ def main(argv=None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(markdown(payload))
 
-    result = run(
-        list(args.sections), sizes, not args.no_torch, args.threads, not args.fail_fast, save
+    # At trace time: every network jitted in this process takes the implementation.
+    conv_choice = (
+        contextlib.nullcontext() if args.conv == "auto" else auto_implementation(args.conv)
     )
+    with conv_choice:
+        result = run(
+            list(args.sections), sizes, not args.no_torch, args.threads, not args.fail_fast, save
+        )
     payload = payload_of(result)
     print(common.format_table(payload["rows"], [k for k, _ in TABLE]))
     for r in payload["rows"]:
