@@ -24,6 +24,7 @@ from synjax.pipelines import neuron_volume
 from synjax.postprocess import blockwise_passes
 from synjax.postprocess.blockwise_watershed import segment_blockwise
 from tests.conftest import REPO_ROOT
+from tests.interrupt_hooks import Hook, Interrupted
 from tests.test_blockwise_post import _cells
 
 SHAPE = (12, 32, 40)
@@ -33,27 +34,9 @@ CHOSEN = {"sigma": 0.8, "h": 0.08, "threshold": 0.78}
 MADE_FROM = {"model": "test", "step": 1}
 
 
-class _Interrupted(Exception):
-    """What the hook raises: stands for the process being killed at that point."""
-
-
-class _Hook:
-    """Counts the calls of a per-block function of blockwise_passes; raises at call `fail_at`."""
-
-    def __init__(self, monkeypatch, name: str, fail_at: int | None = None):
-        self.calls, self.fail_at = 0, fail_at
-        real = getattr(blockwise_passes, name)
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            if self.calls == self.fail_at:
-                raise _Interrupted(name)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(blockwise_passes, name, counted)
-
-    def reset(self, fail_at: int | None = None) -> None:
-        self.calls, self.fail_at = 0, fail_at
+def _Hook(monkeypatch, name: str, fail_at: int | None = None) -> Hook:
+    """A `Hook` on a per-block function of `blockwise_passes`."""
+    return Hook(monkeypatch, blockwise_passes, name, fail_at)
 
 
 @pytest.fixture
@@ -89,7 +72,7 @@ def test_killed_in_the_watershed_pass_goes_on_from_the_blocks_done(
     assert len(np.unique(reference)) > 5
     fragments = _Hook(monkeypatch, "_fragment_block", fail_at=5)
     path = tmp_path / "seg.zarr"
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         _segment(boundary_path, path)
     assert fragments.calls == 5 and _passes(path).is_dir()
     fragments.reset()
@@ -122,7 +105,7 @@ def test_killed_in_any_pass_goes_on_from_there(boundary_path, tmp_path, monkeypa
     hooks = {name: _Hook(monkeypatch, name) for name in PASSES}
     hooks[hook].reset(fail_at=fail_at)
     path = tmp_path / "seg.zarr"
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         _segment(boundary_path, path)
     for name in PASSES:
         hooks[name].reset()
@@ -149,7 +132,7 @@ def test_a_state_made_with_other_parameters_is_not_reused(boundary_path, tmp_pat
     state = tmp_path / "state"
     fragments = _Hook(monkeypatch, "_fragment_block", fail_at=6)
     kwargs = dict(halo=4, smoothing="2d", threshold=CHOSEN["threshold"], state=state)
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         segment_blockwise(boundary, dest, BLOCK, CHOSEN["sigma"], CHOSEN["h"], **kwargs)
     fragments.reset()
     segment_blockwise(boundary, dest, BLOCK, other["sigma"], other["h"], **kwargs)
@@ -226,7 +209,7 @@ def test_relabel_units_are_the_chunks_of_the_destination(boundary_path, tmp_path
     dest = create_volume(str(tmp_path / "seg.zarr"), SHAPE, np.uint64, chunks=chunks)
     relabelled = _Hook(monkeypatch, "_relabel_block", fail_at=7)
     state = tmp_path / "state"
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         segment_blockwise(
             boundary, dest, BLOCK, CHOSEN["sigma"], CHOSEN["h"], **kwargs, state=state
         )

@@ -28,35 +28,13 @@ from synjax.postprocess import blockwise_candidates, blockwise_components
 from synjax.postprocess.blockwise_candidates import generate_candidates_blockwise
 from synjax.postprocess.candidates import DEFAULT_MAX_GAP_NM
 from tests.conftest import REPO_ROOT
+from tests.interrupt_hooks import Hook, Interrupted
 from tests.test_partner_volume_synapses import _small_config
 
 BLOCK = (6, 48, 48)
 PAIR_BATCH = 2  # several batches of site pairs on this small volume
 TAU, OMEGA = 0.3, 20
 MADE_FROM = {"proximity": "test", "segmentation": "test"}
-
-
-class _Interrupted(Exception):
-    """What a hook raises: stands for the process being killed at that point."""
-
-
-class _Hook:
-    """Counts the calls of a per-block function of a module; raises at call `fail_at`."""
-
-    def __init__(self, monkeypatch, module, name: str, fail_at: int | None = None):
-        self.calls, self.fail_at = 0, fail_at
-        real = getattr(module, name)
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            if self.calls == self.fail_at:
-                raise _Interrupted(name)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
-
-    def reset(self, fail_at: int | None = None) -> None:
-        self.calls, self.fail_at = 0, fail_at
 
 
 @pytest.fixture(scope="module")
@@ -191,11 +169,11 @@ def test_killed_in_any_pass_goes_on_from_there(
     assert num_blocks == 8
     num_batches = -(-num_pairs // PAIR_BATCH)
     assert num_batches >= 2  # the pair pass stops part-way
-    hooks = {name: _Hook(monkeypatch, module, name) for name, module in HOOKS.items()}
+    hooks = {name: Hook(monkeypatch, module, name) for name, module in HOOKS.items()}
     hooks[hook].reset(fail_at=fail_at)
     sites = _sites(tmp_path, shape)
     state = tmp_path / "state"
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         _find(volumes, sites, state)
     assert state.is_dir()
     for counted in hooks.values():
@@ -214,10 +192,10 @@ def test_a_state_made_with_other_parameters_is_not_reused(volumes, tmp_path, mon
     other = _find(volumes, other_sites, tau=other_tau)
     first = _find(volumes, _sites(tmp_path / "first", shape))
     assert len(other) != len(first) or np.any(other.score != first.score)  # tau matters
-    labels = _Hook(monkeypatch, blockwise_components, "_label_block", fail_at=8 + 6)
-    overlaps = _Hook(monkeypatch, blockwise_components, "_overlap_block")
+    labels = Hook(monkeypatch, blockwise_components, "_label_block", fail_at=8 + 6)
+    overlaps = Hook(monkeypatch, blockwise_components, "_overlap_block")
     sites, state = _sites(tmp_path, shape), tmp_path / "state"
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         _find(volumes, sites, state)
     labels.reset()
     _assert_same(
@@ -283,7 +261,7 @@ def test_sigkilled_candidates_restarted_equal_an_uninterrupted_run(
         job.wait()
     assert job.returncode == -signal.SIGKILL
     module = blockwise_candidates if hook == "_pair_rows" else blockwise_components
-    counted = _Hook(monkeypatch, module, hook)
+    counted = Hook(monkeypatch, module, hook)
     _assert_same(_find(volumes, sites, tmp_path / "state"), expected, sites, expected_sites)
     # Killed in the pre labels' relabelling at unit 4: units 1-3 stay done; the post
     # labels' relabelling runs whole.
@@ -319,9 +297,9 @@ def test_partner_volume_candidates_resume_beside_the_outputs(
     seg = open_volume(str(where / "seg.zarr"))
     config = _partner_config()
     made_from = partner_volume.candidates_provenance(config, tmp_path / "proximity.zarr", prox, seg)
-    overlaps = _Hook(monkeypatch, blockwise_components, "_overlap_block", fail_at=8 + 3)
-    labels = _Hook(monkeypatch, blockwise_components, "_label_block")
-    with pytest.raises(_Interrupted):
+    overlaps = Hook(monkeypatch, blockwise_components, "_overlap_block", fail_at=8 + 3)
+    labels = Hook(monkeypatch, blockwise_components, "_label_block")
+    with pytest.raises(Interrupted):
         partner_volume.find_candidates(config, BLOCK, prox, seg, tmp_path, made_from)
     state = tmp_path / partner_volume.CANDIDATES_STATE
     assert state.is_dir()
@@ -359,7 +337,7 @@ class _FakePruner:
     def score(self, trained, raw, proximity, segmentation, candidates, name="raw"):
         self.calls += 1
         if self.calls == self.fail_at:
-            raise _Interrupted("score")
+            raise Interrupted("score")
         self.rows.append(len(candidates))
         return (candidates.pre_component * 1000 + candidates.post_component) / 7.0
 
@@ -374,7 +352,7 @@ def test_pruner_scores_resume_in_parts_of_whole_batches(reference, tmp_path, mon
     state = tmp_path / partner_volume.SCORES_STATE
     args = (None, None, None, None, expected, "in.zarr", state, MADE_FROM)
     pruner = _FakePruner(batch, fail_at=3)
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         partner_volume.score_candidates(pruner, *args)
     assert pruner.rows == [batch, batch]  # whole batches, as one call over all would make them
     pruner = _FakePruner(batch)

@@ -27,7 +27,7 @@ from synjax.geometry import SPATIAL_DIMS, Box, read_padded
 from synjax.inference.block_grid import BlockGrid
 from synjax.postprocess.agglomeration import COUNT, WEIGHT
 from synjax.postprocess.blockwise_components import relabel_blockwise
-from synjax.postprocess.blockwise_pass_state import PassState
+from synjax.postprocess.blockwise_pass_state import PassState, each_block_result
 from synjax.postprocess.pair_table import PairTable
 from synjax.postprocess.watershed import (
     FACE_CONNECTIVITY,
@@ -76,34 +76,18 @@ def _each_block(
 def _each_result(
     passes, name: str, grid: BlockGrid, progress: bool, what: str, compute
 ) -> Iterator[dict[str, Any]]:
-    """`compute(block_id)` of every block, in block order; with `passes`, resumable.
+    """`compute(block_id)` of every block, in block order, behind a progress bar named `what`.
 
-    With a pass state, each block's result (a dict of arrays) is saved and
-    the block recorded as done before it is yielded; blocks recorded by an
-    earlier run are read back instead of computed. The results come in the
-    same order either way, so what they are folded into is the same.
+    With `passes`, resumable (`blockwise_pass_state.each_block_result`).
     """
-    if passes is None:
-        for block_id in _each_block(grid, progress, what):
-            yield compute(block_id)
-        return
-    done = passes.blocks(name)
-    todo = set(done.todo().tolist())
-    if len(todo) < grid.num_blocks:
-        log.info(
-            "Block-wise watershed, %s: %d of %d blocks done before",
-            what,
-            grid.num_blocks - len(todo),
-            grid.num_blocks,
-        )
-    for block_id in _each_block(grid, progress, what):
-        if block_id not in todo:
-            yield passes.load_block(name, block_id)
-            continue
-        result = compute(block_id)
-        passes.save_block(name, block_id, **result)
-        done.record([block_id])
-        yield result
+    return each_block_result(
+        passes,
+        name,
+        grid.block_ids(),
+        compute,
+        lambda ids: _each_block(grid, progress, what, ids),
+        grid,
+    )
 
 
 def _read_smoothed(
