@@ -10,10 +10,7 @@ block of the interrupted pass once more only if it was not finished.
 """
 
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ from synjax.pipelines import neuron_volume
 from synjax.postprocess import blockwise_passes
 from synjax.postprocess.blockwise_watershed import segment_blockwise
 from tests.conftest import REPO_ROOT
-from tests.interrupt_hooks import Hook, Interrupted
+from tests.interrupt_hooks import Hook, Interrupted, kill_when_hanging
 from tests.test_blockwise_post import _cells
 
 SHAPE = (12, 32, 40)
@@ -175,21 +172,7 @@ def test_sigkilled_segmentation_restarted_equals_an_uninterrupted_one(
     segment_blockwise(boundary, reference, *args, **kwargs)
     dest = create_volume(str(tmp_path / "seg.zarr"), SHAPE, np.uint64, chunks=BLOCK)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    job = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_JOB, str(tmp_path), hook, "4"],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "hanging").exists():
-            assert job.poll() is None, job.stderr.read().decode()
-            assert time.monotonic() < deadline, "the job never reached the hook"
-            time.sleep(0.05)
-        job.send_signal(signal.SIGKILL)
-    finally:
-        job.wait()
-    assert job.returncode == -signal.SIGKILL
+    kill_when_hanging([sys.executable, "-c", _KILLED_JOB, str(tmp_path), hook, "4"], tmp_path, env)
     counted = _Hook(monkeypatch, hook)
     dest = open_volume(str(tmp_path / "seg.zarr"), mode="r+")
     segment_blockwise(boundary, dest, *args, **kwargs, state=tmp_path / "state")

@@ -12,10 +12,7 @@ finished.
 
 import dataclasses
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import ml_collections
 import numpy as np
@@ -28,7 +25,7 @@ from synjax.postprocess import blockwise_candidates, blockwise_components
 from synjax.postprocess.blockwise_candidates import generate_candidates_blockwise
 from synjax.postprocess.candidates import DEFAULT_MAX_GAP_NM
 from tests.conftest import REPO_ROOT
-from tests.interrupt_hooks import Hook, Interrupted
+from tests.interrupt_hooks import Hook, Interrupted, kill_when_hanging
 from tests.test_partner_volume_synapses import _small_config
 
 BLOCK = (6, 48, 48)
@@ -244,22 +241,8 @@ def test_sigkilled_candidates_restarted_equal_an_uninterrupted_run(
     inputs, resolution = volumes
     sites = _sites(tmp_path, open_volume(str(inputs / "prox.zarr")).shape)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    job = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_JOB, str(tmp_path), str(inputs), hook, str(hang_at)]
-        + [str(float(r)) for r in resolution],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "hanging").exists():
-            assert job.poll() is None, job.stderr.read().decode()
-            assert time.monotonic() < deadline, "the job never reached the hook"
-            time.sleep(0.05)
-        job.send_signal(signal.SIGKILL)
-    finally:
-        job.wait()
-    assert job.returncode == -signal.SIGKILL
+    command = [sys.executable, "-c", _KILLED_JOB, str(tmp_path), str(inputs), hook, str(hang_at)]
+    kill_when_hanging(command + [str(float(r)) for r in resolution], tmp_path, env)
     module = blockwise_candidates if hook == "_pair_rows" else blockwise_components
     counted = Hook(monkeypatch, module, hook)
     _assert_same(_find(volumes, sites, tmp_path / "state"), expected, sites, expected_sites)
