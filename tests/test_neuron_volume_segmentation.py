@@ -18,13 +18,13 @@ import pytest
 
 from synjax import pipelines
 from synjax.errors import ConfigError, DataError
-from synjax.evaluation.rand_voi import adapted_rand_error, rand_index, variation_of_information
 from synjax.io import create_volume, layout, open_volume
 from synjax.pipelines import neuron_volume, neurons, partner_volume
 from synjax.postprocess.agglomeration import WEIGHT, agglomerate, region_graph
 from synjax.postprocess.watershed import segment
 from synjax.stages.boundary_models import BoundaryEnsembleStage
 from tests.conftest import REPO_ROOT
+from tests.test_segmentation_scores import _whole_array_scores
 
 FIB25 = REPO_ROOT / "configs" / "fib25.py"
 RESOLUTION = (10.0, 10.0, 10.0)
@@ -229,22 +229,6 @@ def _write_labels(path, labels, resolution=RESOLUTION, offset=OFFSET, dtype=np.u
     return str(path)
 
 
-def _expected_scores(seg: np.ndarray, gt: np.ndarray) -> dict:
-    """The scores computed on whole arrays by rand_voi, as the test part's were before."""
-    rand = adapted_rand_error(seg, gt)
-    voi = variation_of_information(seg, gt)
-    return {
-        "adapted_rand_error": rand.error,
-        "rand_precision": rand.precision,
-        "rand_recall": rand.recall,
-        "rand_index": rand_index(seg, gt),
-        "voi_split": voi.split,
-        "voi_merge": voi.merge,
-        "voi": voi.split + voi.merge,
-        "segments": len(np.unique(seg)),
-    }
-
-
 def _predict_scored(config, workdir, output, groundtruth, roi=""):
     config.predict.update(groundtruth=groundtruth, roi=roi)
     try:
@@ -263,7 +247,7 @@ def test_groundtruth_scores_the_segmentation_block_by_block(neuron_run, tmp_path
     path = _predict_scored(config, workdir, output, _write_labels(tmp_path / "gt.zarr", labels))
     metrics = json.loads((output / layout.METRICS_FILE).read_text())
     seg = open_volume(str(path)).read()
-    expected = _expected_scores(seg, labels)
+    expected = _whole_array_scores(seg, labels)
     assert 0.05 < expected["adapted_rand_error"] < 0.95
     assert metrics[neurons.OURS].keys() == expected.keys()
     for key, value in expected.items():
@@ -285,7 +269,7 @@ def test_groundtruth_scores_the_segmentation_block_by_block(neuron_run, tmp_path
         output = tmp_path / frame.replace(" ", "_").replace("'", "")
         path = _predict_scored(config, workdir, output, source, roi=roi)
         metrics = json.loads((output / layout.METRICS_FILE).read_text())
-        expected = _expected_scores(open_volume(str(path)).read(), labels[crop])
+        expected = _whole_array_scores(open_volume(str(path)).read(), labels[crop])
         for key, value in expected.items():
             assert metrics[neurons.OURS][key] == pytest.approx(value, abs=1e-12, rel=0), frame
 
