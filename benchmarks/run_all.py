@@ -30,6 +30,10 @@ runs tiny sizes in a minute or two and writes no README unless asked):
   .venv/bin/python benchmarks/run_all.py [--quick] [--out benchmarks/results/all.json]
   .venv/bin/python benchmarks/run_all.py --sections peak unet --no-readme
 
+The sections live here (networks) and in `harness_host.py` (ops, host stages,
+pipelines, cold start); `harness_base.py` holds the sizes and rows they share,
+`harness_report.py` the markdown table.
+
 Nothing here assumes a CPU: on a GPU the same command times the GPU (PyTorch
 on CUDA when it has it), and the table names the device.
 """
@@ -39,15 +43,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,163 +57,44 @@ import numpy as np
 from synjax.models.conv import IMPLEMENTATIONS, auto_implementation
 
 try:
-    from benchmarks import bench_detection, bench_merge, bench_unet, common, torch_nets
+    from benchmarks import (
+        bench_unet,
+        common,
+        harness_host,
+        torch_nets,
+    )
+    from benchmarks.harness_base import (
+        FULL,
+        QUICK,
+        SEED,
+        TINY_UNET,
+        Context,
+        Sizes,
+        row,
+        shape_text,
+        with_rates,
+    )
+    from benchmarks.harness_report import TABLE, markdown, versions
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    import bench_detection
-    import bench_merge
     import bench_unet
     import common
+    import harness_host
     import torch_nets
+    from harness_base import (
+        FULL,
+        QUICK,
+        SEED,
+        TINY_UNET,
+        Context,
+        Sizes,
+        row,
+        shape_text,
+        with_rates,
+    )
+    from harness_report import TABLE, markdown, versions
 
-SEED = 0
 DEFAULT_OUT = "benchmarks/results/all.json"
 DEFAULT_README = "benchmarks/README.md"
-# Row fields of the markdown table, in order, with their headers.
-TABLE = (
-    ("section", "section"),
-    ("name", "what"),
-    ("framework", "framework"),
-    ("mode", "mode"),
-    ("dtype", "dtype"),
-    ("shape", "shape"),
-    ("compile_s", "compile s"),
-    ("median_s", "median s"),
-    ("gflop_per_s", "GFLOP/s"),
-    ("peak_fraction", "of peak"),
-    ("voxels_per_s", "voxels/s"),
-    ("jax_speedup_vs_torch", "JAX speed-up vs best torch"),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """Problem sizes of one run: the full run's, or `--quick`'s tiny ones."""
-
-    repeats: int
-    matmul: int  # square matmul side on a CPU
-    matmul_accelerator: int  # on a GPU/TPU, whose peak a small matmul does not reach
-    conv: tuple[tuple[int, ...], int]  # input [b, z, y, x, c], output channels
-    unet_output: tuple[int, int, int] | None  # None: the tiny U-Net below
-    pruning_window: tuple[int, int, int]
-    pruning_batch: int
-    pruning_features: tuple[int, ...]
-    deepem3d_size: int
-    deepem3d_width: float
-    variant: str  # of configs/fluorescence.py and configs/vnc.py
-    nms_boxes: tuple[int, ...]
-    roi_cases: tuple
-    merge_masks: int
-    watershed_shape: tuple[int, int, int] | None  # None: the real FIB-SEM volume
-    candidates_shape: tuple[int, int, int]
-    partners_volume: tuple[int, int, int]
-    partners_block: tuple[int, int, int]
-    neurons_volume: tuple[int, int, int]
-    cold_start_output: tuple[int, int, int] | None
-
-
-FULL = Sizes(
-    repeats=2,
-    matmul=2048,
-    matmul_accelerator=8192,
-    conv=((1, 10, 74, 74, 72), 72),
-    unet_output=(4, 64, 64),
-    pruning_window=(16, 160, 160),
-    pruning_batch=4,
-    pruning_features=(16, 32, 64, 64, 128),
-    deepem3d_size=256,
-    deepem3d_width=1.0,
-    variant="default",
-    nms_boxes=(1000, 10000),
-    roi_cases=bench_detection.ROI_CASES,
-    merge_masks=20000,
-    watershed_shape=None,
-    candidates_shape=(32, 256, 256),
-    partners_volume=(32, 192, 192),
-    partners_block=(16, 96, 96),
-    neurons_volume=(8, 256, 256),
-    cold_start_output=(4, 64, 64),
-)
-QUICK = Sizes(
-    repeats=2,
-    matmul=128,
-    matmul_accelerator=128,
-    conv=((1, 4, 8, 8, 2), 3),
-    unet_output=None,
-    pruning_window=(4, 16, 16),
-    pruning_batch=2,
-    pruning_features=(2, 2, 2, 2, 2),
-    deepem3d_size=32,
-    deepem3d_width=1 / 32,
-    variant="smoke",
-    nms_boxes=(300,),
-    roi_cases=(("box head", (4, 8, 8, 4), 8, (3, 3, 3), (0.5, 0.25, 0.25)),),
-    merge_masks=500,
-    watershed_shape=(8, 48, 48),
-    candidates_shape=(8, 64, 64),
-    partners_volume=(8, 32, 32),
-    partners_block=(8, 16, 16),
-    neurons_volume=(3, 32, 32),
-    cold_start_output=None,
-)
-# The quick U-Net: same layers as the paper's, two levels, few features.
-TINY_UNET = dict(
-    depth=1,
-    base_features=2,
-    feature_growth=2,
-    pool_factors=((1, 2, 2),),
-    conv_kernels=((1, 3, 3), (1, 3, 3)),
-)
-
-
-class Context:
-    """What every section shares: sizes, the measured peaks, torch's availability."""
-
-    def __init__(self, sizes: Sizes, use_torch: bool, threads: int):
-        self.sizes = sizes
-        self.peaks: dict[str, float] = {}
-        self.threads = threads
-        self.torch_reason = None
-        if use_torch:
-            try:
-                import torch  # noqa: F401
-            except ImportError:
-                self.torch_reason = "torch is not installed (pip install -e .[bench])"
-        else:
-            self.torch_reason = "--no-torch"
-        if self.torch_reason is None and jax.default_backend() != "cpu":
-            if bench_unet.torch_device() == "cpu":
-                self.torch_reason = "JAX runs on an accelerator, PyTorch has none"
-        if self.torch_reason:
-            print(f"PyTorch rows skipped: {self.torch_reason}", file=sys.stderr)
-
-    @property
-    def torch(self) -> bool:
-        return self.torch_reason is None
-
-
-def shape_text(shape) -> str:
-    return "x".join(str(int(v)) for v in shape) if shape is not None else None
-
-
-def row(section: str, name: str, **fields) -> dict[str, Any]:
-    """One result row; `timing` (common.Timing) fills median, min and repeats."""
-    timing = fields.pop("timing", None)
-    out = {"section": section, "name": name, "framework": "jax", **fields}
-    if timing is not None:
-        out.update(median_s=timing.median, min_s=timing.min, repeats=len(timing.times))
-        out["timing"] = timing.as_dict()
-    return out
-
-
-def with_rates(rows: list[dict], ctx: Context) -> list[dict]:
-    """Adds GFLOP/s (from FLOPs and the median) and the fraction of the dtype's matmul peak."""
-    for r in rows:
-        flops, seconds = r.get("flops"), r.get("median_s")
-        if flops and seconds:
-            r["gflop_per_s"] = flops / seconds / 1e9
-            peak = ctx.peaks.get("bfloat16" if r.get("dtype") == "bfloat16" else "float32")
-            r["peak_fraction"] = flops / seconds / peak if peak else None
-    return rows
 
 
 # ----------------------------------------------------------------------------- sections
@@ -592,417 +474,23 @@ def section_instance_unet(ctx: Context) -> list[dict]:
     return out
 
 
-def section_nms(ctx: Context) -> list[dict]:
-    rows = []
-    for r in bench_detection.bench_nms(ctx.sizes.repeats, 1, ctx.sizes.nms_boxes):
-        rows.append(
-            row(
-                "ops",
-                f"NMS {r['setting']}",
-                framework="jax" if r["impl"] == "jax_nms" else r["impl"],
-                mode="op",
-                dtype="float32",
-                shape=f"{r['boxes']} boxes",
-                compile_s=r["compile_s"],
-                median_s=r["step_s"],
-                min_s=r["min_s"],
-                repeats=r["repeats"],
-                flops=r.get("flops"),
-                kept=r["kept"],
-                speedup_vs_best_numpy=r["speedup"],
-            )
-        )
-    return rows
-
-
-def section_roi_align(ctx: Context) -> list[dict]:
-    rows = []
-    for r in bench_detection.bench_roi_align(ctx.sizes.repeats, ctx.sizes.roi_cases):
-        rows.append(
-            row(
-                "ops",
-                f"ROIAlign {r['case']} ({r['impl']})",
-                mode="op",
-                dtype="float32",
-                shape=r["case"].split(" from ")[-1],
-                compile_s=r["compile_s"],
-                median_s=r["step_s"],
-                min_s=r["min_s"],
-                repeats=r["repeats"],
-                flops=r.get("flops"),
-                boxes_per_s=r["boxes_per_s"],
-            )
-        )
-    return rows
-
-
-def section_merge(ctx: Context) -> list[dict]:
-    r = bench_merge.bench_size(ctx.sizes.merge_masks, ctx.sizes.repeats, None)
-    if not r["loop_equal"] or not r["overlaps_scipy_equal"]:
-        raise RuntimeError("sparse merge: the reference implementations disagree")
-    base = dict(mode="op", shape=f"{r['masks']} masks in {r['volume']}")
-    return [
-        row(
-            "ops",
-            "sparse mask merge (merge_masks)",
-            framework="numpy/scipy",
-            median_s=r["merge_s"],
-            min_s=r["merge_min_s"],
-            repeats=ctx.sizes.repeats,
-            cpu_s=r["merge_cpu_s"],
-            kept=r["kept"],
-            speedup_vs_python_loop=r["speedup"],
-            **base,
-        ),
-        row(
-            "ops",
-            "sparse mask merge, Python-loop reference",
-            framework="python",
-            median_s=r["loop_s"],
-            repeats=1,
-            **base,
-        ),
-    ]
-
-
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, common.Timing]:
-    """(last result, Timing of `repeats` calls): host code needs no warm-up or sync."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return result, common.Timing(times)
-
-
-def _synthetic_em(shape, seed=SEED):
-    from synjax.data.synthetic import make_em_volume
-
-    return make_em_volume(shape=shape, resolution=(40.0, 4.0, 4.0), seed=seed)
-
-
-def section_watershed(ctx: Context) -> list[dict]:
-    from synjax.postprocess.watershed import segment
-
-    try:
-        from benchmarks import bench_segmentation
-    except ImportError:
-        import bench_segmentation
-
-    if ctx.sizes.watershed_shape is None:
-        image, _, _ = bench_segmentation._load(bench_segmentation.DEFAULT_DATA)
-        source = bench_segmentation.DEFAULT_DATA.name
-    else:
-        raw = _synthetic_em(ctx.sizes.watershed_shape).raw
-        image = (255.0 - raw.astype(np.float64)) / 255.0  # membranes dark: invert
-        source = "synthetic EM"
-    labels, timing = _timed(
-        lambda: segment(image, bench_segmentation.SIGMA, bench_segmentation.H), ctx.sizes.repeats
-    )
-    return [
-        row(
-            "host",
-            f"watershed segment() on {source}",
-            framework="numpy/scipy/skimage",
-            mode="op",
-            shape=shape_text(image.shape),
-            timing=timing,
-            voxels_per_s=image.size / timing.median,
-            regions=int(labels.max()),
-        )
-    ]
-
-
-def section_candidates(ctx: Context) -> list[dict]:
-    from synjax.data.synthetic_em import smooth_noise
-    from synjax.postprocess.candidates import generate_candidates
-
-    volume = _synthetic_em(ctx.sizes.candidates_shape)
-    resolution = (40.0, 4.0, 4.0)
-    # A proximity-like map: smooth blobs, a few percent of voxels beyond +-0.3.
-    noise = smooth_noise(np.random.default_rng(SEED), volume.raw.shape, np.array(resolution), 80.0)
-    proximity = np.tanh(noise / 2.0).astype(np.float32)
-    found, timing = _timed(
-        lambda: generate_candidates(proximity, volume.neuron_ids, resolution), ctx.sizes.repeats
-    )
-    return [
-        row(
-            "host",
-            "partner candidates (generate_candidates)",
-            framework="numpy/scipy/cc3d",
-            mode="op",
-            shape=shape_text(proximity.shape),
-            timing=timing,
-            voxels_per_s=proximity.size / timing.median,
-            candidates=int(len(found.pre_segment)),
-        )
-    ]
-
-
-def section_pipelines(ctx: Context) -> list[dict]:
-    """Prediction throughput of the partner and neuron pipelines on synthetic volumes."""
-    try:
-        from benchmarks import bench_blockwise_predict
-    except ImportError:
-        import bench_blockwise_predict
-
-    from synjax.inference.slicewise import predict_slices
-    from synjax.models.deepem3d import TOTAL_STRIDE, DeepEM3DNet, DeepEM3DSettings, make_apply_fn
-
-    s = ctx.sizes
-    rows = []
-    r = bench_blockwise_predict.run_one(s.partners_volume, s.partners_block)
-    rows.append(
-        row(
-            "pipeline",
-            "partners: proximity U-Net, block runner (demo network, zarr in/out)",
-            mode="pipeline",
-            dtype="float32",
-            shape=shape_text(r["shape"]),
-            compile_s=r["compile_seconds"],
-            median_s=r["seconds"] - r["compile_seconds"],
-            repeats=1,
-            voxels_per_s=float(np.prod(r["shape"])) / (r["seconds"] - r["compile_seconds"]),
-            blocks=r["blocks"],
-            runner_overhead=r["overhead"],
-        )
-    )
-    settings = DeepEM3DSettings(slices=5, width=s.deepem3d_width)
-    model = DeepEM3DNet(settings)
-    init_x = jnp.zeros((1, 5, 32, 32, 1))
-    apply_fn = make_apply_fn(model, jax.jit(model.init)(jax.random.key(SEED), init_x))
-    raw = _synthetic_em(s.neurons_volume).raw
-
-    def predict():
-        return predict_slices(
-            apply_fn, raw, slices=5, batch_size=2, tta=False, progress=False, stride=TOTAL_STRIDE
-        )
-
-    _, first = _timed(predict, 1)  # compiles the slice function
-    _, timing = _timed(predict, 1)
-    rows.append(
-        row(
-            "pipeline",
-            f"neurons: DeepEM3D width {s.deepem3d_width:g} slice-wise, no TTA",
-            mode="pipeline",
-            dtype="float32",
-            shape=shape_text(raw.shape),
-            compile_s=first.median - timing.median,
-            timing=timing,
-            voxels_per_s=raw.size / timing.median,
-        )
-    )
-    return rows
-
-
-COLD_START_JAX = """
-import time, json, sys
-start = time.perf_counter()
-import jax, jax.numpy as jnp, numpy as np
-from synjax.models import UNet3D, UNet3DSettings
-cfg = UNet3DSettings(**json.loads(sys.argv[1]))
-x = jnp.asarray(np.random.default_rng(0).random((1, *json.loads(sys.argv[2]), 1), np.float32))
-model = UNet3D(cfg)
-params = jax.jit(model.init)(jax.random.key(0), x)["params"]
-y = jax.block_until_ready(jax.jit(model.apply)({"params": params}, x))
-print(json.dumps({"seconds": time.perf_counter() - start, "output": list(y.shape)}))
-"""
-COLD_START_TORCH = """
-import time, json, sys
-start = time.perf_counter()
-import numpy as np, torch
-sys.path.insert(0, sys.argv[3])
-from torch_nets import build_torch_unet
-fields = json.loads(sys.argv[1])
-class Settings:
-    depth = fields["depth"]; conv_kernels = fields["conv_kernels"]
-    pool_factors = fields["pool_factors"]; padding = fields["padding"]
-    upsample = fields["upsample"]; out_channels = fields["out_channels"]
-    def features(self, level):
-        return fields["features"][level]
-model = build_torch_unet(Settings())
-device = "cuda" if fields["cuda"] and torch.cuda.is_available() else "cpu"
-model = model.to(device)
-x = torch.from_numpy(np.random.default_rng(0).random((1, 1, *json.loads(sys.argv[2])), np.float32))
-with torch.inference_mode():
-    y = model(x.to(device)).cpu()
-print(json.dumps({"seconds": time.perf_counter() - start, "output": list(y.shape)}))
-"""
-
-
-def section_cold_start(ctx: Context) -> list[dict]:
-    """Import -> first U-Net prediction, each in a fresh Python process, JAX against PyTorch."""
-    from synjax.models import UNet3DSettings
-
-    if ctx.sizes.cold_start_output is None:
-        fields = TINY_UNET
-        cfg = UNet3DSettings(**fields)
-        in_shape = cfg.valid_input_shape((2, 8, 8))
-    else:
-        fields = {}
-        cfg = UNet3DSettings()
-        in_shape = cfg.valid_input_shape(ctx.sizes.cold_start_output)
-    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
-
-    def run(script, *args):
-        start = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-c", script, *args],
-            cwd=common.REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        wall = time.perf_counter() - start
-        if done.returncode:
-            raise RuntimeError(f"cold start child failed: {done.stderr.strip()[-500:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1]), wall
-
-    rows = []
-    res, wall = run(COLD_START_JAX, json.dumps(fields), json.dumps(list(in_shape)))
-    shape = shape_text((1, *in_shape, 1))
-    rows.append(
-        row(
-            "cold_start",
-            "import -> first U-Net prediction",
-            mode="cold_start",
-            dtype="float32",
-            shape=shape,
-            median_s=res["seconds"],
-            repeats=1,
-            process_wall_s=wall,
-        )
-    )
-    if ctx.torch:
-        torch_fields = {
-            "depth": cfg.depth,
-            "conv_kernels": [list(k) for k in cfg.conv_kernels],
-            "pool_factors": [list(p) for p in cfg.pool_factors],
-            "padding": cfg.padding,
-            "upsample": cfg.upsample,
-            "out_channels": cfg.out_channels,
-            "features": [cfg.features(lv) for lv in range(cfg.depth + 1)],
-            "cuda": jax.default_backend() == "gpu",
-        }
-        script_dir = str(pathlib.Path(__file__).resolve().parent)
-        tres, twall = run(
-            COLD_START_TORCH, json.dumps(torch_fields), json.dumps(list(in_shape)), script_dir
-        )
-        import torch
-
-        rows.append(
-            row(
-                "cold_start",
-                "import -> first U-Net prediction",
-                framework=f"torch-{torch.__version__}",
-                mode="cold_start",
-                dtype="float32",
-                shape=shape,
-                median_s=tres["seconds"],
-                repeats=1,
-                process_wall_s=twall,
-            )
-        )
-        rows[0]["best_torch_s"] = tres["seconds"]
-        rows[0]["jax_speedup_vs_torch"] = tres["seconds"] / res["seconds"]
-    return rows
-
-
 SECTIONS: dict[str, Callable[[Context], list[dict]]] = {
     "peak": section_peak,
     "conv": section_conv,
     "unet": section_unet,
     "pruning": section_pruning,
     "deepem3d": section_deepem3d,
-    "nms": section_nms,
-    "roi_align": section_roi_align,
-    "merge": section_merge,
-    "watershed": section_watershed,
-    "candidates": section_candidates,
-    "pipelines": section_pipelines,
-    "cold_start": section_cold_start,
+    "nms": harness_host.section_nms,
+    "roi_align": harness_host.section_roi_align,
+    "merge": harness_host.section_merge,
+    "watershed": harness_host.section_watershed,
+    "candidates": harness_host.section_candidates,
+    "pipelines": harness_host.section_pipelines,
+    "cold_start": harness_host.section_cold_start,
     # Last: their compilations are the longest (minutes on a 2-core CPU).
     "instance_unet": section_instance_unet,
     "mask_rcnn": section_mask_rcnn,
 }
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def _cell(value: Any, key: str) -> str:
-    if value is None:
-        return "-"
-    if key == "peak_fraction":
-        return f"{100 * value:.0f}%"
-    if key == "jax_speedup_vs_torch":
-        return f"{value:.2f}x"
-    if key == "voxels_per_s":
-        return f"{value:.3g}"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value).replace("|", "/")
-
-
-def markdown(payload: dict[str, Any]) -> str:
-    """The README: how the numbers were taken, then one table row per result row."""
-    env = payload["environment"]
-    peaks = payload["peaks_gflop_per_s"]
-    lines = [
-        "# synjax benchmarks",
-        "",
-        "Written by `benchmarks/run_all.py` (do not edit by hand); JSON: "
-        f"`{payload['out']}`. Every network row: compile time apart from the steady "
-        "state (median of the timed calls after a warm-up, after `block_until_ready`); "
-        'FLOPs from XLA\'s cost analysis of the compiled program; "of peak" = achieved '
-        "FLOP/s over this run's matmul peak of the row's dtype (bfloat16 rows: bfloat16 "
-        "inputs, float32 accumulation). JAX speed-up vs best torch = the fastest PyTorch "
-        "layout's median / JAX's median at the same mode and precision (> 1: JAX faster).",
-        "",
-        f"- command: `{payload['command']}`",
-        f"- commit: {payload['commit']}",
-        f"- Conv3D implementation (`--conv`): {payload.get('conv_implementation', 'auto')} "
-        "(cold-start rows: the configs' own)",
-        f"- date: {env['date']}",
-        f"- device: {env['device_kind']} ({env['backend']}, {len(env['devices'])} device(s), "
-        f"{env['cpu_count']} CPUs on the host)",
-        f"- versions: python {env['python']}, jax {env['jax']}, "
-        + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()),
-        f"- load average (1, 5, 15 min) before: {payload['load_average']['before']}, "
-        f"after: {payload['load_average']['after']} (a shared machine: times are upper "
-        "bounds)",
-        f"- matmul peak: float32 {_cell(peaks.get('float32'), '')} GFLOP/s, bfloat16 "
-        f"{_cell(peaks.get('bfloat16'), '')} GFLOP/s",
-        f"- PyTorch: {payload['torch'] or 'timed in the same process'}",
-        f"- wall time of the run: {payload['wall_s']:.0f} s",
-        "",
-        "| " + " | ".join(h for _, h in TABLE) + " |",
-        "|" + "---|" * len(TABLE),
-    ]
-    for r in payload["rows"]:
-        cells = [_cell(r.get(k), k) for k, _ in TABLE]
-        if r.get("layout"):
-            cells[2] += f" ({r['layout'].replace('_', ' ')})"
-        lines.append("| " + " | ".join(cells) + " |")
-    if payload["errors"]:
-        lines += ["", "Sections that failed:", ""]
-        lines += [f"- {name}: {message}" for name, message in payload["errors"].items()]
-    if payload["not_run"]:
-        lines += ["", f"Sections not run (yet): {', '.join(payload['not_run'])}"]
-    return "\n".join(lines) + "\n"
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    versions = {}
-    for name in ("jaxlib", "flax", "optax", "numpy", "scipy", "torch"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def run(
@@ -1096,7 +584,7 @@ def main(argv=None) -> int:
             "conv_implementation": args.conv,
             "commit": commit,
             "environment": common.environment(),
-            "versions": _versions(),
+            "versions": versions(),
             "load_average": {"before": load_before, "after": common.load_average()},
             "sizes": dataclasses.asdict(sizes),
             "wall_s": time.perf_counter() - start,
