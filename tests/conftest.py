@@ -85,3 +85,11 @@ def vnc_smoke_workdir(tmp_path_factory) -> pathlib.Path:
 def fluorescence_smoke_workdir(tmp_path_factory) -> pathlib.Path:
     """`configs/fluorescence.py:smoke` trained once for every test module that predicts with it."""
     return _train_smoke(tmp_path_factory, "fluorescence")
+
+
+@pytest.fixture
+def without_onednn(monkeypatch):
+    """Conv3D's rules as on a machine where the oneDNN convolution could not be built."""
+    from synjax.models import conv_onednn
+
+    monkeypatch.setattr(conv_onednn, "available", lambda: False)

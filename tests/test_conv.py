@@ -143,9 +143,11 @@ def test_dtype_bfloat16_computes_in_bfloat16():
     assert module.apply(params, x).dtype == jnp.bfloat16
 
 
-def test_auto_picks_folded_on_cpu_and_fastest_the_measured_paths():
-    # "auto" keeps the path the README's figures were made with; "fastest" is the
-    # choice measured in benchmarks/bench_conv.py: taps for one input channel.
+def test_without_onednn_auto_picks_folded_on_cpu_and_fastest_the_measured_paths(
+    without_onednn,
+):
+    # Without oneDNN, "auto" keeps "folded"; "fastest" is the choice measured in
+    # benchmarks/bench_conv.py: taps for one input channel.
     assert jax.default_backend() == "cpu"
     assert resolve_implementation("auto") == "folded"
     assert resolve_implementation("native") == "native"
@@ -156,7 +158,7 @@ def test_auto_picks_folded_on_cpu_and_fastest_the_measured_paths():
         assert resolve_implementation("auto", in_features=1) == "taps"
 
 
-def test_auto_implementation_overrides_auto_only():
+def test_auto_implementation_overrides_auto_only(without_onednn):
     with auto_implementation("native"):
         assert resolve_implementation("auto") == "native"
         assert resolve_implementation("folded_sum") == "folded_sum"

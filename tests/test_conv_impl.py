@@ -31,6 +31,7 @@ from synjax.models.conv import (
     conv3d_native,
     resolve_implementation,
 )
+from synjax.models.conv_onednn import conv3d_onednn
 from synjax.models.conv_taps import conv3d_taps
 from synjax.models.layers import ConvBlock
 
@@ -40,6 +41,7 @@ IMPLS = {
     "folded_sum": conv3d_folded_sum,
     "folded_taps": conv3d_folded_taps,
     "taps": conv3d_taps,
+    "onednn": conv3d_onednn,
 }
 # float32 sums of at most a few hundred products of unit-scale values.
 RTOL = 1e-4
@@ -145,7 +147,7 @@ def test_taps_hand_computed_shift():
     np.testing.assert_array_equal(conv3d_taps(x, kernel, "VALID").ravel(), [5.0, 6.0])
 
 
-@pytest.mark.parametrize("impl", ("taps", "folded_taps"))
+@pytest.mark.parametrize("impl", ("taps", "folded_taps", "onednn"))
 def test_bfloat16_within_bfloat16_tolerance(impl):
     x = _random((1, 6, 9, 8, 8), 6)
     kernel = _random((3, 3, 3, 8, 5), 7) / 8
@@ -184,7 +186,7 @@ def test_conv3d_module_taps_matches_native():
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
-def test_fastest_on_cpu_picks_by_input_channels():
+def test_fastest_on_cpu_picks_by_input_channels(without_onednn):
     assert jax.default_backend() == "cpu"
     assert resolve_implementation("fastest", AUTO_TAPS_MAX_CHANNELS) == "taps"
     assert resolve_implementation("fastest", AUTO_TAPS_MAX_CHANNELS + 1) == "folded_taps"
@@ -195,7 +197,7 @@ def test_fastest_on_cpu_picks_by_input_channels():
         assert resolve_implementation("auto", 64) == "native"
 
 
-def test_fastest_on_cpu_picks_by_shape():
+def test_fastest_on_cpu_picks_by_shape(without_onednn):
     # The boundary cases below are built on these values.
     assert (AUTO_TAPS_MAX_CHANNELS, TAPS_MAX_FIRST_LAYER_TAPS) == (1, 9)
     assert TAPS_MIN_VALID_OUTPUT_FRACTION == 0.5
@@ -232,7 +234,7 @@ def test_fastest_on_cpu_picks_by_shape():
     assert auto == "folded"
 
 
-def test_conv3d_module_resolves_fastest_from_its_input_shape():
+def test_conv3d_module_resolves_fastest_from_its_input_shape(without_onednn):
     def primitives(shape, kernel):
         module = Conv3D(3, kernel, implementation="fastest")
         x = jnp.zeros(shape)
@@ -273,7 +275,7 @@ def test_taps_kernel_gradient_in_merged_slices_equals_lax(monkeypatch, min_voxel
             np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL * 10)
 
 
-def test_conv_block_fastest_equals_native_forward_and_gradient():
+def test_conv_block_fastest_equals_native_forward_and_gradient(without_onednn):
     # "fastest" runs the block's first convolution (1 input channel, VALID,
     # 9x8 -> 7x6) as taps and its second (7x6 -> 5x4, under half the area) as
     # folded. Same output and parameter gradients as XLA's own convolutions.

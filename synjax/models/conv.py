@@ -14,9 +14,13 @@ products over the kernel's taps, with a hand-written backward pass;
 "folded_taps" keeps the folded forward pass and input gradient and takes the
 kernel gradient (XLA's slowest part on CPU) from the tap products. "fastest"
 picks per backend and per convolution from its static shape, as measured by
-benchmarks/bench_conv.py on every network's layers; "auto" keeps "folded" on CPU until the README's
-figures are made again with the faster paths. Every implementation gives the same result up to
-float rounding (tests/test_conv_impl.py).
+benchmarks/bench_conv.py on every network's layers. "onednn"
+(`conv_onednn.conv3d_onednn`) calls oneDNN's convolutions through an XLA FFI
+call: at the matmul peak on CPU, 2-4x the XLA paths; "auto" and "fastest" take
+it on the CPU backend wherever it could be built (`conv_onednn.available()`),
+else "folded" ("auto") or the per-shape rule ("fastest"). Every implementation
+gives the same result up to float rounding (tests/test_conv_impl.py,
+tests/test_conv_onednn.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from jax import lax
 
 from synjax.errors import ConfigError
 from synjax.geometry import SPATIAL_DIMS, spatial_triple
+from synjax.models import conv_onednn
 from synjax.models.conv_taps import (
     conv3d_taps,
     input_gradient_problem,
@@ -41,8 +46,22 @@ from synjax.models.conv_taps import (
     same_pad,
 )
 
-IMPLEMENTATIONS = ("auto", "fastest", "folded", "folded_sum", "folded_taps", "native", "taps")
-# "fastest" on CPU, per convolution from its static shape (`resolve_implementation`),
+IMPLEMENTATIONS = (
+    "auto",
+    "fastest",
+    "folded",
+    "folded_sum",
+    "folded_taps",
+    "native",
+    "onednn",
+    "taps",
+)
+# "auto" and "fastest" on CPU: "onednn" wherever it is available. On a 2-core AMD
+# EPYC (jax 0.10.2, oneDNN 3.2, float32 forward / forward+gradient GFLOP/s of a
+# 3x3x3 VALID 72 -> 72 convolution of [1, 10, 74, 74, 72]): onednn 450 / 418,
+# "folded_taps" 108 / 134, "native" 101 / 127, "taps" 89 / 124; bfloat16
+# onednn 867 / 1038 (XLA converts bfloat16 convolutions to float32 on CPU).
+# Without oneDNN, "fastest" on CPU, per convolution from its static shape (`resolve_implementation`),
 # measured on the Conv3D layers of every synjax 3D network (Mask R-CNN, instance
 # U-Net, pruning CNN, partner U-Net demo and paper), forward and gradient:
 #   .venv/bin/python benchmarks/bench_conv.py --network-layers --repeats 2
@@ -70,9 +89,8 @@ IMPLEMENTATIONS = ("auto", "fastest", "folded", "folded_sum", "folded_taps", "na
 # "folded" (within 0.2%) or faster, and faster than "native", forward and in
 # gradient, on every network.
 # Thresholds were measured at float32 only (bfloat16 takes the same rule).
-# "auto" still maps to "folded" on CPU: every figure of the README was made
-# with it, and the faster paths change results by float rounding, so "auto"
-# moves to "fastest" when those figures are made again with it.
+# Without oneDNN "auto" maps to "folded" on CPU (what the README's figures were
+# made with before "onednn").
 AUTO_TAPS_MAX_CHANNELS = 1
 TAPS_MAX_FIRST_LAYER_TAPS = 9
 TAPS_MIN_VALID_OUTPUT_FRACTION = 0.5
@@ -106,8 +124,9 @@ def resolve_implementation(
     `TAPS_MIN_VALID_OUTPUT_FRACTION` of the input's y-x area ("folded"). Without `input_shape` and
     `kernel_size` only the channel rule measured on the paper U-Net's large
     VALID layers applies ("taps" up to `AUTO_TAPS_MAX_CHANNELS`, else
-    "folded_taps"). "auto": "folded" on the CPU
-    backend (what the README's figures were made with). Both are "native"
+    "folded_taps"). "auto": "folded" on the CPU backend. Both are "onednn"
+    on the CPU backend wherever it is available (`conv_onednn.available()`,
+    faster than all of the above on every layer measured), and "native"
     elsewhere (cuDNN's 3D convolutions are fast). Inside
     `auto_implementation(name)`, "auto" maps to `name` instead.
 
@@ -126,6 +145,8 @@ def resolve_implementation(
         return implementation
     if jax.default_backend() != "cpu":
         return "native"
+    if conv_onednn.available():
+        return "onednn"
     if implementation == "auto":
         return "folded"
     if input_shape is not None and kernel_size is not None:
@@ -314,6 +335,7 @@ _CONV_FNS = {
     "folded_sum": conv3d_folded_sum,
     "folded_taps": conv3d_folded_taps,
     "native": conv3d_native,
+    "onednn": conv_onednn.conv3d_onednn,
     "taps": conv3d_taps,
 }
 
@@ -336,10 +358,12 @@ class Conv3D(nn.Module):
       precision: passed to `lax.conv_general_dilated` (or the tap products).
       kernel_init: kernel initialiser (nn.Conv's default, LeCun normal).
       bias_init: bias initialiser (zeros, as nn.Conv).
-      implementation: "auto" ("folded" on the CPU backend, "native"
-        elsewhere), "fastest" (on the CPU backend the measured fastest for
-        this convolution's shape, `resolve_implementation`; "native"
-        elsewhere), "folded" (one 2D conv on z-shifted copies stacked
+      implementation: "auto" ("onednn" on the CPU backend where it is
+        available, else "folded"; "native" elsewhere), "fastest" ("onednn"
+        on the CPU backend where available, else the measured fastest XLA path
+        for this convolution's shape, `resolve_implementation`; "native"
+        elsewhere), "onednn" (oneDNN's convolutions through an FFI call,
+        CPU only, float32/bfloat16), "folded" (one 2D conv on z-shifted copies stacked
         along channels), "folded_sum" (sum of kz 2D convs), "folded_taps"
         ("folded" with the kernel gradient as tap matrix products), "native"
         (XLA 3D conv) or "taps" (matrix products over the kernel taps, forward and
@@ -373,15 +397,13 @@ class Conv3D(nn.Module):
                     raise ConfigError(
                         f"input {name} {size} is smaller than kernel {name} {k} (VALID)"
                     )
-        conv = _CONV_FNS[
-            resolve_implementation(
-                self.implementation,
-                x.shape[-1],
-                input_shape=x.shape,
-                kernel_size=kernel_size,
-                padding=padding,
-            )
-        ]
+        implementation = resolve_implementation(
+            self.implementation,
+            x.shape[-1],
+            input_shape=x.shape,
+            kernel_size=kernel_size,
+            padding=padding,
+        )
 
         kernel = self.param(
             "kernel",
@@ -395,7 +417,14 @@ class Conv3D(nn.Module):
             else None
         )
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv(x, kernel, padding, self.precision)
+        if (
+            implementation == "onednn"
+            and self.implementation != "onednn"
+            and x.dtype not in conv_onednn.SUPPORTED_DTYPES
+        ):
+            # oneDNN takes float32 and bfloat16; other dtypes (float16) get XLA's path.
+            implementation = _fastest_on_cpu(x.shape, kernel_size, padding)
+        y = _CONV_FNS[implementation](x, kernel, padding, self.precision)
         if bias is not None:
             y = y + bias
         return y
