@@ -62,8 +62,9 @@ IMPLEMENTATIONS = (
 # "folded_taps" 108 / 134, "native" 101 / 127, "taps" 89 / 124; bfloat16
 # onednn 867 / 1038 (XLA converts bfloat16 convolutions to float32 on CPU).
 # Without oneDNN, "fastest" on CPU, per convolution from its static shape
-# (`resolve_implementation`), measured on the Conv3D layers of every synjax 3D network (Mask R-CNN, instance
-# U-Net, pruning CNN, partner U-Net demo and paper), forward and gradient:
+# (`resolve_implementation`), measured on the Conv3D layers of every synjax 3D
+# network (Mask R-CNN, instance U-Net, pruning CNN, partner U-Net demo and
+# paper), forward and gradient:
 #   .venv/bin/python benchmarks/bench_conv.py --network-layers --repeats 2
 # (results/bench_conv_layers.json; 2-core AMD EPYC, jax 0.10.2, float32, load 5-9
 # from other jobs; gradient figures below include the forward pass):
