@@ -25,6 +25,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 import platform
@@ -123,7 +124,17 @@ def _build(prefix: pathlib.Path) -> pathlib.Path:
 
 @functools.cache
 def _load() -> tuple[bool, str]:
-    """Builds, loads and registers the FFI targets once per process: (ok, reason if not)."""
+    """Builds, loads and registers the FFI targets once per process: (ok, reason if not).
+
+    A failure is logged once, since 3D networks then run 2-4x slower on CPU.
+    """
+    ok, reason = _build_and_register()
+    if not ok:
+        logging.warning("oneDNN convolutions unavailable (XLA's are used instead): %s", reason)
+    return ok, reason
+
+
+def _build_and_register() -> tuple[bool, str]:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False, f"oneDNN convolutions are built for Linux x86-64, not {platform.machine()}"
     prefix = _onednn_prefix()

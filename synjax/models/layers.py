@@ -69,8 +69,8 @@ class ConvBlock(nn.Module):
       kernel_size: (kz, ky, kx) of both convolutions.
       padding: "VALID" (each conv shrinks every axis by k - 1) or "SAME".
       dtype: computation dtype, None to follow the input.
-      conv_implementation: `conv.Conv3D.implementation` ("auto": "folded" on
-        CPU, native elsewhere; "fastest": the measured fastest for the backend).
+      conv_implementation: `conv.Conv3D.implementation` ("auto": "onednn" on
+        CPU where available, else "folded"; native elsewhere).
     """
 
     features: int

@@ -43,9 +43,9 @@ class ProximityNetworkSettings:
       predict_context: with "SAME" padding, real context (z, y, x) read
         around each block and cropped from the output.
       conv_implementation: how the 3D convolutions run
-        (`synjax.models.conv.IMPLEMENTATIONS`; "auto": "folded" on CPU, what
-        the README's figures were made with; "fastest": the measured fastest
-        for the backend; every choice gives the same result up to rounding).
+        (`synjax.models.conv.IMPLEMENTATIONS`; "auto": oneDNN's convolutions
+        on CPU where they could be built, else "folded"; "native" on GPU;
+        every choice gives the same result up to rounding).
       remat: recompute the conv blocks' activations in the backward pass
         instead of storing them (less memory for large training patches,
         about one more forward pass of compute; the same results).
