@@ -132,3 +132,39 @@ def test_unet_default_equals_native_forward_and_gradient():
     for got, want in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
         scale = max(float(jnp.abs(want).max()), 1e-3)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_independent_convolutions_in_one_program_run_concurrently_and_correctly():
+    # XLA may run independent custom calls on several threads at once. The Mask
+    # R-CNN training step (the fluorescence smoke runs of the test suite)
+    # segfaulted while the calls shared oneDNN's library scratchpad; this is a
+    # smaller program of the same pattern (it did not crash with the shared
+    # scratchpad here): independent convolutions and their gradients, vs lax.
+    shapes = [((2, 4, 9, 8, c), (3, 3, 3, c, f)) for c, f in ((1, 4), (3, 5), (8, 8), (16, 4))]
+    xs = [jax.random.normal(jax.random.key(i), s) for i, (s, _) in enumerate(shapes)]
+    ks = [jax.random.normal(jax.random.key(10 + i), k) for i, (_, k) in enumerate(shapes)]
+
+    def total(fn, xs, ks):
+        return sum(jnp.sum(fn(x, k) ** 2) for x, k in zip(xs, ks, strict=True))
+
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(
+            x,
+            k,
+            (1, 1, 1),
+            "SAME",
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+
+    ours = jax.jit(
+        jax.value_and_grad(
+            lambda a, b: total(lambda x, k: conv3d_onednn(x, k, "SAME"), a, b), (0, 1)
+        )
+    )
+    want_value, want_grads = jax.value_and_grad(lambda a, b: total(lax_conv, a, b), (0, 1))(xs, ks)
+    for _ in range(5):
+        value, grads = ours(xs, ks)
+        np.testing.assert_allclose(value, want_value, rtol=1e-4)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(jnp.abs(want).max()))

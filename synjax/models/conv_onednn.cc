@@ -78,13 +78,23 @@ memory::desc AnyLayout(const memory::dims& dims, memory::data_type type) {
   return memory::desc(dims, type, memory::format_tag::any);
 }
 
+// XLA may run independent custom calls on several threads at once; oneDNN's
+// library-managed scratchpad is shared between primitives, so each call brings
+// its own (a per-thread buffer, `Scratchpad`).
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Problem& p) {
   // Weights in "any" layout: oneDNN picks its blocked layout for the fast
   // kernels; activations stay in JAX's channels-last layout.
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
       Activations(p.SrcDims(), p.src_type), AnyLayout(p.WeiDims(), p.wei_type),
-      Activations(p.DstDims(), p.dst_type), {1, 1, 1}, p.PadLo(), p.PadHi());
+      Activations(p.DstDims(), p.dst_type), {1, 1, 1}, p.PadLo(), p.PadHi(),
+      UserScratchpad());
 }
 
 // One cached primitive with its descriptor, and the kernel's user layout.
@@ -92,7 +102,15 @@ struct Cached {
   dnnl::primitive primitive;
   memory::desc weights;       // the primitive's (possibly blocked) kernel layout
   memory::desc user_weights;  // the kernel as JAX holds it
+  memory::desc scratchpad;    // the primitive's scratchpad
 };
+
+// The calling thread's scratchpad memory for `cached`, grown as needed.
+memory Scratchpad(const Cached& cached) {
+  thread_local std::vector<uint8_t> buffer;
+  if (buffer.size() < cached.scratchpad.get_size()) buffer.resize(cached.scratchpad.get_size());
+  return memory(cached.scratchpad, Engine(), buffer.data());
+}
 
 std::mutex cache_mutex;
 std::map<Key, std::shared_ptr<Cached>> cache;
@@ -137,7 +155,8 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Span<const int6
   try {
     auto cached = Lookup(p.Key(0), [&] {
       auto pd = ForwardDesc(p);
-      return Cached{dnnl::convolution_forward(pd), pd.weights_desc(), UserWeights(p, p.wei_type)};
+      return Cached{dnnl::convolution_forward(pd), pd.weights_desc(), UserWeights(p, p.wei_type),
+                    pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
     memory user_weights(cached->user_weights, Engine(), kernel.untyped_data());
@@ -148,8 +167,10 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Span<const int6
     }
     memory src(Activations(p.SrcDims(), p.src_type), Engine(), x.untyped_data());
     memory dst(Activations(p.DstDims(), p.dst_type), Engine(), y->untyped_data());
-    cached->primitive.execute(
-        stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
+    cached->primitive.execute(stream, {{DNNL_ARG_SRC, src},
+                                       {DNNL_ARG_WEIGHTS, weights},
+                                       {DNNL_ARG_DST, dst},
+                                       {DNNL_ARG_SCRATCHPAD, Scratchpad(*cached)}});
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN conv3d forward: ") + e.what());
@@ -180,9 +201,9 @@ ffi::Error BackwardData(ffi::AnyBuffer grad_y, ffi::AnyBuffer kernel,
       auto pd = dnnl::convolution_backward_data::primitive_desc(
           Engine(), dnnl::algorithm::convolution_direct, Activations(p.SrcDims(), p.src_type),
           AnyLayout(p.WeiDims(), p.wei_type), Activations(p.DstDims(), p.dst_type), {1, 1, 1},
-          p.PadLo(), p.PadHi(), hint);
+          p.PadLo(), p.PadHi(), hint, UserScratchpad());
       return Cached{dnnl::convolution_backward_data(pd), pd.weights_desc(),
-                    UserWeights(p, p.wei_type)};
+                    UserWeights(p, p.wei_type), pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
     memory user_weights(cached->user_weights, Engine(), kernel.untyped_data());
@@ -195,7 +216,8 @@ ffi::Error BackwardData(ffi::AnyBuffer grad_y, ffi::AnyBuffer kernel,
     memory diff_src(Activations(p.SrcDims(), p.src_type), Engine(), grad_x->untyped_data());
     cached->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
                                        {DNNL_ARG_WEIGHTS, weights},
-                                       {DNNL_ARG_DIFF_SRC, diff_src}});
+                                       {DNNL_ARG_DIFF_SRC, diff_src},
+                                       {DNNL_ARG_SCRATCHPAD, Scratchpad(*cached)}});
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN conv3d backward data: ") + e.what());
@@ -228,9 +250,9 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer grad_y,
       auto pd = dnnl::convolution_backward_weights::primitive_desc(
           Engine(), dnnl::algorithm::convolution_direct, Activations(p.SrcDims(), p.src_type),
           AnyLayout(p.WeiDims(), p.wei_type), Activations(p.DstDims(), p.dst_type), {1, 1, 1},
-          p.PadLo(), p.PadHi(), hint);
+          p.PadLo(), p.PadHi(), hint, UserScratchpad());
       return Cached{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
-                    UserWeights(p, p.wei_type)};
+                    UserWeights(p, p.wei_type), pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
     memory src(Activations(p.SrcDims(), p.src_type), Engine(), x.untyped_data());
@@ -240,7 +262,8 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer grad_y,
     if (cached->weights != cached->user_weights) weights = memory(cached->weights, Engine());
     cached->primitive.execute(stream, {{DNNL_ARG_SRC, src},
                                        {DNNL_ARG_DIFF_DST, diff_dst},
-                                       {DNNL_ARG_DIFF_WEIGHTS, weights}});
+                                       {DNNL_ARG_DIFF_WEIGHTS, weights},
+                                       {DNNL_ARG_SCRATCHPAD, Scratchpad(*cached)}});
     if (cached->weights != cached->user_weights) {
       dnnl::reorder(weights, user_weights).execute(stream, weights, user_weights);
     }
