@@ -222,3 +222,58 @@ def test_conv_transpose_hand_computed_block():
     kernel = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1, 1)
     got = ConvTranspose3D(1, (1, 2, 2), use_bias=False).apply({"params": {"kernel": kernel}}, x)
     np.testing.assert_array_equal(got[0, 0, ..., 0], [[8.0, 6.0], [4.0, 2.0]])
+
+
+@pytest.mark.parametrize("dtype", (jnp.bfloat16, jnp.float16))
+def test_low_precision_bias_and_prelu_gradients_by_product_equal_autodiff(dtype):
+    # Below float32 the per-channel gradients (bias, PReLU slope) are ones-vector
+    # products accumulated in float32 (fast on CPU); autodiff of the plain
+    # expressions on the same low-precision values is the reference. By hand
+    # first: a channel sum of a [2, 2, 2] array.
+    from synjax.models.conv import add_bias, channel_sum
+    from synjax.models.layers import PReLU
+
+    values = jnp.array([[[1.0, -2.0], [3.0, 4.0]], [[-1.0, 0.5], [2.0, -3.0]]], dtype)
+    np.testing.assert_array_equal(channel_sum(values), [5.0, -0.5])
+    assert channel_sum(values).dtype == jnp.float32
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5, 6, 4)), dtype)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+    bias = jnp.asarray([0.5, -0.25, 1.0, 0.0], dtype)
+
+    def bias_grads(fn):
+        return jax.grad(lambda y, b: jnp.sum(weights * fn(y, b).astype(jnp.float32)), (0, 1))(
+            x, bias
+        )
+
+    # Exact sums (float64) of the low-precision cotangent that reaches the bias.
+    cotangent = np.asarray(weights.astype(dtype), np.float64)
+    xs = np.asarray(x, np.float64)
+    got_y, got_b = bias_grads(add_bias)
+    want_y, _ = bias_grads(lambda y, b: y + b)
+    assert got_b.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got_y), np.asarray(want_y))
+    exact_bias = cotangent.reshape(-1, 4).sum(0)
+    scale = np.abs(cotangent).reshape(-1, 4).sum(0)
+    assert np.all(np.abs(np.asarray(got_b, np.float64) - exact_bias) <= 1e-2 * scale), (
+        got_b,
+        exact_bias,
+    )
+
+    params = {"params": {"slope": jnp.array([0.25, 0.1, -0.5, 1.5])}}
+
+    def plain(p, v):
+        return jnp.where(v >= 0, v, p["params"]["slope"].astype(v.dtype) * v)
+
+    def prelu_grads(fn):
+        return jax.grad(lambda p, v: jnp.sum(weights * fn(p, v).astype(jnp.float32)), (0, 1))(
+            params, x
+        )
+
+    got_p, got_x = prelu_grads(PReLU().apply)
+    _, want_x = prelu_grads(plain)
+    np.testing.assert_array_equal(np.asarray(got_x), np.asarray(want_x))
+    terms = np.where(xs < 0, xs * cotangent, 0).reshape(-1, 4)
+    slope_error = np.abs(np.asarray(got_p["params"]["slope"]) - terms.sum(0))
+    assert np.all(slope_error <= 1e-2 * np.abs(terms).sum(0)), (got_p, terms.sum(0))
+    assert PReLU().apply(params, x).dtype == dtype
