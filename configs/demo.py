@@ -129,7 +129,11 @@ def get_config(arg: str | None = None):
             "train": configlib.train_block(
                 steps=500,
                 batch_size=4,
-                learning_rate=2e-3,
+                # 2e-3 trained a U-Net that found no candidate on the training
+                # volume once the convolutions' rounding changed (oneDNN);
+                # 1e-3 reached training F 0.955 / 0.894 with oneDNN / "folded"
+                # (chosen on the training volume: README, Results).
+                learning_rate=1e-3,
                 optimizer="adam",
                 schedule="warmup_cosine",
                 warmup_steps=50,

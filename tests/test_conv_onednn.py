@@ -168,3 +168,20 @@ def test_independent_convolutions_in_one_program_run_concurrently_and_correctly(
         np.testing.assert_allclose(value, want_value, rtol=1e-4)
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(jnp.abs(want).max()))
+
+
+def test_vmap_over_examples_equals_one_call_per_example():
+    # The instance U-Net's heads vmap convolutions over examples; kernels
+    # batched too (per-example weights), forward and gradient.
+    xs = jax.random.normal(jax.random.key(0), (3, 1, 4, 6, 5, 2))
+    ks = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 2, 4))
+
+    def loss(x, k):
+        return jnp.sum(conv3d_onednn(x, k, "SAME") ** 2)
+
+    got = jax.vmap(jax.value_and_grad(loss, (0, 1)))(xs, ks)
+    for i in range(3):
+        value, (grad_x, grad_k) = jax.value_and_grad(loss, (0, 1))(xs[i], ks[i])
+        np.testing.assert_allclose(got[0][i], value, rtol=1e-5)
+        np.testing.assert_allclose(got[1][0][i], grad_x, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[1][1][i], grad_k, rtol=1e-5, atol=1e-4)

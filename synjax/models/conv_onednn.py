@@ -176,9 +176,12 @@ def padding_amounts(
 
 def _call(target: str, out_shape: tuple[int, ...], dtype: Any, *operands, padding, kernel_size):
     low, high = padding_amounts(kernel_size, padding)
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, dtype))(
-        *operands, pad_lo=np.asarray(low, np.int64), pad_hi=np.asarray(high, np.int64)
+    # Under vmap (the instance U-Net's per-example heads) one call per example:
+    # correct for any batching of x and kernel.
+    call = jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct(out_shape, dtype), vmap_method="sequential"
     )
+    return call(*operands, pad_lo=np.asarray(low, np.int64), pad_hi=np.asarray(high, np.int64))
 
 
 def _forward(x: jnp.ndarray, kernel: jnp.ndarray, padding: str) -> jnp.ndarray:
