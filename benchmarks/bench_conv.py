@@ -4,10 +4,11 @@ XLA's CPU 3D convolutions, and above all their gradients, are slow. `Conv3D`
 can run a kz x ky x kx convolution as 2D convolutions with z folded into the
 batch ("folded": one conv over the kz z-shifted copies stacked along channels;
 "folded_sum": the sum of kz 2D convs), or as matrix products over the kernel's
-taps with a hand-written backward pass ("taps", `models/conv_taps.py`);
-"fastest" is the measured choice per backend ("auto" keeps "folded" on CPU
-until the README's figures are made again; the JSON in benchmarks/results
-was measured when "auto" meant what "fastest" means now). This times, after
+taps with a hand-written backward pass ("taps", `models/conv_taps.py`), or
+call oneDNN's convolutions through an FFI call ("onednn",
+`models/conv_onednn.py`, what "auto" and "fastest" take on CPU where it could
+be built); without oneDNN, "fastest" is the measured choice per backend among
+the XLA paths (the JSON in benchmarks/results predates "onednn"). This times, after
 `jax.block_until_ready` and with compile time reported apart:
 
 - layers: forward, and gradient w.r.t. params and input, of one Conv3D;
@@ -58,7 +59,7 @@ from synjax.models import UNet3D, UNet3DSettings, weighted_mse
 from synjax.models.conv import Conv3D, auto_implementation, resolve_implementation
 from synjax.models.layers import max_pool3d
 
-IMPLEMENTATIONS = ("native", "folded", "folded_sum", "folded_taps", "taps", "fastest")
+IMPLEMENTATIONS = ("native", "folded", "folded_sum", "folded_taps", "taps", "onednn", "fastest")
 SEED = 0
 LEARNING_RATE = 1e-4
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -137,7 +138,7 @@ NETWORK_LAYERS = (
     ("unet_paper", (1, 10, 14, 14, 648), 648, (3, 3, 3), "VALID", 1),
 )
 # "fastest" is not timed apart: per layer it is the implementation it resolves to.
-NETWORK_IMPLEMENTATIONS = ("native", "folded", "folded_taps", "taps")
+NETWORK_IMPLEMENTATIONS = ("native", "folded", "folded_taps", "taps", "onednn")
 # Max-pool inputs (window = stride) of the networks: paper U-Net, instance U-Net,
 # pruning CNN.
 POOL_CASES = (
