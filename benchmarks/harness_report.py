@@ -45,7 +45,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "Written by `benchmarks/run_all.py` (do not edit by hand); JSON: "
         f"`{payload['out']}`. Every network row: compile time apart from the steady "
         "state (median of the timed calls after a warm-up, after `block_until_ready`); "
-        'FLOPs from XLA\'s cost analysis of the compiled program; "of peak" = achieved '
+        "FLOPs from XLA's cost analysis of the compiled program (a program with oneDNN "
+        "convolution calls, which XLA does not count: of the same program on XLA's own "
+        'convolutions); "of peak" = achieved '
         "FLOP/s over this run's matmul peak of the row's dtype (bfloat16 rows: bfloat16 "
         "inputs, float32 accumulation). JAX speed-up vs best torch = the fastest PyTorch "
         "layout's median / JAX's median at the same mode and precision (> 1: JAX faster).",
