@@ -125,46 +125,63 @@ std::shared_ptr<Cached> Lookup(const Key& key, Make make) {
   return made;
 }
 
-memory::desc UserWeights(const Problem& p, memory::data_type type) {
-  return memory::desc(p.WeiDims(), type, memory::format_tag::dhwio);
+memory::desc UserWeights(const Problem& p) {
+  return memory::desc(p.WeiDims(), p.wei_type, memory::format_tag::dhwio);
 }
 
-ffi::Error CheckPadding(ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi) {
-  if (lo.size() != 3 || hi.size() != 3) {
-    return ffi::Error::InvalidArgument("padding needs 3 low and 3 high values");
+// Checks one call's shapes, padding and dtypes and fills `p` from them.
+// `activations` is [n, d, h, w, c] (x or grad_x), `kernel` [kd, kh, kw, c, f]
+// (kernel or grad_kernel); `step` names the handler in the error.
+ffi::Error MakeProblem(const char* step, ffi::Span<const int64_t> activations,
+                       ffi::Span<const int64_t> kernel, ffi::Span<const int64_t> pad_lo,
+                       ffi::Span<const int64_t> pad_hi, ffi::DataType src_type,
+                       ffi::DataType wei_type, ffi::DataType dst_type, Problem* p) {
+  if (pad_lo.size() != 3 || pad_hi.size() != 3) {
+    return ffi::Error::InvalidArgument(std::string(step) + ": 3 low and 3 high paddings expected");
+  }
+  const auto& a = activations;
+  const auto& k = kernel;
+  if (a.size() != 5 || k.size() != 5 || k[3] != a[4]) {
+    return ffi::Error::InvalidArgument(std::string(step) +
+                                       ": shapes [n,d,h,w,c] and [kd,kh,kw,c,f] expected");
+  }
+  *p = Problem{a[0], a[4], a[1], a[2], a[3], k[4], k[0], k[1], k[2]};
+  for (int i = 0; i < 3; ++i) p->pad_lo[i] = pad_lo[i], p->pad_hi[i] = pad_hi[i];
+  if (!ToDnnlType(src_type, &p->src_type) || !ToDnnlType(wei_type, &p->wei_type) ||
+      !ToDnnlType(dst_type, &p->dst_type)) {
+    return ffi::Error::InvalidArgument(std::string(step) + ": float32 or bfloat16 expected");
   }
   return ffi::Error::Success();
+}
+
+// The kernel at `data` (JAX's layout) in the primitive's layout: the same
+// memory where they agree, else a reordered copy.
+memory KernelForPrimitive(const Cached& cached, void* data, dnnl::stream& stream) {
+  memory user(cached.user_weights, Engine(), data);
+  if (cached.weights == cached.user_weights) return user;
+  memory reordered(cached.weights, Engine());
+  dnnl::reorder(user, reordered).execute(stream, user, reordered);
+  return reordered;
 }
 
 // x: [n, d, h, w, c]; kernel: [kd, kh, kw, c, f]; y: [n, d', h', w', f].
 ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Span<const int64_t> pad_lo,
                    ffi::Span<const int64_t> pad_hi, ffi::Result<ffi::AnyBuffer> y) {
-  if (auto error = CheckPadding(pad_lo, pad_hi); error.failure()) return error;
-  auto xd = x.dimensions();
-  auto kd = kernel.dimensions();
-  if (xd.size() != 5 || kd.size() != 5 || kd[3] != xd[4]) {
-    return ffi::Error::InvalidArgument("conv3d: x [n,d,h,w,c] and kernel [kd,kh,kw,c,f] expected");
-  }
-  Problem p{xd[0], xd[4], xd[1], xd[2], xd[3], kd[4], kd[0], kd[1], kd[2]};
-  for (int i = 0; i < 3; ++i) p.pad_lo[i] = pad_lo[i], p.pad_hi[i] = pad_hi[i];
-  if (!ToDnnlType(x.element_type(), &p.src_type) ||
-      !ToDnnlType(kernel.element_type(), &p.wei_type) ||
-      !ToDnnlType(y->element_type(), &p.dst_type)) {
-    return ffi::Error::InvalidArgument("conv3d: float32 or bfloat16 expected");
+  Problem p;
+  if (auto error = MakeProblem("conv3d forward", x.dimensions(), kernel.dimensions(), pad_lo,
+                               pad_hi, x.element_type(), kernel.element_type(),
+                               y->element_type(), &p);
+      error.failure()) {
+    return error;
   }
   try {
     auto cached = Lookup(p.Key(0), [&] {
       auto pd = ForwardDesc(p);
-      return Cached{dnnl::convolution_forward(pd), pd.weights_desc(), UserWeights(p, p.wei_type),
+      return Cached{dnnl::convolution_forward(pd), pd.weights_desc(), UserWeights(p),
                     pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
-    memory user_weights(cached->user_weights, Engine(), kernel.untyped_data());
-    memory weights = user_weights;
-    if (cached->weights != cached->user_weights) {
-      weights = memory(cached->weights, Engine());
-      dnnl::reorder(user_weights, weights).execute(stream, user_weights, weights);
-    }
+    memory weights = KernelForPrimitive(*cached, kernel.untyped_data(), stream);
     memory src(Activations(p.SrcDims(), p.src_type), Engine(), x.untyped_data());
     memory dst(Activations(p.DstDims(), p.dst_type), Engine(), y->untyped_data());
     cached->primitive.execute(stream, {{DNNL_ARG_SRC, src},
@@ -182,18 +199,12 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Span<const int6
 ffi::Error BackwardData(ffi::AnyBuffer grad_y, ffi::AnyBuffer kernel,
                         ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
                         ffi::Result<ffi::AnyBuffer> grad_x) {
-  if (auto error = CheckPadding(pad_lo, pad_hi); error.failure()) return error;
-  auto xd = grad_x->dimensions();
-  auto kd = kernel.dimensions();
-  if (xd.size() != 5 || kd.size() != 5 || kd[3] != xd[4]) {
-    return ffi::Error::InvalidArgument("conv3d grad x: shapes [n,d,h,w,c], [kd,kh,kw,c,f]");
-  }
-  Problem p{xd[0], xd[4], xd[1], xd[2], xd[3], kd[4], kd[0], kd[1], kd[2]};
-  for (int i = 0; i < 3; ++i) p.pad_lo[i] = pad_lo[i], p.pad_hi[i] = pad_hi[i];
-  if (!ToDnnlType(grad_x->element_type(), &p.src_type) ||
-      !ToDnnlType(kernel.element_type(), &p.wei_type) ||
-      !ToDnnlType(grad_y.element_type(), &p.dst_type)) {
-    return ffi::Error::InvalidArgument("conv3d grad x: float32 or bfloat16 expected");
+  Problem p;
+  if (auto error = MakeProblem("conv3d backward data", grad_x->dimensions(), kernel.dimensions(),
+                               pad_lo, pad_hi, grad_x->element_type(), kernel.element_type(),
+                               grad_y.element_type(), &p);
+      error.failure()) {
+    return error;
   }
   try {
     auto cached = Lookup(p.Key(1), [&] {
@@ -203,15 +214,10 @@ ffi::Error BackwardData(ffi::AnyBuffer grad_y, ffi::AnyBuffer kernel,
           AnyLayout(p.WeiDims(), p.wei_type), Activations(p.DstDims(), p.dst_type), {1, 1, 1},
           p.PadLo(), p.PadHi(), hint, UserScratchpad());
       return Cached{dnnl::convolution_backward_data(pd), pd.weights_desc(),
-                    UserWeights(p, p.wei_type), pd.scratchpad_desc()};
+                    UserWeights(p), pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
-    memory user_weights(cached->user_weights, Engine(), kernel.untyped_data());
-    memory weights = user_weights;
-    if (cached->weights != cached->user_weights) {
-      weights = memory(cached->weights, Engine());
-      dnnl::reorder(user_weights, weights).execute(stream, user_weights, weights);
-    }
+    memory weights = KernelForPrimitive(*cached, kernel.untyped_data(), stream);
     memory diff_dst(Activations(p.DstDims(), p.dst_type), Engine(), grad_y.untyped_data());
     memory diff_src(Activations(p.SrcDims(), p.src_type), Engine(), grad_x->untyped_data());
     cached->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
@@ -229,18 +235,12 @@ ffi::Error BackwardData(ffi::AnyBuffer grad_y, ffi::AnyBuffer kernel,
 ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer grad_y,
                            ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
                            ffi::Result<ffi::AnyBuffer> grad_kernel) {
-  if (auto error = CheckPadding(pad_lo, pad_hi); error.failure()) return error;
-  auto xd = x.dimensions();
-  auto kd = grad_kernel->dimensions();
-  if (xd.size() != 5 || kd.size() != 5 || kd[3] != xd[4]) {
-    return ffi::Error::InvalidArgument("conv3d grad kernel: shapes [n,d,h,w,c], [kd,kh,kw,c,f]");
-  }
-  Problem p{xd[0], xd[4], xd[1], xd[2], xd[3], kd[4], kd[0], kd[1], kd[2]};
-  for (int i = 0; i < 3; ++i) p.pad_lo[i] = pad_lo[i], p.pad_hi[i] = pad_hi[i];
-  if (!ToDnnlType(x.element_type(), &p.src_type) ||
-      !ToDnnlType(grad_kernel->element_type(), &p.wei_type) ||
-      !ToDnnlType(grad_y.element_type(), &p.dst_type)) {
-    return ffi::Error::InvalidArgument("conv3d grad kernel: float32 or bfloat16 expected");
+  Problem p;
+  if (auto error = MakeProblem("conv3d backward weights", x.dimensions(),
+                               grad_kernel->dimensions(), pad_lo, pad_hi, x.element_type(),
+                               grad_kernel->element_type(), grad_y.element_type(), &p);
+      error.failure()) {
+    return error;
   }
   try {
     auto cached = Lookup(p.Key(2), [&] {
@@ -252,7 +252,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer grad_y,
           AnyLayout(p.WeiDims(), p.wei_type), Activations(p.DstDims(), p.dst_type), {1, 1, 1},
           p.PadLo(), p.PadHi(), hint, UserScratchpad());
       return Cached{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
-                    UserWeights(p, p.wei_type), pd.scratchpad_desc()};
+                    UserWeights(p), pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
     memory src(Activations(p.SrcDims(), p.src_type), Engine(), x.untyped_data());
