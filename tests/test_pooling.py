@@ -1,4 +1,5 @@
-"""Tests of `max_pool3d`: "blocks" equals `nn.max_pool` bit for bit, ties included.
+"""Tests of `max_pool3d`: "blocks" equals `nn.max_pool` bit for bit, ties included;
+and of `max_pool_windows` (overlapping windows) against `nn.max_pool`.
 
 XLA's max-pool gradient (select_and_scatter with a `>=` select) sends each
 window's gradient to its first maximal element in (dz, dy, dx) order; the
@@ -16,7 +17,12 @@ import pytest
 
 from synjax.errors import ConfigError
 from synjax.models import UNet3D, UNet3DSettings
-from synjax.models.layers import max_pool3d, max_pool_blocks, resolve_pool_implementation
+from synjax.models.layers import (
+    max_pool3d,
+    max_pool_blocks,
+    max_pool_windows,
+    resolve_pool_implementation,
+)
 
 CASES = [
     # (input [b, z, y, x, c], factors, dtype)
@@ -114,4 +120,53 @@ def test_unet_pools_with_blocks():
     x = jnp.zeros((1, 2, 4, 4, 1))
     params = jax.eval_shape(UNet3D(cfg).init, jax.random.key(0), x)["params"]
     jaxpr = str(jax.make_jaxpr(lambda p: UNet3D(cfg).apply({"params": p}, x))(params))
-    assert "reduce_window" not in jaxpr and "reduce_max" in jaxpr
+    # (an elementwise maximum over the window's taps)
+    assert "reduce_window" not in jaxpr and " max " in jaxpr
+
+
+WINDOW_CASES = [
+    # (input [b, *spatial, c], window, strides, padding, dtype): DeepEM3D-Net's
+    # 3x3 stride-2 SAME pool on odd and even sizes, 3D, VALID, non-overlapping.
+    ((2, 9, 11, 3), (3, 3), (2, 2), "SAME", jnp.float32),
+    ((1, 16, 16, 4), (3, 3), (2, 2), "SAME", jnp.float32),
+    ((1, 8, 7, 6, 2), (2, 3, 3), (1, 2, 2), "VALID", jnp.float32),
+    ((1, 10, 10, 2), (2, 2), (2, 2), "SAME", jnp.float32),
+    ((1, 9, 9, 2), (3, 3), (2, 2), "SAME", jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("shape", "window", "strides", "padding", "dtype"), WINDOW_CASES)
+def test_windows_equal_xla_on_tied_inputs(shape, window, strides, padding, dtype):
+    rng = np.random.default_rng(sum(shape))
+    values = rng.integers(-1, 2, (2 * shape[0], *shape[1:]))
+    values[shape[0] :] = np.abs(values[shape[0] :])  # ReLU-like: many tied zeros
+    x = jnp.asarray(values, dtype)
+
+    def xla(v):
+        return nn.max_pool(v, window, strides=strides, padding=padding)
+
+    out_shape = jax.eval_shape(xla, x).shape
+    # Integer cotangents: overlapping windows add into shared voxels, and the
+    # sums are then exact whatever their order.
+    cotangent = jnp.asarray(rng.integers(1, 8, out_shape), dtype)
+    want_y, want_g = _pool_and_grad(xla, x, cotangent)
+    got_y, got_g = _pool_and_grad(
+        lambda v: max_pool_windows(v, window, strides, padding), x, cotangent
+    )
+    assert got_y.dtype == want_y.dtype and got_g.dtype == want_g.dtype and got_g.shape == x.shape
+    np.testing.assert_array_equal(_bits(got_y), _bits(want_y))
+    np.testing.assert_array_equal(_bits(got_g), _bits(want_g))
+
+
+def test_windows_gradient_hand_computed():
+    # x = [1, 5, 5, 2, 5] pooled by 3 with stride 2, SAME (pad 1 on both sides):
+    # windows [-inf, 1, 5], [5, 5, 2], [2, 5, -inf] -> max 5, 5, 5; the first
+    # maximum of each is x[1], x[1], x[4].
+    x = jnp.array([1.0, 5.0, 5.0, 2.0, 5.0]).reshape(1, 5, 1)
+    out, grad = _pool_and_grad(
+        lambda v: max_pool_windows(v, (3,), (2,), "SAME"),
+        x,
+        jnp.array([1.0, 10.0, 100.0])[None, :, None],
+    )
+    np.testing.assert_array_equal(out.ravel(), [5.0, 5.0, 5.0])
+    np.testing.assert_array_equal(grad.ravel(), [0.0, 11.0, 0.0, 0.0, 100.0])

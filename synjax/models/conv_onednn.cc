@@ -1,5 +1,5 @@
-// 3D convolution (stride 1, no dilation) forward and gradients through oneDNN,
-// as XLA FFI handlers for JAX on CPU.
+// 3D convolution (any stride, kernel dilation and zero padding) forward and
+// gradients through oneDNN, as XLA FFI handlers for JAX on CPU.
 //
 // Why: XLA:CPU runs 3D convolutions on a generic path (about a quarter of the
 // matmul peak on a 2-core EPYC) while oneDNN's brgemm convolutions, which
@@ -9,7 +9,7 @@
 //
 // Built on first use by synjax/models/onednn_conv.py (g++, headers of the
 // onednn-devel wheel and of jaxlib). Primitives are cached per shape, dtype
-// and padding; kernels are reordered into the primitive's preferred layout on
+// strides, dilation and padding; kernels are reordered into the primitive's preferred layout on
 // each call (they are small next to the activations).
 
 #include <cstdint>
@@ -46,25 +46,18 @@ bool ToDnnlType(ffi::DataType type, memory::data_type* out) {
   }
 }
 
-// A problem: activation shape [n, c, d, h, w] in oneDNN's logical order, the
-// kernel's spatial extent, output channels and the low/high zero padding.
+// A problem: input, kernel and output shapes in oneDNN's logical order
+// ([n, c, d, h, w], [f, c, kd, kh, kw], [n, f, d', h', w']), strides, kernel
+// dilation in oneDNN's convention (0 = none) and the low/high zero padding.
 struct Problem {
-  int64_t n, c, d, h, w, f, kd, kh, kw;
-  int64_t pad_lo[3], pad_hi[3];
+  memory::dims src, wei, dst;
+  memory::dims strides, dilation, pad_lo, pad_hi;
   memory::data_type src_type, wei_type, dst_type;
 
-  memory::dims SrcDims() const { return {n, c, d, h, w}; }
-  memory::dims WeiDims() const { return {f, c, kd, kh, kw}; }
-  memory::dims DstDims() const {
-    return {n, f, d + pad_lo[0] + pad_hi[0] - kd + 1, h + pad_lo[1] + pad_hi[1] - kh + 1,
-            w + pad_lo[2] + pad_hi[2] - kw + 1};
-  }
-  memory::dims PadLo() const { return {pad_lo[0], pad_lo[1], pad_lo[2]}; }
-  memory::dims PadHi() const { return {pad_hi[0], pad_hi[1], pad_hi[2]}; }
   auto Key(int kind) const {
-    return std::make_tuple(kind, n, c, d, h, w, f, kd, kh, kw, pad_lo[0], pad_lo[1], pad_lo[2],
-                           pad_hi[0], pad_hi[1], pad_hi[2], static_cast<int>(src_type),
-                           static_cast<int>(wei_type), static_cast<int>(dst_type));
+    return std::make_tuple(kind, src, wei, dst, strides, dilation, pad_lo, pad_hi,
+                           static_cast<int>(src_type), static_cast<int>(wei_type),
+                           static_cast<int>(dst_type));
   }
 };
 
@@ -92,8 +85,8 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Problem& p) {
   // kernels; activations stay in JAX's channels-last layout.
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      Activations(p.SrcDims(), p.src_type), AnyLayout(p.WeiDims(), p.wei_type),
-      Activations(p.DstDims(), p.dst_type), {1, 1, 1}, p.PadLo(), p.PadHi(),
+      Activations(p.src, p.src_type), AnyLayout(p.wei, p.wei_type),
+      Activations(p.dst, p.dst_type), p.strides, p.dilation, p.pad_lo, p.pad_hi,
       UserScratchpad());
 }
 
@@ -103,6 +96,8 @@ struct Cached {
   memory::desc weights;       // the primitive's (possibly blocked) kernel layout
   memory::desc user_weights;  // the kernel as JAX holds it
   memory::desc scratchpad;    // the primitive's scratchpad
+  memory::desc src = {};      // backward weights: the primitive's input layout
+  memory::desc dst = {};      // backward weights: its output-gradient layout
 };
 
 // The calling thread's scratchpad memory for `cached`, grown as needed.
@@ -126,27 +121,40 @@ std::shared_ptr<Cached> Lookup(const Key& key, Make make) {
 }
 
 memory::desc UserWeights(const Problem& p) {
-  return memory::desc(p.WeiDims(), p.wei_type, memory::format_tag::dhwio);
+  return memory::desc(p.wei, p.wei_type, memory::format_tag::dhwio);
 }
 
-// Checks one call's shapes, padding and dtypes and fills `p` from them.
-// `activations` is [n, d, h, w, c] (x or grad_x), `kernel` [kd, kh, kw, c, f]
-// (kernel or grad_kernel); `step` names the handler in the error.
+// Checks one call's shapes, strides, dilation, padding and dtypes and fills
+// `p` from them. `activations` is [n, d, h, w, c] (x or grad_x), `kernel`
+// [kd, kh, kw, c, f] (kernel or grad_kernel), `output` [n, d', h', w', f] (y or
+// grad_y); `dilation` is lax's (1 = none); `step` names the handler in the
+// error. oneDNN checks that the output size agrees with the rest.
 ffi::Error MakeProblem(const char* step, ffi::Span<const int64_t> activations,
-                       ffi::Span<const int64_t> kernel, ffi::Span<const int64_t> pad_lo,
-                       ffi::Span<const int64_t> pad_hi, ffi::DataType src_type,
-                       ffi::DataType wei_type, ffi::DataType dst_type, Problem* p) {
-  if (pad_lo.size() != 3 || pad_hi.size() != 3) {
-    return ffi::Error::InvalidArgument(std::string(step) + ": 3 low and 3 high paddings expected");
+                       ffi::Span<const int64_t> kernel, ffi::Span<const int64_t> output,
+                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
+                       ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
+                       ffi::DataType src_type, ffi::DataType wei_type, ffi::DataType dst_type,
+                       Problem* p) {
+  if (strides.size() != 3 || dilation.size() != 3 || pad_lo.size() != 3 || pad_hi.size() != 3) {
+    return ffi::Error::InvalidArgument(std::string(step) +
+                                       ": 3 strides, dilations, low and high paddings expected");
   }
   const auto& a = activations;
   const auto& k = kernel;
-  if (a.size() != 5 || k.size() != 5 || k[3] != a[4]) {
-    return ffi::Error::InvalidArgument(std::string(step) +
-                                       ": shapes [n,d,h,w,c] and [kd,kh,kw,c,f] expected");
+  const auto& o = output;
+  if (a.size() != 5 || k.size() != 5 || o.size() != 5 || k[3] != a[4] || o[4] != k[4] ||
+      o[0] != a[0]) {
+    return ffi::Error::InvalidArgument(
+        std::string(step) + ": shapes [n,d,h,w,c], [kd,kh,kw,c,f] and [n,d',h',w',f] expected");
   }
-  *p = Problem{a[0], a[4], a[1], a[2], a[3], k[4], k[0], k[1], k[2]};
-  for (int i = 0; i < 3; ++i) p->pad_lo[i] = pad_lo[i], p->pad_hi[i] = pad_hi[i];
+  p->src = {a[0], a[4], a[1], a[2], a[3]};
+  p->wei = {k[4], k[3], k[0], k[1], k[2]};
+  p->dst = {o[0], o[4], o[1], o[2], o[3]};
+  p->strides.assign(strides.begin(), strides.end());
+  p->dilation.clear();
+  for (int64_t d : dilation) p->dilation.push_back(d - 1);
+  p->pad_lo.assign(pad_lo.begin(), pad_lo.end());
+  p->pad_hi.assign(pad_hi.begin(), pad_hi.end());
   if (!ToDnnlType(src_type, &p->src_type) || !ToDnnlType(wei_type, &p->wei_type) ||
       !ToDnnlType(dst_type, &p->dst_type)) {
     return ffi::Error::InvalidArgument(std::string(step) + ": float32 or bfloat16 expected");
@@ -165,12 +173,13 @@ memory KernelForPrimitive(const Cached& cached, void* data, dnnl::stream& stream
 }
 
 // x: [n, d, h, w, c]; kernel: [kd, kh, kw, c, f]; y: [n, d', h', w', f].
-ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Span<const int64_t> pad_lo,
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> pad_lo,
                    ffi::Span<const int64_t> pad_hi, ffi::Result<ffi::AnyBuffer> y) {
   Problem p;
-  if (auto error = MakeProblem("conv3d forward", x.dimensions(), kernel.dimensions(), pad_lo,
-                               pad_hi, x.element_type(), kernel.element_type(),
-                               y->element_type(), &p);
+  if (auto error = MakeProblem("conv3d forward", x.dimensions(), kernel.dimensions(),
+                               y->dimensions(), strides, dilation, pad_lo, pad_hi,
+                               x.element_type(), kernel.element_type(), y->element_type(), &p);
       error.failure()) {
     return error;
   }
@@ -182,8 +191,8 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Span<const int6
     });
     dnnl::stream stream(Engine());
     memory weights = KernelForPrimitive(*cached, kernel.untyped_data(), stream);
-    memory src(Activations(p.SrcDims(), p.src_type), Engine(), x.untyped_data());
-    memory dst(Activations(p.DstDims(), p.dst_type), Engine(), y->untyped_data());
+    memory src(Activations(p.src, p.src_type), Engine(), x.untyped_data());
+    memory dst(Activations(p.dst, p.dst_type), Engine(), y->untyped_data());
     cached->primitive.execute(stream, {{DNNL_ARG_SRC, src},
                                        {DNNL_ARG_WEIGHTS, weights},
                                        {DNNL_ARG_DST, dst},
@@ -197,11 +206,13 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Span<const int6
 
 // grad_y: [n, d', h', w', f]; kernel: [kd, kh, kw, c, f]; grad_x: [n, d, h, w, c].
 ffi::Error BackwardData(ffi::AnyBuffer grad_y, ffi::AnyBuffer kernel,
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
                         ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
                         ffi::Result<ffi::AnyBuffer> grad_x) {
   Problem p;
   if (auto error = MakeProblem("conv3d backward data", grad_x->dimensions(), kernel.dimensions(),
-                               pad_lo, pad_hi, grad_x->element_type(), kernel.element_type(),
+                               grad_y.dimensions(), strides, dilation, pad_lo, pad_hi,
+                               grad_x->element_type(), kernel.element_type(),
                                grad_y.element_type(), &p);
       error.failure()) {
     return error;
@@ -210,16 +221,16 @@ ffi::Error BackwardData(ffi::AnyBuffer grad_y, ffi::AnyBuffer kernel,
     auto cached = Lookup(p.Key(1), [&] {
       auto hint = ForwardDesc(p);
       auto pd = dnnl::convolution_backward_data::primitive_desc(
-          Engine(), dnnl::algorithm::convolution_direct, Activations(p.SrcDims(), p.src_type),
-          AnyLayout(p.WeiDims(), p.wei_type), Activations(p.DstDims(), p.dst_type), {1, 1, 1},
-          p.PadLo(), p.PadHi(), hint, UserScratchpad());
+          Engine(), dnnl::algorithm::convolution_direct, Activations(p.src, p.src_type),
+          AnyLayout(p.wei, p.wei_type), Activations(p.dst, p.dst_type), p.strides, p.dilation,
+          p.pad_lo, p.pad_hi, hint, UserScratchpad());
       return Cached{dnnl::convolution_backward_data(pd), pd.weights_desc(),
                     UserWeights(p), pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
     memory weights = KernelForPrimitive(*cached, kernel.untyped_data(), stream);
-    memory diff_dst(Activations(p.DstDims(), p.dst_type), Engine(), grad_y.untyped_data());
-    memory diff_src(Activations(p.SrcDims(), p.src_type), Engine(), grad_x->untyped_data());
+    memory diff_dst(Activations(p.dst, p.dst_type), Engine(), grad_y.untyped_data());
+    memory diff_src(Activations(p.src, p.src_type), Engine(), grad_x->untyped_data());
     cached->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
                                        {DNNL_ARG_WEIGHTS, weights},
                                        {DNNL_ARG_DIFF_SRC, diff_src},
@@ -233,12 +244,14 @@ ffi::Error BackwardData(ffi::AnyBuffer grad_y, ffi::AnyBuffer kernel,
 
 // x: [n, d, h, w, c]; grad_y: [n, d', h', w', f]; grad_kernel: [kd, kh, kw, c, f].
 ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer grad_y,
+                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
                            ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
                            ffi::Result<ffi::AnyBuffer> grad_kernel) {
   Problem p;
   if (auto error = MakeProblem("conv3d backward weights", x.dimensions(),
-                               grad_kernel->dimensions(), pad_lo, pad_hi, x.element_type(),
-                               grad_kernel->element_type(), grad_y.element_type(), &p);
+                               grad_kernel->dimensions(), grad_y.dimensions(), strides, dilation,
+                               pad_lo, pad_hi, x.element_type(), grad_kernel->element_type(),
+                               grad_y.element_type(), &p);
       error.failure()) {
     return error;
   }
@@ -247,16 +260,36 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer grad_y,
       Problem forward = p;
       forward.wei_type = p.src_type;  // the forward hint had kernels of the input's type
       auto hint = ForwardDesc(forward);
+      // Strided: oneDNN's kernel on channels-last activations ran at ~90 GFLOP/s
+      // (3x3 stride-2 192 -> 192 on 128 x 128: 29 ms), on its blocked ones 6 ms
+      // plus 3 ms of reorders; stride 1 stays channels-last (a 3x3x3 72 -> 72
+      // of [1, 10, 74, 74, 72]: 46 ms there, 42 ms plus 9 ms of reorders blocked).
+      bool strided = false;
+      for (int64_t s : p.strides) strided = strided || s > 1;
+      auto layout = [&](const memory::dims& dims, memory::data_type type) {
+        return strided ? AnyLayout(dims, type) : Activations(dims, type);
+      };
       auto pd = dnnl::convolution_backward_weights::primitive_desc(
-          Engine(), dnnl::algorithm::convolution_direct, Activations(p.SrcDims(), p.src_type),
-          AnyLayout(p.WeiDims(), p.wei_type), Activations(p.DstDims(), p.dst_type), {1, 1, 1},
-          p.PadLo(), p.PadHi(), hint, UserScratchpad());
+          Engine(), dnnl::algorithm::convolution_direct, layout(p.src, p.src_type),
+          AnyLayout(p.wei, p.wei_type), layout(p.dst, p.dst_type), p.strides, p.dilation,
+          p.pad_lo, p.pad_hi, hint, UserScratchpad());
       return Cached{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
-                    UserWeights(p), pd.scratchpad_desc()};
+                    UserWeights(p), pd.scratchpad_desc(), pd.src_desc(), pd.diff_dst_desc()};
     });
     dnnl::stream stream(Engine());
-    memory src(Activations(p.SrcDims(), p.src_type), Engine(), x.untyped_data());
-    memory diff_dst(Activations(p.DstDims(), p.dst_type), Engine(), grad_y.untyped_data());
+    memory src(Activations(p.src, p.src_type), Engine(), x.untyped_data());
+    memory diff_dst(Activations(p.dst, p.dst_type), Engine(), grad_y.untyped_data());
+    // Activations into the primitive's layout where it is not channels-last.
+    if (cached->src != src.get_desc()) {
+      memory blocked(cached->src, Engine());
+      dnnl::reorder(src, blocked).execute(stream, src, blocked);
+      src = blocked;
+    }
+    if (cached->dst != diff_dst.get_desc()) {
+      memory blocked(cached->dst, Engine());
+      dnnl::reorder(diff_dst, blocked).execute(stream, diff_dst, blocked);
+      diff_dst = blocked;
+    }
     memory user_weights(cached->user_weights, Engine(), grad_kernel->untyped_data());
     memory weights = user_weights;
     if (cached->weights != cached->user_weights) weights = memory(cached->weights, Engine());
@@ -280,6 +313,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SynjaxConv3dForward, Forward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
                                   .Attr<ffi::Span<const int64_t>>("pad_lo")
                                   .Attr<ffi::Span<const int64_t>>("pad_hi")
                                   .Ret<ffi::AnyBuffer>());
@@ -288,6 +323,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SynjaxConv3dBackwardData, BackwardData,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
                                   .Attr<ffi::Span<const int64_t>>("pad_lo")
                                   .Attr<ffi::Span<const int64_t>>("pad_hi")
                                   .Ret<ffi::AnyBuffer>());
@@ -296,6 +333,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SynjaxConv3dBackwardWeights, BackwardWeights,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
                                   .Attr<ffi::Span<const int64_t>>("pad_lo")
                                   .Attr<ffi::Span<const int64_t>>("pad_hi")
                                   .Ret<ffi::AnyBuffer>());

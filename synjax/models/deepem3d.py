@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from synjax.errors import ConfigError, DataError
+from synjax.models.conv_dropin import Conv, ConvTranspose
+from synjax.models.layers import max_pool_windows
 
 # Four stride-2 steps: stem conv, stem reduction, reduction A, reduction B.
 TOTAL_STRIDE = 16
@@ -103,7 +105,7 @@ class _ConvReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.relu(nn.Conv(self.features, self.kernel, strides=self.strides, padding="SAME")(x))
+        return nn.relu(Conv(self.features, self.kernel, strides=self.strides, padding="SAME")(x))
 
 
 def _bn_relu(x, train: bool):
@@ -127,7 +129,7 @@ class _InceptionResidual(nn.Module):
             for features, kernel in branch:
                 h = _ConvReLU(features, kernel)(h)
             outs.append(h)
-        mixed = nn.Conv(x.shape[-1], (1, 1))(jnp.concatenate(outs, axis=-1))
+        mixed = Conv(x.shape[-1], (1, 1))(jnp.concatenate(outs, axis=-1))
         return _bn_relu(x + RESIDUAL_SCALE * mixed, train)
 
 
@@ -138,7 +140,7 @@ class _Reduction(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        outs = [nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")]
+        outs = [max_pool_windows(x, (3, 3), (2, 2), "SAME")]
         for branch in self.branches:
             h = x
             # Every branch but its last conv keeps the resolution; the last one halves it.
@@ -161,10 +163,10 @@ class _PyramidDilatedDeconv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.relu(nn.Conv(self.side_features, (1, 1))(x))
+        h = nn.relu(Conv(self.side_features, (1, 1))(x))
         kernel = (2 * self.factor, 2 * self.factor)
         return sum(
-            nn.ConvTranspose(
+            ConvTranspose(
                 self.num_classes,
                 kernel,
                 strides=(self.factor, self.factor),
@@ -206,9 +208,9 @@ class DeepEM3DNet(nn.Module):
         kz1, kz2 = s.z_kernels
         # Early 3D fusion: valid in z (s -> 1), same in yx (pad 1 for the 3x3).
         yx_same = [(1, 1), (1, 1)]
-        h = nn.Conv(w(32), (kz1, 3, 3), strides=(1, 2, 2), padding=[(0, 0), *yx_same])(x)
+        h = Conv(w(32), (kz1, 3, 3), strides=(1, 2, 2), padding=[(0, 0), *yx_same])(x)
         h = nn.relu(h)
-        h = nn.relu(nn.Conv(w(64), (kz2, 3, 3), padding=[(0, 0), *yx_same])(h))
+        h = nn.relu(Conv(w(64), (kz2, 3, 3), padding=[(0, 0), *yx_same])(h))
         h = h[:, 0]  # z is now 1
 
         # Stem (1/2 resolution): two inception branches, then a stride-2 reduction.
