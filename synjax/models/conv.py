@@ -341,6 +341,25 @@ _CONV_FNS = {
 }
 
 
+def kernel_and_bias(module: nn.Module, kernel_shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """A convolution module's `kernel` and, if `module.use_bias`, `bias` [features]
+    parameters, declared as flax's nn.Conv declares them (names, initialisers,
+    `param_dtype`), so checkpoints carry over. Call inside `nn.compact`.
+
+    Args:
+      module: the module, with `kernel_init`, `bias_init`, `param_dtype`,
+        `use_bias` and `features`.
+      kernel_shape: the kernel's shape, features last.
+
+    Returns:
+      (kernel, bias or None).
+    """
+    kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+    if not module.use_bias:
+        return kernel, None
+    return kernel, module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+
+
 class Conv3D(nn.Module):
     """Drop-in `nn.Conv` for 3D volumes (stride 1) that is fast on CPU.
 
@@ -406,17 +425,7 @@ class Conv3D(nn.Module):
             padding=padding,
         )
 
-        kernel = self.param(
-            "kernel",
-            self.kernel_init,
-            (*kernel_size, x.shape[-1], self.features),
-            self.param_dtype,
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        kernel, bias = kernel_and_bias(self, (*kernel_size, x.shape[-1], self.features))
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if (
             implementation == "onednn"
@@ -531,14 +540,7 @@ class ConvTranspose3D(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """Args: x [batch, z, y, x, c]. Returns [batch, z*fz, y*fy, x*fx, features]."""
         factors = spatial_triple(self.factors, "factors")
-        kernel = self.param(
-            "kernel", self.kernel_init, (*factors, x.shape[-1], self.features), self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        kernel, bias = kernel_and_bias(self, (*factors, x.shape[-1], self.features))
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if resolve_implementation(self.implementation) == "native":
             y = lax.conv_transpose(

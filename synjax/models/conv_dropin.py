@@ -29,7 +29,7 @@ from jax import lax
 
 from synjax.errors import ConfigError
 from synjax.models import conv_onednn
-from synjax.models.conv import add_bias, resolve_implementation
+from synjax.models.conv import add_bias, kernel_and_bias, resolve_implementation
 
 # Channels-last layouts by spatial rank, as flax's convolutions use them.
 _CHANNELS_LAST = {
@@ -216,14 +216,7 @@ class ConvTranspose(nn.Module):
         if isinstance(self.padding, str) and self.padding.upper() not in ("SAME", "VALID"):
             raise ConfigError(f"ConvTranspose padding={self.padding!r}; expected SAME or VALID")
         padding = self.padding.upper() if isinstance(self.padding, str) else self.padding
-        kernel = self.param(
-            "kernel", self.kernel_init, (*kernel_size, x.shape[-1], self.features), self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        kernel, bias = kernel_and_bias(self, (*kernel_size, x.shape[-1], self.features))
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = conv_transpose(
             x,
