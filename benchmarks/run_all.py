@@ -22,9 +22,10 @@ time an import) and writes one JSON plus a markdown table:
   runner on a synthetic zarr volume; neurons: slice-wise DeepEM3D; instances:
   block detection and fusion);
 - `cold_start`: import -> first U-Net prediction in a fresh process, JAX
+  (parameters initialised with JAX's default PRNG and with "unsafe_rbg")
   against PyTorch.
 
-Run from the repository root (about 15 minutes on a 2-core CPU; `--quick`
+Run from the repository root (about 5 minutes on a 2-core CPU; `--quick`
 runs tiny sizes in a minute or two and writes no README unless asked):
 
   .venv/bin/python benchmarks/run_all.py [--quick] [--out benchmarks/results/all.json]
