@@ -7,10 +7,10 @@
 // [batch, z, y, x, channels] ("ndhwc") and kernels [kz, ky, kx, in, out]
 // ("dhwio"), row-major, so no transposes are needed on either side.
 //
-// Built on first use by synjax/models/onednn_conv.py (g++, headers of the
-// onednn-devel wheel and of jaxlib). Primitives are cached per shape, dtype
-// strides, dilation and padding; kernels are reordered into the primitive's preferred layout on
-// each call (they are small next to the activations).
+// Built on first use by synjax/models/conv_onednn.py (g++, headers of the
+// onednn-devel wheel and of jaxlib). Primitives are cached per shape, dtype,
+// strides, dilation and padding; kernels are reordered into the primitive's
+// preferred layout on each call (they are small next to the activations).
 
 #include <cstdint>
 #include <map>
