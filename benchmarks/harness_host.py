@@ -297,26 +297,28 @@ def section_cold_start(ctx: Context) -> list[dict]:
             raise RuntimeError(f"cold start child failed: {done.stderr.strip()[-500:]}")
         return json.loads(done.stdout.strip().splitlines()[-1]), wall
 
-    rows = []
     shape = shape_text((1, *in_shape, 1))
+
+    def cold_row(name, result, wall, **fields_):
+        return row(
+            "cold_start",
+            name,
+            mode="cold_start",
+            dtype="float32",
+            shape=shape,
+            median_s=result["seconds"],
+            repeats=1,
+            process_wall_s=wall,
+            **fields_,
+        )
+
+    rows = []
     # JAX's default PRNG (threefry, what config.train.prng_impl defaults to) and
     # the hardware-generator one: XLA:CPU compiles the paper U-Net's threefry
     # initialisation in ~5 s, its unsafe_rbg one in ~1 s.
     for impl, name in COLD_START_PRNGS.items():
         args = (json.dumps(fields), json.dumps(list(in_shape)), impl)
-        res, wall = run(COLD_START_JAX, *args)
-        rows.append(
-            row(
-                "cold_start",
-                name,
-                mode="cold_start",
-                dtype="float32",
-                shape=shape,
-                median_s=res["seconds"],
-                repeats=1,
-                process_wall_s=wall,
-            )
-        )
+        rows.append(cold_row(name, *run(COLD_START_JAX, *args)))
     if ctx.torch:
         torch_fields = {
             "depth": cfg.depth,
@@ -334,19 +336,9 @@ def section_cold_start(ctx: Context) -> list[dict]:
         )
         import torch
 
-        rows.append(
-            row(
-                "cold_start",
-                "import -> first U-Net prediction",
-                framework=f"torch-{torch.__version__}",
-                mode="cold_start",
-                dtype="float32",
-                shape=shape,
-                median_s=tres["seconds"],
-                repeats=1,
-                process_wall_s=twall,
-            )
-        )
+        framework = f"torch-{torch.__version__}"
+        name = "import -> first U-Net prediction"
+        rows.append(cold_row(name, tres, twall, framework=framework))
         for jax_row in rows[: len(COLD_START_PRNGS)]:
             jax_row["best_torch_s"] = tres["seconds"]
             jax_row["jax_speedup_vs_torch"] = tres["seconds"] / jax_row["median_s"]

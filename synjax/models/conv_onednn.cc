@@ -162,14 +162,20 @@ ffi::Error MakeProblem(const char* step, ffi::Span<const int64_t> activations,
   return ffi::Error::Success();
 }
 
-// The kernel at `data` (JAX's layout) in the primitive's layout: the same
-// memory where they agree, else a reordered copy.
-memory KernelForPrimitive(const Cached& cached, void* data, dnnl::stream& stream) {
-  memory user(cached.user_weights, Engine(), data);
-  if (cached.weights == cached.user_weights) return user;
-  memory reordered(cached.weights, Engine());
-  dnnl::reorder(user, reordered).execute(stream, user, reordered);
+// The array at `data` (laid out as `user`) in the primitive's layout `wanted`:
+// the same memory where they agree, else a reordered copy.
+memory InLayout(const memory::desc& wanted, const memory::desc& user, void* data,
+                dnnl::stream& stream) {
+  memory given(user, Engine(), data);
+  if (wanted == user) return given;
+  memory reordered(wanted, Engine());
+  dnnl::reorder(given, reordered).execute(stream, given, reordered);
   return reordered;
+}
+
+// The kernel at `data` (JAX's layout) in the primitive's layout.
+memory KernelForPrimitive(const Cached& cached, void* data, dnnl::stream& stream) {
+  return InLayout(cached.weights, cached.user_weights, data, stream);
 }
 
 // x: [n, d, h, w, c]; kernel: [kd, kh, kw, c, f]; y: [n, d', h', w', f].
@@ -277,19 +283,11 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer grad_y,
                     UserWeights(p), pd.scratchpad_desc(), pd.src_desc(), pd.diff_dst_desc()};
     });
     dnnl::stream stream(Engine());
-    memory src(Activations(p.src, p.src_type), Engine(), x.untyped_data());
-    memory diff_dst(Activations(p.dst, p.dst_type), Engine(), grad_y.untyped_data());
     // Activations into the primitive's layout where it is not channels-last.
-    if (cached->src != src.get_desc()) {
-      memory blocked(cached->src, Engine());
-      dnnl::reorder(src, blocked).execute(stream, src, blocked);
-      src = blocked;
-    }
-    if (cached->dst != diff_dst.get_desc()) {
-      memory blocked(cached->dst, Engine());
-      dnnl::reorder(diff_dst, blocked).execute(stream, diff_dst, blocked);
-      diff_dst = blocked;
-    }
+    memory src =
+        InLayout(cached->src, Activations(p.src, p.src_type), x.untyped_data(), stream);
+    memory diff_dst =
+        InLayout(cached->dst, Activations(p.dst, p.dst_type), grad_y.untyped_data(), stream);
     memory user_weights(cached->user_weights, Engine(), grad_kernel->untyped_data());
     memory weights = user_weights;
     if (cached->weights != cached->user_weights) weights = memory(cached->weights, Engine());
@@ -307,34 +305,22 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer grad_y,
   return ffi::Error::Success();
 }
 
+// The three handlers' signature: two arrays, the geometry, one result.
+auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("dilation")
+      .Attr<ffi::Span<const int64_t>>("pad_lo")
+      .Attr<ffi::Span<const int64_t>>("pad_hi")
+      .Ret<ffi::AnyBuffer>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SynjaxConv3dForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SynjaxConv3dForward, Forward, ConvBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SynjaxConv3dBackwardData, BackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SynjaxConv3dBackwardData, BackwardData, ConvBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SynjaxConv3dBackwardWeights, BackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SynjaxConv3dBackwardWeights, BackwardWeights, ConvBinding());

@@ -170,15 +170,30 @@ def _max_pool_blocks_fwd(x, factors):
     return out, (x, out)
 
 
-def _max_pool_blocks_bwd(factors, residuals, grad_out):
-    x, out = residuals
+def _first_maximum_cotangents(
+    taps: Sequence[jnp.ndarray], out: jnp.ndarray, grad_out: jnp.ndarray
+) -> list[jnp.ndarray]:
+    """Per tap (in window order), `grad_out` where the tap holds its window's
+    first maximum and zero elsewhere: XLA's select_and_scatter rule (select `>=`).
+
+    Args:
+      taps: the window's taps, each shaped as `out`, row-major window order.
+      out: the pool's output.
+      grad_out: its cotangent.
+    """
     zero = jnp.zeros((), grad_out.dtype)
     taken = jnp.zeros(out.shape, bool)
-    grads = []
-    for tap in _block_taps(_window_blocks(x, factors)):
+    cotangents = []
+    for tap in taps:
         first = (tap == out) & ~taken
         taken = taken | first
-        grads.append(jnp.where(first, grad_out, zero))
+        cotangents.append(jnp.where(first, grad_out, zero))
+    return cotangents
+
+
+def _max_pool_blocks_bwd(factors, residuals, grad_out):
+    x, out = residuals
+    grads = _first_maximum_cotangents(_block_taps(_window_blocks(x, factors)), out, grad_out)
     pz, py, px = factors
     batch, out_z, out_y, out_x, channels = grad_out.shape
     grad = jnp.stack(grads, axis=-2).reshape(batch, out_z, out_y, out_x, pz, py, px, channels)
@@ -242,18 +257,18 @@ def _max_pool_windows_bwd(window, strides, padding, residuals, grad_out):
     pads = lax.padtype_to_pads(x.shape[1:-1], window, strides, padding)
     full_pads = [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
     padded = lax.pad(x, jnp.array(-jnp.inf, x.dtype), full_pads)
+    slices = _window_taps(out.shape, window, strides)
+    taps = [lax.slice(padded, start, limit, step) for start, limit, step in slices]
     zero = jnp.zeros((), grad_out.dtype)
-    taken = jnp.zeros(out.shape, bool)
     grad = jnp.zeros(padded.shape, grad_out.dtype)
-    for start, limit, step in _window_taps(out.shape, window, strides):
-        first = (lax.slice(padded, start, limit, step) == out) & ~taken
-        taken = taken | first
+    cotangents = _first_maximum_cotangents(taps, out, grad_out)
+    for (start, limit, step), cotangent in zip(slices, cotangents, strict=True):
         # The transpose of a strided slice: zeros between and around the values.
         back = [
             (begin, size - end, s - 1)
             for begin, end, s, size in zip(start, limit, step, padded.shape, strict=True)
         ]
-        grad = grad + lax.pad(jnp.where(first, grad_out, zero), zero, back)
+        grad = grad + lax.pad(cotangent, zero, back)
     inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1], strict=True))
     return (grad[(slice(None), *inner, slice(None))].astype(x.dtype),)
 
