@@ -56,6 +56,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"- commit: {payload['commit']}",
         f"- Conv3D implementation (`--conv`): {payload.get('conv_implementation', 'auto')} "
         "(cold-start rows: the configs' own)",
+        f"- host memory (`--host-memory`): {payload.get('host_memory', 'system')} (retain: "
+        "glibc's malloc keeps freed memory for the next call, as `synjax.main` does; "
+        "system: large buffers are unmapped when freed and faulted in again)",
         f"- date: {env['date']}",
         f"- device: {env['device_kind']} ({env['backend']}, {len(env['devices'])} device(s), "
         f"{env['cpu_count']} CPUs on the host)",

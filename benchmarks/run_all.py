@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synjax import runtime
 from synjax.models.conv import IMPLEMENTATIONS, auto_implementation
 
 try:
@@ -567,7 +568,17 @@ def main(argv=None) -> int:
         help='Conv3D implementation of every network whose convolutions say "auto" '
         '(synjax.models.conv; "auto" is the default of the configs)',
     )
+    parser.add_argument(
+        "--host-memory",
+        default="retain",
+        choices=("retain", "system"),
+        help="retain: glibc's malloc keeps freed memory for reuse, as the main job does "
+        "(synjax.runtime.retain_freed_memory; PyTorch in this process too); system: "
+        "glibc's default (large buffers unmapped when freed, faulted in again per call)",
+    )
     args = parser.parse_args(argv)
+    # Before the first JAX computation: XLA's threads take their arenas then.
+    retained = args.host_memory == "retain" and runtime.retain_freed_memory()
     sizes = QUICK if args.quick else FULL
     if args.repeats:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
@@ -583,6 +594,7 @@ def main(argv=None) -> int:
             "out": args.out,
             "quick": args.quick,
             "conv_implementation": args.conv,
+            "host_memory": "retain" if retained else "system",
             "commit": commit,
             "environment": common.environment(),
             "versions": versions(),

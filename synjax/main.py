@@ -33,6 +33,7 @@ def main(argv: list[str]) -> None:
     try:
         runtime.quiet_library_logs()
         config = _CONFIG.value
+        runtime.configure_host_memory(config)
         workdir = runtime.prepare_workdir(_WORKDIR.value)
         runtime.initialize_distributed(config)
         cache = runtime.enable_compilation_cache(config, workdir)

@@ -1,5 +1,6 @@
 """Tests of `max_pool3d`: "blocks" equals `nn.max_pool` bit for bit, ties included;
-and of `max_pool_windows` (overlapping windows) against `nn.max_pool`.
+of `relu_max_pool3d` against ReLU then `nn.max_pool`, bit for bit; and of
+`max_pool_windows` (overlapping windows) against `nn.max_pool`.
 
 XLA's max-pool gradient (select_and_scatter with a `>=` select) sends each
 window's gradient to its first maximal element in (dz, dy, dx) order; the
@@ -21,6 +22,8 @@ from synjax.models.layers import (
     max_pool3d,
     max_pool_blocks,
     max_pool_windows,
+    relu_max_pool3d,
+    relu_max_pool_blocks,
     resolve_pool_implementation,
 )
 
@@ -74,6 +77,51 @@ def test_blocks_equal_xla_bit_for_bit_on_tied_inputs(shape, factors, dtype):
     assert int((x == jnp.max(x)).sum()) > got_y.size or factors == (1, 1, 1)
     np.testing.assert_array_equal(_bits(got_y), _bits(want_y))
     np.testing.assert_array_equal(_bits(got_g), _bits(want_g))
+
+
+@pytest.mark.parametrize(("shape", "factors", "dtype"), CASES)
+def test_relu_pool_equals_relu_then_xla_pool_bit_for_bit(shape, factors, dtype):
+    rng = np.random.default_rng(sum(shape) + 2 * sum(factors))
+    # Ties among positive maxima, windows whose maximum is 0, -0.0 or negative
+    # (no gradient through the ReLU), and sign-of-zero outputs.
+    values = rng.choice(np.array([-2.0, -1.0, -0.0, 0.0, 1.0, 2.0]), (2 * shape[0], *shape[1:]))
+    values[shape[0] :] = -np.abs(values[shape[0] :])  # every window <= 0
+    x = jnp.asarray(values, dtype)
+    out_shape = (2 * shape[0], *(n // p for n, p in zip(shape[1:4], factors, strict=True)))
+    cotangent = jnp.asarray(rng.integers(1, 100, (*out_shape, shape[4])), dtype)
+
+    def both(v, c):
+        want = _pool_and_grad(lambda u: _xla(factors)(nn.relu(u)), v, c)
+        got = _pool_and_grad(lambda u: relu_max_pool_blocks(u, factors), v, c)
+        return want, got
+
+    (want_y, want_g), (got_y, got_g) = jax.jit(both)(x, cotangent)
+    assert got_y.dtype == want_y.dtype == dtype and got_g.dtype == want_g.dtype == dtype
+    assert got_y.shape == want_y.shape and got_g.shape == x.shape
+    assert float(jnp.abs(got_g).sum()) > 0  # some windows pass a gradient
+    np.testing.assert_array_equal(_bits(got_y), _bits(want_y))
+    np.testing.assert_array_equal(_bits(got_g), _bits(want_g))
+
+
+def test_relu_pool_hand_computed_and_implementations():
+    # Windows (1x2x2): [[5, 7], [7, 2]] -> 7, gradient to the first 7; [[-3, -1],
+    # [-1, -2]] -> 0 and no gradient (the ReLU is flat there).
+    x = jnp.array([[5.0, 7.0, -3.0, -1.0], [7.0, 2.0, -1.0, -2.0]]).reshape(1, 1, 2, 4, 1)
+    out, grad = _pool_and_grad(
+        lambda v: relu_max_pool3d(v, (1, 2, 2)), x, jnp.array([3.0, 4.0]).reshape(1, 1, 1, 2, 1)
+    )
+    np.testing.assert_array_equal(out.ravel(), [7.0, 0.0])
+    np.testing.assert_array_equal(grad.reshape(2, 4), [[0, 3, 0, 0], [0, 0, 0, 0]])
+    # "xla" and "blocks" agree; a window of 4x4x8 = 128 taps needs wider tap indices.
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(1, 4, 4, 16, 2)), jnp.float32)
+    c = jnp.asarray(rng.normal(size=(1, 1, 1, 2, 2)), jnp.float32)
+    want = _pool_and_grad(lambda v: relu_max_pool3d(v, (4, 4, 8), "xla"), x, c)
+    got = _pool_and_grad(lambda v: relu_max_pool3d(v, (4, 4, 8), "blocks"), x, c)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+    with pytest.raises(ConfigError, match="pool factors"):
+        relu_max_pool3d(x, (1, 2))
 
 
 def test_blocks_gradient_goes_to_first_maximum_hand_computed():

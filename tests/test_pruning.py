@@ -1,5 +1,6 @@
 """Pruning windows, candidate labels and the pruning CNN."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,8 @@ import optax
 import pytest
 
 from synjax.errors import ConfigError
-from synjax.models.pruning import PruningCNN, sigmoid_bce
+from synjax.models.conv import Conv3D
+from synjax.models.pruning import KERNEL, PruningCNN, sigmoid_bce
 from synjax.postprocess import pruning_windows as pw
 from synjax.postprocess.candidates import Candidates
 
@@ -330,3 +332,37 @@ def test_trained_pruner_saves_its_normalization_and_loading_reapplies_it(tmp_pat
     assert not np.array_equal(
         pruner.PrunerStage.from_config(config).score(loaded, u16, prox, seg, cands), same
     )
+
+
+def test_pruning_cnn_equals_relu_then_pool_formulation():
+    # The network pools its pre-activations with the fused ReLU + pool: same
+    # logits and parameter gradients as ReLU, then XLA's max pool.
+    class Reference(PruningCNN):
+        @nn.compact
+        def __call__(self, x):
+            for i, width in enumerate(self.features):
+                x = nn.relu(Conv3D(width, KERNEL, padding="SAME", name=f"conv{i}")(x))
+                if i < len(self.pools):
+                    pool = tuple(self.pools[i])
+                    x = nn.max_pool(x, pool, strides=pool, padding="VALID")
+            x = nn.relu(nn.Dense(self.dense_features, name="dense0")(x.reshape(x.shape[0], -1)))
+            return nn.Dense(1, name="dense1")(x)[:, 0]
+
+    settings = dict(
+        features=(4, 4, 4, 4, 4),
+        pools=((1, 2, 2), (1, 2, 2), (2, 1, 1), (1, 1, 1)),
+        dense_features=8,
+    )
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 2, 8, 8, 4)), jnp.float32)
+    labels = jnp.array([1.0, 0.0, 1.0])
+    params = PruningCNN(**settings).init(jax.random.key(0), x)
+
+    def logits_and_grads(model):
+        loss = lambda p: sigmoid_bce(model.apply(p, x), labels)  # noqa: E731
+        return model.apply(params, x), jax.grad(loss)(params)
+
+    got = jax.jit(lambda: logits_and_grads(PruningCNN(**settings)))()
+    want = jax.jit(lambda: logits_and_grads(Reference(**settings)))()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+    assert float(jnp.abs(got[1]["params"]["conv0"]["kernel"]).sum()) > 0

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from synjax.errors import ConfigError
 from synjax.models.conv import Conv3D
-from synjax.models.layers import max_pool3d
+from synjax.models.layers import relu_max_pool3d
 
 NUM_CONVS = 5
 KERNEL = (3, 3, 3)
@@ -64,10 +64,11 @@ class PruningCNN(nn.Module):
             raise ConfigError(f"PruningCNN input {x.shape}: expected [batch, z, y, x, channels]")
         for i, width in enumerate(self.features):
             x = Conv3D(width, KERNEL, padding="SAME", name=f"conv{i}")(x)
-            x = nn.relu(x)
             if i < len(self.pools):
-                window = tuple(int(w) for w in self.pools[i])
-                x = max_pool3d(x, window)
+                # ReLU then pool, without writing the full-resolution ReLU output.
+                x = relu_max_pool3d(x, tuple(int(w) for w in self.pools[i]))
+            else:
+                x = nn.relu(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.dense_features, name="dense0")(x))
         return nn.Dense(1, name="dense1")(x)[:, 0]

@@ -97,6 +97,7 @@ TOP = {
     "distributed": boolean(required=False),
     # Absent: "auto" (see synjax.runtime.enable_compilation_cache).
     "compilation_cache": optional(text(required=False)),
+    "retain_freed_memory": boolean(required=False),
 }
 
 
