@@ -180,6 +180,11 @@ WINDOW_CASES = [
     ((1, 8, 7, 6, 2), (2, 3, 3), (1, 2, 2), "VALID", jnp.float32),
     ((1, 10, 10, 2), (2, 2), (2, 2), "SAME", jnp.float32),
     ((1, 9, 9, 2), (3, 3), (2, 2), "SAME", jnp.bfloat16),
+    # Stride 1 (every tap in one residue class), stride past the window (classes
+    # no tap reaches), window 5 stride 2 (three taps share a residue).
+    ((1, 7, 8, 2), (3, 2), (1, 1), "SAME", jnp.float32),
+    ((1, 11, 10, 2), (2, 2), (3, 4), "VALID", jnp.float32),
+    ((1, 13, 12, 2), (5, 5), (2, 2), "SAME", jnp.float32),
 ]
 
 
