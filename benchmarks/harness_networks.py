@@ -355,21 +355,35 @@ def _variant_rows(section, name, bench_rows, modes) -> list[dict]:
     return rows
 
 
+def _variant_section(ctx: Context, bench_module, section, title, modes, pipeline) -> list[dict]:
+    """Rows of a `bench_*.bench(variant, repeats)` script; its end-to-end row
+    goes to the "pipeline" section under the name `pipeline` (with {variant})."""
+    variant = ctx.sizes.variant
+    out = _variant_rows(
+        section, f"{title} ({variant})", bench_module.bench(variant, ctx.sizes.repeats), modes
+    )
+    for r in out:
+        if r["mode"] == "pipeline":
+            r["section"] = "pipeline"
+            r["name"] = pipeline.format(variant=variant)
+    return out
+
+
 def section_mask_rcnn(ctx: Context) -> list[dict]:
     try:
         from benchmarks import bench_mask_rcnn
     except ImportError:
         import bench_mask_rcnn
 
-    variant = ctx.sizes.variant
-    rows = bench_mask_rcnn.bench(variant, ctx.sizes.repeats)
     modes = {"train step": "train", "inference": "infer", "prediction end to end": "pipeline"}
-    out = _variant_rows("mask_rcnn", f"3D Mask R-CNN ({variant})", rows, modes)
-    for r in out:
-        if r["mode"] == "pipeline":
-            r["section"] = "pipeline"
-            r["name"] = f"fluorescence: patches + sparse merge ({variant} network, untrained)"
-    return out
+    return _variant_section(
+        ctx,
+        bench_mask_rcnn,
+        "mask_rcnn",
+        "3D Mask R-CNN",
+        modes,
+        "fluorescence: patches + sparse merge ({variant} network, untrained)",
+    )
 
 
 def section_instance_unet(ctx: Context) -> list[dict]:
@@ -378,17 +392,17 @@ def section_instance_unet(ctx: Context) -> list[dict]:
     except ImportError:
         import bench_instance_unet
 
-    variant = ctx.sizes.variant
-    rows = bench_instance_unet.bench(variant, ctx.sizes.repeats)
     modes = {
         "train step": "train",
         "baseline step": "train",
         "block inference": "infer",
         "prediction end to end": "pipeline",
     }
-    out = _variant_rows("instance_unet", f"EM instance U-Net ({variant})", rows, modes)
-    for r in out:
-        if r["mode"] == "pipeline":
-            r["section"] = "pipeline"
-            r["name"] = f"instances: blocks + fusion ({variant} network)"
-    return out
+    return _variant_section(
+        ctx,
+        bench_instance_unet,
+        "instance_unet",
+        "EM instance U-Net",
+        modes,
+        "instances: blocks + fusion ({variant} network)",
+    )
