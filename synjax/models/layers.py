@@ -199,9 +199,15 @@ def _max_pool_blocks_bwd(factors, residuals, grad_out):
     grad = jnp.stack(grads, axis=-2).reshape(batch, out_z, out_y, out_x, pz, py, px, channels)
     grad = grad.transpose(0, 1, 4, 2, 5, 3, 6, 7)
     grad = grad.reshape(batch, out_z * pz, out_y * py, out_x * px, channels)
-    # Voxels past the last whole window (dropped by VALID) get no gradient.
-    pads = [(0, n - g) for n, g in zip(x.shape[1:4], grad.shape[1:4], strict=True)]
-    return (jnp.pad(grad, [(0, 0), *pads, (0, 0)]).astype(x.dtype),)
+    return (_pad_dropped_voxels(grad, x.shape[1:4]).astype(x.dtype),)
+
+
+def _pad_dropped_voxels(grad: jnp.ndarray, spatial: Sequence[int]) -> jnp.ndarray:
+    """`grad` over the whole windows, zero-padded at the high end to the pool
+    input's `spatial` shape: voxels past the last whole window (dropped by
+    VALID) get no gradient."""
+    pads = [(0, n - g) for n, g in zip(spatial, grad.shape[1:4], strict=True)]
+    return jnp.pad(grad, [(0, 0), *pads, (0, 0)])
 
 
 max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)
@@ -260,17 +266,13 @@ def _relu_max_pool_blocks_bwd(factors, residuals, grad_out):
     # The cotangent in `_window_blocks`' 8-D view, [batch, z', pz, y', py, x', px,
     # c], which is x's row-major layout: one elementwise pass, no transpose.
     view = (batch, out_z, 1, out_y, 1, out_x, 1, channels)
-    index_type = winner.dtype
-    tap = lax.broadcasted_iota(index_type, (1, 1, pz, 1, py, 1, px, 1), 2) * (py * px)
-    tap = tap + lax.broadcasted_iota(index_type, tap.shape, 4) * px
-    tap = tap + lax.broadcasted_iota(index_type, tap.shape, 6)
+    # Each voxel's tap index in `_block_taps`' row-major (dz, dy, dx) order.
+    tap = jnp.arange(pz * py * px, dtype=winner.dtype).reshape(1, 1, pz, 1, py, 1, px, 1)
     grad = jnp.where(
         winner.reshape(view) == tap, grad_out.reshape(view), jnp.zeros((), grad_out.dtype)
     )
     grad = grad.reshape(batch, out_z * pz, out_y * py, out_x * px, channels)
-    # Voxels past the last whole window (dropped by VALID) get no gradient.
-    pads = [(0, n - g) for n, g in zip(like_x.shape[:3], grad.shape[1:4], strict=True)]
-    return (jnp.pad(grad, [(0, 0), *pads, (0, 0)]).astype(like_x.dtype),)
+    return (_pad_dropped_voxels(grad, like_x.shape[:3]).astype(like_x.dtype),)
 
 
 relu_max_pool_blocks.defvjp(_relu_max_pool_blocks_fwd, _relu_max_pool_blocks_bwd)
@@ -331,12 +333,13 @@ def _max_pool_windows_bwd(window, strides, padding, residuals, grad_out):
     slices = _window_taps(out.shape, window, strides)
     taps = [lax.slice(padded, start, limit, step) for start, limit, step in slices]
     cotangents = _first_maximum_cotangents(taps, out, grad_out)
-    grad = _scatter_window_taps(cotangents, window, strides, padded.shape)
+    offsets = [start[1:-1] for start, _, _ in slices]
+    grad = _scatter_window_taps(cotangents, offsets, strides, padded.shape)
     inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1], strict=True))
     return (grad[(slice(None), *inner, slice(None))].astype(x.dtype),)
 
 
-def _scatter_window_taps(cotangents, window, strides, padded_shape):
+def _scatter_window_taps(cotangents, offsets, strides, padded_shape):
     """Sums each tap's cotangent back onto the padded input it was sliced from.
 
     Tap a (per axis) of output window i read padded voxel s * i + a. Grouped by
@@ -348,25 +351,28 @@ def _scatter_window_taps(cotangents, window, strides, padded_shape):
     per tap (9 for a 3x3 window), same sums in the same order (bit for bit).
 
     Args:
-      cotangents: per tap in row-major window order, [batch, *spatial', c].
-      window, strides: per spatial axis.
+      cotangents: per tap, [batch, *spatial', c].
+      offsets: per tap, its offset in the window per spatial axis, in the
+        order of `cotangents` (`_window_taps`' row-major order).
+      strides: per spatial axis.
       padded_shape: [batch, *padded spatial, c].
 
     Returns:
       [batch, *padded spatial, c].
     """
-    out_spatial = cotangents[0].shape[1:-1]
+    batch, *out_spatial, channels = cotangents[0].shape
     # Blocks per axis: enough to hold every window's taps and the padded input.
     blocks = [
-        max(-(-size // s), n + (w - 1) // s)
-        for size, s, n, w in zip(padded_shape[1:-1], strides, out_spatial, window, strict=True)
+        max(-(-size // s), n + max(tap[axis] for tap in offsets) // s)
+        for axis, (size, s, n) in enumerate(
+            zip(padded_shape[1:-1], strides, out_spatial, strict=True)
+        )
     ]
     zero = jnp.zeros((), cotangents[0].dtype)
-    taps = list(itertools.product(*(range(w) for w in window)))
     classes = []
     for residues in itertools.product(*(range(s) for s in strides)):
-        total = jnp.zeros((cotangents[0].shape[0], *blocks, cotangents[0].shape[-1]), zero.dtype)
-        for tap, cotangent in zip(taps, cotangents, strict=True):
+        total = jnp.zeros((batch, *blocks, channels), zero.dtype)
+        for tap, cotangent in zip(offsets, cotangents, strict=True):
             if any(a % s != r for a, s, r in zip(tap, strides, residues, strict=True)):
                 continue
             shifts = [a // s for a, s in zip(tap, strides, strict=True)]
@@ -375,12 +381,10 @@ def _scatter_window_taps(cotangents, window, strides, padded_shape):
         classes.append(total)
     # [batch, *blocks, *strides, c] -> interleave each axis' block and residue.
     ndim = len(strides)
-    grad = jnp.stack(classes, axis=-2).reshape(
-        cotangents[0].shape[0], *blocks, *strides, cotangents[0].shape[-1]
-    )
+    grad = jnp.stack(classes, axis=-2).reshape(batch, *blocks, *strides, channels)
     order = [0, *itertools.chain(*((1 + d, 1 + ndim + d) for d in range(ndim))), 1 + 2 * ndim]
     grad = grad.transpose(order).reshape(
-        cotangents[0].shape[0], *(m * s for m, s in zip(blocks, strides, strict=True)), -1
+        batch, *(m * s for m, s in zip(blocks, strides, strict=True)), channels
     )
     return grad[tuple(slice(0, n) for n in padded_shape)]
 
